@@ -1,0 +1,4 @@
+from nf1prov.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The `nf1prov` command line: one click group; each verb lives in its own module under
+`nf1prov/commands/`. Errors a user can fix arrive as `Nf1provError` and leave as a one-paragraph
+message with exit code 2 (1 for a failed check), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from nf1prov import __version__
+from nf1prov.commands import (
+    catalog,
+    checkout,
+    demo,
+    demo_data,
+    evaluate,
+    list_runs,
+    note,
+    predict,
+    reproduce,
+    show,
+    train,
+)
+from nf1prov.errors import Nf1provError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nf1prov")
+def cli() -> None:
+    """Train NF1 organoid cell segmenters; one git commit and one MLflow run per model.
+
+    The MLflow store is --tracking-uri, else $MLFLOW_TRACKING_URI, else
+    sqlite:///<repo root>/mlflow.db.
+    """
+
+
+for module in (demo_data, train, catalog, checkout, reproduce, list_runs, show, note, predict,
+               evaluate, demo):
+    cli.add_command(module.command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="nf1prov", standalone_mode=False)
+    except Nf1provError as exc:
+        click.echo(f"nf1prov: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("nf1prov: aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(0)

@@ -1,0 +1,1 @@
+"""Provenance: the git commit, MLflow tags and liveness that tie a model to its code."""

@@ -1,0 +1,74 @@
+"""Shared fixtures: a hermetic git identity, real temp git repositories and real sqlite MLflow
+stores (copied from one store migrated once per session, since creating one costs ~1.5 s)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def hermetic_git(monkeypatch, tmp_path_factory):
+    """Tests never see the machine's git config; they commit as a fixed test identity."""
+    empty = tmp_path_factory.getbasetemp() / "empty-gitconfig"
+    empty.touch()
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for var, value in {
+        "GIT_AUTHOR_NAME": "Test Author",
+        "GIT_AUTHOR_EMAIL": "author@example.com",
+        "GIT_COMMITTER_NAME": "Test Committer",
+        "GIT_COMMITTER_EMAIL": "committer@example.com",
+    }.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+
+
+def run_git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.fixture
+def git_repo(tmp_path) -> Path:
+    """An empty git repository (branch main, no commits) in a temp dir."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    run_git(repo, "init", "--quiet", "--initial-branch=main")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def _migrated_store(tmp_path_factory) -> Path:
+    import mlflow
+
+    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}")
+    client.search_experiments()  # creates and migrates the schema
+    return path
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, _migrated_store, monkeypatch) -> str:
+    """A fresh, real sqlite MLflow store for this test; also set as MLFLOW_TRACKING_URI.
+
+    Artifacts go to <tmp>/mlartifacts (MLflow's default for a sqlite store is ./mlartifacts
+    relative to the working directory, which the test also moves into tmp_path).
+    """
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(_migrated_store, path)
+    uri = f"sqlite:///{path}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return uri
