@@ -171,6 +171,21 @@ def commit(root: Path, message: str) -> str:
     return sha
 
 
+def commit_paths(root: Path, paths: list[str], message: str) -> str | None:
+    """Commit ``paths`` alone (``git commit --only -- paths``); other staged changes stay staged.
+
+    Untracked paths are added first. Returns the new SHA, or None when the paths have no change.
+    """
+    if not paths or any(str(p).startswith("-") for p in paths):
+        raise UserError(f"refusing to commit paths {paths!r}: none given, or one starts with '-'.")
+    if not git("status", "--porcelain=v1", "--", *paths, cwd=root).stdout.strip():
+        return None
+    _with_index_lock_retry(root, "add", "--", *paths)
+    _with_index_lock_retry(root, "commit", "--quiet", "--only", "--file", "-", "--", *paths,
+                           input=message)
+    return head_sha(root)
+
+
 def create_tag(root: Path, name: str, sha: str) -> None:
     """Lightweight tag ``name`` at ``sha`` (refuses to move an existing tag)."""
     if name.startswith("-"):
@@ -256,3 +271,65 @@ def _with_index_lock_retry(root: Path, *args: str, input: str | None = None) -> 
             delay = min(delay * 2, 0.5)
             continue
         raise GitError(f"git {args[0]} failed in {root}: {message}")
+
+
+# --- additions for the `train` flow (provenance) --------------------------------------------
+
+
+def common_dir(root: Path) -> Path:
+    """The git directory shared by every worktree of the repository (refs, tags, objects)."""
+    out = git("rev-parse", "--git-common-dir", cwd=root).stdout.strip()
+    path = Path(out)
+    return path if path.is_absolute() else (Path(root) / path).resolve()
+
+
+def index_path(root: Path) -> Path:
+    """This work tree's index file (per worktree; may not exist before the first `git add`)."""
+    out = git("rev-parse", "--git-path", "index", cwd=root).stdout.strip()
+    path = Path(out)
+    return path if path.is_absolute() else (Path(root) / path).resolve()
+
+
+def is_ignored(root: Path, path: Path | str) -> bool:
+    """True when git ignores ``path`` (which need not exist). Paths outside the work tree: False."""
+    path = Path(path)
+    if path.is_absolute():
+        try:
+            path = path.resolve().relative_to(Path(root).resolve())
+        except ValueError:
+            return False
+    text = path.as_posix()
+    if text in ("", ".") or text.startswith("-"):
+        return False
+    return git("check-ignore", "--quiet", "--no-index", "--", text, cwd=root,
+               check=False).returncode == 0
+
+
+def unmerged_paths(root: Path) -> list[str]:
+    """Paths with unresolved merge conflicts (a commit would fail on them)."""
+    return [path for code, path in status_porcelain(root)
+            if code in ("DD", "AU", "UD", "UA", "DU", "AA", "UU")]
+
+
+def paths_differing_from(root: Path, sha: str) -> list[str]:
+    """Work-tree paths (tracked, or untracked and not ignored) whose content differs from commit
+    ``sha``: what committing now would change compared with that commit."""
+    validate_sha(sha)
+    changed = set(git("diff", "--name-only", "-z", sha, "--", cwd=root).stdout.split("\0"))
+    others = git("ls-files", "--others", "--exclude-standard", "-z", cwd=root).stdout.split("\0")
+    changed.update(others)
+    changed.discard("")
+    return sorted(changed)
+
+
+def tags_with_prefix(root: Path, prefix: str = MODEL_TAG_PREFIX) -> dict[str, str]:
+    """{tag name: commit SHA} of every tag starting with ``prefix`` (default ``model/``)."""
+    if prefix.startswith("-"):
+        raise UserError(f"refusing git tag prefix {prefix!r}: it starts with '-'.")
+    out = git("for-each-ref", "--format=%(refname:short)%00%(objectname)%00%(*objectname)",
+              f"refs/tags/{prefix}", cwd=root).stdout
+    tags = {}
+    for line in out.splitlines():
+        name, obj, peeled = line.split("\0")
+        tags[name] = peeled or obj
+    return tags

@@ -1,0 +1,292 @@
+"""Catalogue rendering and README splicing, on real runs in a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from test_catalog_helpers import (
+    UPSTREAM_DESCRIPTION,
+    UPSTREAM_ENTRY,
+    UPSTREAM_NOTE,
+    UPSTREAM_SHA,
+    client_for,
+    experiment,
+    model_run,
+)
+
+from nf1prov import catalog, tracking
+from nf1prov.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+ADDED_PREFIXES = ("- **Run:**", "- **Holdout patients:**", "- **Best validation Dice:**",
+                  "- **Holdout Dice:**", "- **Holdout IoU:**")
+
+
+def build(tmp_path: Path, client, readme_text: str | None = None, **kwargs) -> catalog.Rebuild:
+    readme = tmp_path / "README.md"
+    if readme_text is not None:
+        readme.write_bytes(readme_text.encode())
+    return catalog.rebuild(readme, catalog.fetch_runs(client), **kwargs)
+
+
+def block_of(text: str) -> str:
+    return text.split(catalog.BEGIN_MARKER, 1)[1].split(catalog.END_MARKER, 1)[0]
+
+
+def entries_of(text: str) -> list[str]:
+    """The per-model entries of a rendered README (text between the --- separators)."""
+    parts = re.split(r"^---$", block_of(text), flags=re.MULTILINE)
+    return [p.strip("\n") for p in parts if "**Commit:**" in p]
+
+
+def is_subsequence(needles: list[str], haystack: list[str]) -> bool:
+    it = iter(haystack)
+    return all(any(line == hay for hay in it) for line in needles)
+
+
+@pytest.fixture
+def client(tracking_uri):
+    return client_for(tracking_uri)
+
+
+def test_upstream_entry_is_reproduced_line_for_line(tmp_path, client):
+    exp = experiment(client)
+    model_run(client, exp, "fearless-eel-256", sha=UPSTREAM_SHA,
+              description=UPSTREAM_DESCRIPTION, notes=[UPSTREAM_NOTE],
+              metrics={"best_val_dice_background": 0.98765, "best_val_dice_inner-cell": 0.9,
+                       "best_val_dice_cell-boundary": 0.5},
+              params={"data.holdout_patients": "['NF0014']"})
+    text = build(tmp_path, client).new
+    block = block_of(text).splitlines()
+    assert block[1:5] == [f"All models below were trained with Experiment ID: {exp}", "",
+                          "These are the models developed in reverse chronological order:", ""]
+    [entry] = entries_of(text)
+    rendered, upstream = entry.splitlines(), UPSTREAM_ENTRY.splitlines()
+    assert is_subsequence(upstream, rendered)
+    added = [line for line in rendered if line not in upstream]
+    assert all(line.startswith(ADDED_PREFIXES) for line in added), added
+    assert "- **Holdout patients:** NF0014" in added
+    assert ("- **Best validation Dice:** background 0.988, inner-cell 0.900, cell-boundary 0.500"
+            in added)
+
+
+def test_newest_first_grouped_by_experiment_and_rebuild_is_byte_identical(tmp_path, client):
+    a, b = experiment(client, "a"), experiment(client, "b")
+    model_run(client, a, "old-owl-1", start_time=1_000_000)
+    model_run(client, b, "mid-mole-2", start_time=2_000_000)
+    model_run(client, a, "new-newt-3", start_time=3_000_000)
+    model_run(client, a, "trial-tern-4", start_time=4_000_000,
+              extra_tags={tracking.KIND: tracking.KIND_TRIAL})
+    first = build(tmp_path, client, "# Project\n")
+    catalog.write_atomic(first.readme, first.new)
+    second = build(tmp_path, client)
+    assert not second.changed and second.new == first.new
+    codenames = re.findall(r"^\*\*Codename:\*\* (\S+)$", first.new, flags=re.MULTILINE)
+    assert codenames == ["new-newt-3", "old-owl-1", "mid-mole-2"]  # trial never listed
+    experiments = re.findall(r"Experiment ID: (\S+)$", first.new, flags=re.MULTILINE)
+    assert experiments == [a, b]
+
+
+def test_empty_store_renders_a_placeholder(tmp_path, client):
+    text = build(tmp_path, client, "").new
+    assert text == ("## Model Descriptions\n" + catalog.BEGIN_MARKER + "\n"
+                    "No models recorded yet: train one with `nf1prov train`.\n"
+                    + catalog.END_MARKER + "\n")
+
+
+def test_crlf_readme_keeps_crlf_and_outside_bytes(tmp_path, client):
+    model_run(client, experiment(client), "calm-cod-7", description=UPSTREAM_DESCRIPTION)
+    before = "# Title\r\n\r\nIntro  \r\n## Model Descriptions\r\n" + catalog.BEGIN_MARKER
+    after = catalog.END_MARKER + "\r\n\r\n## License\r\nMIT"  # no final newline: kept so
+    result = build(tmp_path, client, before + "\r\nstale\r\n" + after)
+    assert result.new.startswith(before) and result.new.endswith(after)
+    inner = block_of(result.new)
+    assert inner.count("\r\n") == inner.count("\n") > 10
+    assert "\r\r" not in inner and "stale" not in inner
+    catalog.write_atomic(result.readme, result.new)
+    assert not build(tmp_path, client).changed
+
+
+def test_markers_inserted_under_existing_heading(tmp_path, client):
+    model_run(client, experiment(client), "calm-cod-7")
+    original = "# T\n\n## Model Descriptions\nHand-written notes.\n\n## Next\ntext\n"
+    new = build(tmp_path, client, original).new
+    head, rest = new.split(catalog.BEGIN_MARKER, 1)
+    assert head == "# T\n\n## Model Descriptions\n"
+    assert rest.split(catalog.END_MARKER + "\n", 1)[1] == "Hand-written notes.\n\n## Next\ntext\n"
+
+
+def test_heading_and_markers_appended_when_missing(tmp_path, client):
+    model_run(client, experiment(client), "calm-cod-7")
+    new = build(tmp_path, client, "# T\nno newline at end").new
+    assert new.startswith("# T\nno newline at end\n\n## Model Descriptions\n" +
+                          catalog.BEGIN_MARKER + "\n")
+    assert new.endswith(catalog.END_MARKER + "\n")
+
+
+def test_text_after_markers_is_untouched(tmp_path, client):
+    model_run(client, experiment(client), "calm-cod-7")
+    tail = catalog.END_MARKER + " trailing on the same line\n\n## Citation\n\n    code\n"
+    result = build(tmp_path, client, "x\n" + catalog.BEGIN_MARKER + "\n" + tail)
+    assert result.new.startswith("x\n" + catalog.BEGIN_MARKER + "\n")
+    assert result.new.endswith(tail)
+
+
+@pytest.mark.parametrize("readme", [
+    f"{catalog.BEGIN_MARKER}\n",
+    f"{catalog.END_MARKER}\n{catalog.BEGIN_MARKER}\n",
+    f"{catalog.BEGIN_MARKER}\n{catalog.END_MARKER}\n{catalog.BEGIN_MARKER}\n",
+])
+def test_broken_markers_are_refused(tmp_path, client, readme):
+    with pytest.raises(UserError, match="markers are broken"):
+        build(tmp_path, client, readme)
+
+
+NASTY = [
+    "<script>alert(1)</script>",
+    "# not a heading",
+    "ends the marker --> here",
+    "`code` and | pipe | table",
+    "two\nlines\r\n- and a list",
+    "[link](javascript:alert(1)) ![img](x.png) *bold* _em_ ~~s~~ $x$ &amp; \\",
+]
+
+
+def test_user_text_cannot_break_the_page(tmp_path, client):
+    model_run(client, experiment(client), "calm-cod-7", notes=NASTY,
+              description={"architecture": "<b>UNet</b>", "data": ["# h", ["- x", "1. y"]]},
+              status="FAILED", extra_tags={tracking.FAILURE: "OOM\n## injected"})
+    text = build(tmp_path, client, "").new
+    assert text.count("-->") == 2  # the two markers, nothing else
+    block = block_of(text)
+    assert "<script" not in block and "<b>" not in block and "[link](javascript" not in block
+    assert not re.search(r"^\s*#", block, flags=re.MULTILINE)
+    lines = block.splitlines()
+    notes = [line for line in lines if line.startswith("> **Note:**")]
+    assert len(notes) == len(NASTY)  # each note stayed on one line
+    assert notes[3] == "> **Note:** \\`code\\` and \\| pipe \\| table <br>"
+    assert notes[4] == "> **Note:** two lines - and a list <br>"
+    assert "> **Important!!!** This run failed: OOM ## injected <br>" in lines
+    assert "  - \\# h" in lines and "    - \\- x" in lines and "    - 1\\. y" in lines
+    assert "- **Architecture:** &lt;b&gt;UNet&lt;/b&gt;" in lines
+
+
+@pytest.mark.parametrize(("raw", "escaped"), [
+    ("Inner-cell (one-to-one): 0.5", "Inner-cell (one-to-one): 0.5"),
+    ("snake_case_name", "snake_case_name"),
+    ("_em_ *b*", "\\_em\\_ \\*b\\*"),
+    ("a & b &amp; c", "a & b &amp;amp; c"),
+    ("+ item", "\\+ item"),
+    ("2) item", "2\\) item"),
+    ("   padded  ", "padded"),
+    ("tab\there\x00", "tab here"),
+])
+def test_escape_md(raw, escaped):
+    assert catalog.escape_md(raw) == escaped
+
+
+def test_code_span_survives_backticks():
+    assert catalog.code_span("a`b") == "``a`b``"
+    assert catalog.code_span("`x`") == "`` `x` ``"
+
+
+def test_failed_killed_crashed_and_running_runs_are_flagged(tmp_path, client):
+    exp = experiment(client)
+    now = int(time.time() * 1000)
+    model_run(client, exp, "fail-fox-1", status="FAILED", start_time=now - 4,
+              extra_tags={tracking.FAILURE: "CUDA out of memory"})
+    model_run(client, exp, "kill-kid-2", status="KILLED", start_time=now - 3)
+    model_run(client, exp, "dead-doe-3", status=None, start_time=now - 2,
+              extra_tags={tracking.HEARTBEAT: str(time.time() - 3600), tracking.HOST: "elsewhere"})
+    model_run(client, exp, "live-lynx-4", status=None, start_time=now - 1,
+              extra_tags={tracking.HEARTBEAT: str(time.time()), tracking.HOST: "elsewhere"})
+    important = [line for line in build(tmp_path, client, "").new.splitlines()
+                 if line.startswith("> **Important!!!**")]
+    assert important[0] == ("> **Important!!!** This model is still training: its figures are "
+                            "not final <br>")
+    assert important[1].startswith("> **Important!!!** This run crashed: process ended without "
+                                   "finishing (last heartbeat ")
+    assert important[2] == "> **Important!!!** This run was killed (no reason recorded) <br>"
+    assert important[3] == "> **Important!!!** This run failed: CUDA out of memory <br>"
+
+
+def test_holdout_figures_and_ui_link_for_http_servers_only(tmp_path, client):
+    run = model_run(client, experiment(client), "calm-cod-7",
+                    metrics={"holdout_dice_background": 0.5, "holdout_dice_cell-boundary": 0.25,
+                             "holdout_iou_inner-cell": float("nan")})
+    text = build(tmp_path, client, "", tracking_uri="https://user:secret@mlflow.lab:8443/").new
+    assert "- **Holdout Dice:** background 0.500, cell-boundary 0.250" in text
+    assert "- **Holdout IoU:** inner-cell n/a" in text
+    url = f"https://mlflow.lab:8443/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert f"[MLflow UI]({url})" in text and "secret" not in text
+    assert "MLflow UI" not in build(tmp_path, client, "", tracking_uri="sqlite:///x.db").new
+
+
+def test_description_fields_string_inline_array_nested_unknown_last():
+    tags = {tracking.DESCRIPTION_PREFIX + "loss": '["a", ["b", ["c"]]]',
+            tracking.DESCRIPTION_PREFIX + "task": "[not json",
+            tracking.DESCRIPTION_PREFIX + "optimizer_notes": "Adam",
+            tracking.DESCRIPTION_PREFIX + "qc": "   "}
+    fields = catalog.description(tags)
+    assert [f["label"] for f in fields] == ["Task", "Loss", "Optimizer notes"]
+    assert fields[0]["text"] == "[not json"
+    assert [(b["indent"], b["text"]) for b in fields[1]["bullets"]] == [
+        ("", "a"), ("  ", "b"), ("    ", "c")]
+
+
+def test_strict_undefined_names_the_template(tmp_path, client):
+    model_run(client, experiment(client), "calm-cod-7")
+    (tmp_path / "tpl").mkdir()
+    (tmp_path / "tpl" / "catalog_entry.md.j2").write_text("{{ entry.no_such_field }}\n")
+    with pytest.raises(UserError, match=r"catalog_entry\.md\.j2.*no_such_field"):
+        build(tmp_path, client, "", template_dir=tmp_path / "tpl")
+
+
+def test_template_dir_overrides_and_falls_back_to_packaged(tmp_path, client):
+    model_run(client, experiment(client), "calm-cod-7", notes=["<i>x</i>"])
+    (tmp_path / "tpl").mkdir()
+    (tmp_path / "tpl" / "catalog_entry.md.j2").write_text(
+        "* {{ entry.codename }}: {{ entry.notes[0] }} {{ entry.commit|code }}\n")
+    block = block_of(build(tmp_path, client, "", template_dir=tmp_path / "tpl").new)
+    assert f"* calm-cod-7: &lt;i&gt;x&lt;/i&gt; `{'ab' * 20}`" in block.splitlines()
+    assert "These are the models developed in reverse chronological order:" in block
+    with pytest.raises(UserError, match="no such directory"):
+        build(tmp_path, client, "", template_dir=tmp_path / "missing")
+
+
+def test_repository_templates_folder_is_used_first(tmp_path, client):
+    model_run(client, experiment(client), "calm-cod-7")
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "catalog.md.j2").write_text("{{ model_count }} model(s)\n")
+    assert block_of(build(tmp_path, client, "", repo_root=tmp_path).new) == "\n1 model(s)\n"
+
+
+def test_template_emitting_a_marker_is_refused(tmp_path, client):
+    (tmp_path / "tpl").mkdir()
+    (tmp_path / "tpl" / "catalog.md.j2").write_text(catalog.END_MARKER + "\n")
+    with pytest.raises(UserError, match="contains"):
+        build(tmp_path, client, "", template_dir=tmp_path / "tpl")
+
+
+def test_packaged_templates_are_identical_to_the_repository_ones():
+    shipped = sorted(p.name for p in (REPO / "nf1prov" / "templates").glob("catalog*.j2"))
+    assert shipped == sorted(p.name for p in (REPO / "templates").glob("catalog*.j2"))
+    assert "catalog.md.j2" in shipped
+    for name in shipped:
+        assert ((REPO / "templates" / name).read_bytes()
+                == (REPO / "nf1prov" / "templates" / name).read_bytes()), name
+
+
+def test_write_atomic_keeps_mode_and_leaves_no_temp_file(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("old")
+    os.chmod(readme, 0o640)
+    catalog.write_atomic(readme, "new\r\n")
+    assert readme.read_bytes() == b"new\r\n"
+    assert stat.S_IMODE(readme.stat().st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
