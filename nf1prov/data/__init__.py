@@ -1,0 +1,1 @@
+"""From TIFF files on disk to training-ready tensors (layout of DESIGN 3.5)."""

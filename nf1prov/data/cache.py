@@ -1,0 +1,87 @@
+"""Decoded stacks cached as .npy memory maps, so each TIFF is decoded once, not once per crop.
+
+Entries are keyed by the file's resolved path, size and mtime (and the boundary thickness for
+targets): editing or replacing a TIFF makes a new entry. Writes go to a temp file and are
+renamed into place, so two trainings sharing a cache never read a half-written entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from nf1prov.data.semantic import instance_to_semantic
+
+
+def file_key(path: Path, *extra: object) -> str:
+    """Hex key of (resolved path, size, mtime_ns, *extra)."""
+    stat = path.stat()
+    text = "\0".join(map(str, (path.resolve(), stat.st_size, stat.st_mtime_ns, *extra)))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def read_tiff(path: Path) -> np.ndarray:
+    """Decode a TIFF stack to (Z, H, W) (a 2-D image becomes one slice)."""
+    import tifffile
+
+    array = tifffile.imread(path)
+    return array[None] if array.ndim == 2 else array
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class StackCache:
+    """Memory-mapped decoded images and semantic targets under ``cache_dir``.
+
+    ``decodes`` counts TIFF decodes done by this object (a cache hit decodes nothing).
+    """
+
+    def __init__(self, cache_dir: Path | str) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.decodes = 0
+        self._open: dict[Path, np.ndarray] = {}
+
+    def _load(self, entry: Path, build) -> np.ndarray:
+        if entry in self._open:
+            return self._open[entry]
+        if not entry.exists():
+            _atomic_save(entry, build())
+        array = np.load(entry, mmap_mode="r")
+        self._open[entry] = array
+        return array
+
+    def _decode(self, path: Path) -> np.ndarray:
+        self.decodes += 1
+        return read_tiff(path)
+
+    def image(self, path: Path) -> np.ndarray:
+        """(Z, H, W) stack in the file's own dtype, memory-mapped."""
+        path = Path(path)
+        entry = self.cache_dir / "images" / f"{file_key(path)}.npy"
+        return self._load(entry, lambda: self._decode(path))
+
+    def semantic(self, mask_path: Path, boundary_thickness: float) -> np.ndarray:
+        """(3, Z, H, W) uint8 one-hot target of an instance mask, memory-mapped."""
+        mask_path = Path(mask_path)
+        key = file_key(mask_path, f"thickness={boundary_thickness}")
+        entry = self.cache_dir / "targets" / f"{key}.npy"
+        return self._load(
+            entry, lambda: instance_to_semantic(self._decode(mask_path), boundary_thickness)
+        )
+
+    def __getstate__(self):  # DataLoader workers reopen the memory maps themselves
+        return {"cache_dir": self.cache_dir, "decodes": 0, "_open": {}}

@@ -1,0 +1,93 @@
+"""Training crops: an odd window of z-slices in, the centre slice's 3-class mask out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from nf1prov.data.cache import StackCache
+from nf1prov.data.layout import FieldOfView
+
+
+def dtype_max(dtype: np.dtype) -> float:
+    """The value inputs are divided by: the integer dtype's maximum, 1.0 for floats."""
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
+
+
+def crop_starts(length: int, crop: int, stride: int) -> np.ndarray:
+    """Start offsets covering ``length`` with crops of ``crop`` every ``stride`` pixels; the last
+    crop is aligned to the end so the whole extent is covered."""
+    starts = np.arange(0, length - crop + 1, stride)
+    if starts[-1] != length - crop:
+        starts = np.append(starts, length - crop)
+    return starts
+
+
+def pad_to_multiple(array: np.ndarray, multiple: int = 16, mode: str = "reflect") -> np.ndarray:
+    """Pad the last two axes at the bottom/right up to a multiple of ``multiple``.
+
+    (..., H, W) -> (..., ceil(H/m)*m, ceil(W/m)*m), same dtype.
+    """
+    height, width = array.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not pad_h and not pad_w:
+        return array
+    if mode == "reflect" and (pad_h >= height or pad_w >= width):
+        mode = "symmetric"  # reflect needs more pixels than it pads
+    pad = [(0, 0)] * (array.ndim - 2) + [(0, pad_h), (0, pad_w)]
+    return np.pad(array, pad, mode=mode)
+
+
+class CropDataset(Dataset):
+    """Every field × every centre slice whose window fits × every crop position.
+
+    ``ds[i]`` is ``(image, target, i)``: image float32 (input_slices, C, C) divided by the dtype
+    maximum; target float32 (3, C, C) one-hot (background, inner-cell, cell-boundary) of the
+    centre slice. ``ds.meta(i)`` gives patient, well, site, z, y, x and a stable sample_id.
+    """
+
+    def __init__(self, fields: Sequence[FieldOfView], input_slices: int, crop_size: int,
+                 crop_stride: int, boundary_thickness: float, cache_dir: Path | str) -> None:
+        self.fields = list(fields)
+        self.input_slices = input_slices
+        self.crop_size = crop_size
+        self.boundary_thickness = boundary_thickness
+        self.cache = StackCache(cache_dir)
+        half = input_slices // 2
+        rows = []
+        for index, field in enumerate(self.fields):
+            depth, height, width = self.cache.image(field.image_path).shape
+            zs = np.arange(half, depth - half)
+            ys, xs = crop_starts(height, crop_size, crop_stride), crop_starts(width, crop_size,
+                                                                              crop_stride)
+            grid = np.stack(np.meshgrid(zs, ys, xs, indexing="ij"), axis=-1).reshape(-1, 3)
+            rows.append(np.column_stack([np.full(len(grid), index), grid]))
+        # (N, 4): field index, centre z, crop y, crop x
+        self.samples = np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        field_index, z, y, x = (int(v) for v in self.samples[i])
+        field, half, size = self.fields[field_index], self.input_slices // 2, self.crop_size
+        stack = self.cache.image(field.image_path)
+        window = stack[z - half:z + half + 1, y:y + size, x:x + size]
+        image = np.asarray(window, dtype=np.float32) / dtype_max(stack.dtype)
+        target = self.cache.semantic(field.mask_path, self.boundary_thickness)
+        crop = np.asarray(target[:, z, y:y + size, x:x + size], dtype=np.float32)
+        return torch.from_numpy(image), torch.from_numpy(crop), i
+
+    def meta(self, i: int) -> dict:
+        field_index, z, y, x = (int(v) for v in self.samples[i])
+        field = self.fields[field_index]
+        return {
+            "patient": field.patient, "well": field.well, "site": field.site,
+            "z": z, "y": y, "x": x,
+            "sample_id": f"{field.patient}_{field.well}-{field.site}_z{z:03d}_y{y:05d}_x{x:05d}",
+        }

@@ -1,0 +1,192 @@
+"""Find (brightfield, mask) pairs in the upstream layout and check them before training.
+
+    <root>/<patient>/zstack_images/<well>-<site>/<well>-<site>_TRANS.tif     (Z, H, W)
+    <root>/<patient>/segmentation_masks/<well>-<site>/cell_mask.tiff          (Z, H, W) labels
+
+Validation reads TIFF headers (shape, dtype, strip offsets), not pixels.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nf1prov.errors import UserError
+
+IMAGE_DIR = "zstack_images"
+MASK_DIR = "segmentation_masks"
+IMAGE_SUFFIX = "_TRANS.tif"
+MASK_NAME = "cell_mask.tiff"
+FOV_RE = re.compile(r"^(?P<well>[^-]+)-(?P<site>.+)$")
+
+
+class DataError(UserError):
+    """A problem with the data on disk; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class FieldOfView:
+    patient: str
+    well: str
+    site: str
+    image_path: Path
+    mask_path: Path
+
+    @property
+    def fov_id(self) -> str:
+        return f"{self.patient}/{self.well}-{self.site}"
+
+
+def is_held_out(patient: str, holdout_patients: Iterable[str]) -> bool:
+    """True when ``patient`` is a holdout entry or starts with '<entry>_' (NF0014 -> NF0014_T1)."""
+    return any(patient == h or patient.startswith(h + "_") for h in holdout_patients)
+
+
+def discover_fields(root: Path | str, holdout_patients: Sequence[str] = ()) -> list[FieldOfView]:
+    """All fields of view under ``root`` whose patient is not held out, sorted by fov_id.
+
+    Raises DataError for a missing/empty root, a field with an image but no mask (or the
+    reverse), and when no field is left after removing the holdout patients.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(
+            f"Data root {root} does not exist or is not a directory. Pass --data-root DIR "
+            "(or set data.root in the config); `nf1prov demo-data DIR` writes a demo dataset."
+        )
+    fields: list[FieldOfView] = []
+    seen_patients: list[str] = []
+    for patient_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        image_root, mask_root = patient_dir / IMAGE_DIR, patient_dir / MASK_DIR
+        if not image_root.is_dir() and not mask_root.is_dir():
+            continue  # not a patient folder
+        seen_patients.append(patient_dir.name)
+        if is_held_out(patient_dir.name, holdout_patients):
+            continue
+        fields.extend(_patient_fields(patient_dir))
+    if not seen_patients:
+        raise DataError(
+            f"No patient folders under {root}: expected <patient>/{IMAGE_DIR}/<well>-<site>/"
+            f"<well>-<site>{IMAGE_SUFFIX} and <patient>/{MASK_DIR}/<well>-<site>/{MASK_NAME}. "
+            "Check --data-root."
+        )
+    if not fields:
+        raise DataError(
+            f"No fields of view left under {root} after holding out {list(holdout_patients)} "
+            f"(patients found: {', '.join(seen_patients)}). Change data.holdout_patients."
+        )
+    return sorted(fields, key=lambda f: f.fov_id)
+
+
+def _subfolders(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+
+
+def _patient_fields(patient_dir: Path) -> list[FieldOfView]:
+    image_root, mask_root = patient_dir / IMAGE_DIR, patient_dir / MASK_DIR
+    fields = []
+    for name in sorted(_subfolders(image_root) | _subfolders(mask_root)):
+        image_path = image_root / name / f"{name}{IMAGE_SUFFIX}"
+        mask_path = mask_root / name / MASK_NAME
+        if not image_path.is_file():
+            raise DataError(
+                f"Missing brightfield image {image_path} (its mask folder {mask_root / name} "
+                f"exists). Add the z-stack as {name}{IMAGE_SUFFIX} or remove the mask folder."
+            )
+        if not mask_path.is_file():
+            raise DataError(
+                f"Missing segmentation mask {mask_path} for image {image_path}. Add the instance "
+                f"mask as {MASK_NAME} or move the image out of the data root."
+            )
+        match = FOV_RE.match(name)
+        if not match:
+            raise DataError(
+                f"Folder {image_root / name} is not named <well>-<site> (e.g. C4-2). Rename it."
+            )
+        fields.append(FieldOfView(patient_dir.name, match["well"], match["site"], image_path,
+                                  mask_path))
+    return fields
+
+
+@dataclass(frozen=True)
+class StackHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def read_header(path: Path) -> StackHeader:
+    """Shape and dtype of the first series of a TIFF, read from its header; checks that the
+    file holds every byte its header points at (a truncated copy fails here, not mid-training).
+    """
+    import tifffile
+
+    try:
+        size = path.stat().st_size
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, dtype = tuple(series.shape), np.dtype(series.dtype)
+            end = _data_end(tif, series)
+            if end > size:
+                raise DataError(
+                    f"{path} is truncated: it has {size} bytes but its header points at data up "
+                    f"to byte {end}. Copy the file again."
+                )
+    except DataError:
+        raise
+    except Exception as exc:  # tifffile raises many types for damaged files
+        raise DataError(f"Cannot read TIFF {path}: {exc}. Check the file is a complete TIFF "
+                        "(copy it again, or re-export it).") from None
+    if len(shape) == 2:
+        shape = (1, *shape)
+    return StackHeader(shape, dtype)
+
+
+def _data_end(tif, series) -> int:
+    """The largest byte offset the TIFF's header says holds image data."""
+    if series.dataoffset is not None:  # contiguous data (tifffile, ImageJ): one range
+        return int(series.dataoffset + series.nbytes)
+    end = 0
+    for page in tif.pages:
+        for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False):
+            end = max(end, offset + count)
+    pages_expected = int(np.prod(series.shape[:-2])) if len(series.shape) > 2 else 1
+    if len(tif.pages) < pages_expected:  # the IFD chain breaks off early
+        raise DataError(f"{tif.filehandle.path} is truncated: its header describes "
+                        f"{pages_expected} slices but only {len(tif.pages)} can be read. "
+                        "Copy the file again.")
+    return end
+
+
+def validate_fields(fields: Sequence[FieldOfView], input_slices: int, crop_size: int) -> None:
+    """Check every field can produce training crops; raise DataError naming the first bad file."""
+    for field in fields:
+        image, mask = read_header(field.image_path), read_header(field.mask_path)
+        if len(image.shape) != 3:
+            raise DataError(f"{field.image_path} has shape {image.shape}; expected a (Z, H, W) "
+                            "grayscale z-stack.")
+        if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+            raise DataError(f"{field.image_path} has dtype {image.dtype}; expected integers.")
+        if image.shape != mask.shape:
+            raise DataError(
+                f"Shape mismatch: image {field.image_path} is {image.shape} but mask "
+                f"{field.mask_path} is {mask.shape}. They must match slice for slice."
+            )
+        if not np.issubdtype(mask.dtype, np.integer):
+            raise DataError(
+                f"Mask {field.mask_path} has dtype {mask.dtype}; instance masks must hold integer "
+                "labels (0 = background). Re-export it as uint16/uint32."
+            )
+        if image.shape[0] < input_slices:
+            raise DataError(
+                f"{field.image_path} has {image.shape[0]} slices, fewer than the input window of "
+                f"{input_slices} (data.input_slices). Lower data.input_slices or drop this stack."
+            )
+        if min(image.shape[1:]) < crop_size:
+            raise DataError(
+                f"{field.image_path} is {image.shape[1]}x{image.shape[2]} pixels, smaller than a "
+                f"{crop_size}x{crop_size} crop (data.crop_size). Lower data.crop_size."
+            )

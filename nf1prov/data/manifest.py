@@ -1,0 +1,86 @@
+"""The split manifest: every file a training used, its split, size and content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from nf1prov.data.cache import file_key
+from nf1prov.data.layout import FieldOfView
+
+COLUMNS = ["patient", "well", "site", "fov_id", "split", "image_path", "image_bytes",
+           "image_sha256", "mask_path", "mask_bytes", "mask_sha256"]
+
+
+def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
+    """SHA-256 of a file's bytes; remembered under cache_dir/hashes keyed by path+size+mtime."""
+    path = Path(path)
+    entry = None
+    if cache_dir is not None:
+        entry = Path(cache_dir) / "hashes" / f"{file_key(path)}.json"
+        if entry.exists():
+            return json.loads(entry.read_text())["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    if entry is not None:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_suffix(f".{id(value)}.tmp")
+        tmp.write_text(json.dumps({"path": str(path), "sha256": value}))
+        tmp.replace(entry)
+    return value
+
+
+def build_manifest(splits: dict[str, list[FieldOfView]],
+                   cache_dir: Path | None = None) -> pd.DataFrame:
+    """One row per field of view: patient, well, site, fov_id, split, paths, sizes, sha256."""
+    rows = []
+    for split, fields in splits.items():
+        for f in fields:
+            rows.append({
+                "patient": f.patient, "well": f.well, "site": f.site, "fov_id": f.fov_id,
+                "split": split,
+                "image_path": str(f.image_path), "image_bytes": f.image_path.stat().st_size,
+                "image_sha256": sha256_file(f.image_path, cache_dir),
+                "mask_path": str(f.mask_path), "mask_bytes": f.mask_path.stat().st_size,
+                "mask_sha256": sha256_file(f.mask_path, cache_dir),
+            })
+    return pd.DataFrame(rows, columns=COLUMNS).sort_values("fov_id", ignore_index=True)
+
+
+def compare_manifest(expected: pd.DataFrame, data_root: Path | str,
+                     recorded_root: Path | str | None = None,
+                     cache_dir: Path | None = None) -> list[str]:
+    """Files of ``expected`` that are missing or whose content differs under ``data_root``.
+
+    Paths are re-rooted: a recorded path under ``recorded_root`` (default: the common parent
+    four levels above the images) is looked up at the same relative place under data_root.
+    Returns human-readable problems, empty when everything matches.
+    """
+    data_root = Path(data_root)
+    problems = []
+    for row in expected.itertuples():
+        for kind in ("image", "mask"):
+            recorded = Path(getattr(row, f"{kind}_path"))
+            relative = _relative_to_root(recorded, recorded_root, kind)
+            local = data_root / relative
+            if not local.is_file():
+                problems.append(f"missing: {local}")
+            elif sha256_file(local, cache_dir) != getattr(row, f"{kind}_sha256"):
+                problems.append(f"content differs: {local}")
+    return problems
+
+
+def _relative_to_root(recorded: Path, recorded_root: Path | str | None, kind: str) -> Path:
+    if recorded_root is not None:
+        try:
+            return recorded.relative_to(recorded_root)
+        except ValueError:
+            pass
+    # <root>/<patient>/<zstack_images|segmentation_masks>/<fov>/<file>
+    return Path(*recorded.parts[-4:])
