@@ -26,7 +26,19 @@ from nf1prov.commands import (
 from nf1prov.errors import Nf1provError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Nf1provGroup(click.Group):
+    """Turns an Nf1provError from any verb into its message and exit code, so the same
+    behaviour holds for `nf1prov`, `python -m nf1prov` and click's test runner."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Nf1provError as exc:
+            click.echo(f"nf1prov: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=Nf1provGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="nf1prov")
 def cli() -> None:
     """Train NF1 organoid cell segmenters; one git commit and one MLflow run per model.
@@ -43,7 +55,8 @@ for module in (demo_data, train, catalog, checkout, reproduce, list_runs, show, 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        cli.main(args=argv, prog_name="nf1prov", standalone_mode=False)
+        # Without standalone mode click returns ctx.exit()'s code instead of exiting.
+        code = cli.main(args=argv, prog_name="nf1prov", standalone_mode=False)
     except Nf1provError as exc:
         click.echo(f"nf1prov: error: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -55,4 +68,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,13 +1,41 @@
-"""`nf1prov checkout`."""
+"""`nf1prov checkout CODENAME [--worktree PATH]`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from nf1prov.errors import UserError
+from nf1prov.commands.common import open_store, tracking_uri_option
 
 
 @click.command("checkout")
-def command() -> None:
-    """Check out a model's code and weights by codename."""
-    raise UserError("`nf1prov checkout` is not implemented yet.")
+@click.argument("codename")
+@click.option("--worktree", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Create a separate git worktree at PATH instead of switching this tree.")
+@click.option("--run-id", default=None, help="Pick one run when the codename is ambiguous.")
+@click.option("--all-artifacts", is_flag=True,
+              help="Also download overlays and checkpoints (default: model, config, manifest).")
+@tracking_uri_option
+def command(codename: str, worktree: Path | None, run_id: str | None, all_artifacts: bool,
+            tracking_uri: str | None) -> None:
+    """Check out a model's code and weights by codename.
+
+    CODENAME may also be a run ID or a model/<codename> tag. Switches this work tree to the
+    model commit (detached HEAD) only when it is clean; with --worktree PATH the current tree is
+    left alone. Weights, config and manifest go to .nf1prov/models/<codename>/.
+
+    Example: nf1prov checkout fearless-eel-256 --worktree ../fearless-eel-256
+    """
+    from nf1prov.checkout import checkout_model, describe
+    from nf1prov.errors import UserError
+    from nf1prov.resolve import resolve_model
+
+    root, _, client = open_store(tracking_uri)
+    if root is None:
+        raise UserError("nf1prov checkout must run inside the git repository that holds the "
+                        "model commits.")
+    model = resolve_model(client, codename, run_id=run_id, repo_root=root)
+    checked_out = checkout_model(root, client, model, worktree=worktree,
+                                 all_artifacts=all_artifacts)
+    click.echo(describe(model, checked_out))

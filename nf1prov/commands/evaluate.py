@@ -2,12 +2,70 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from nf1prov.errors import UserError
+from nf1prov.commands.common import tracking_uri_option
+from nf1prov.commands.predict import run_id_option
 
 
 @click.command("evaluate")
-def command() -> None:
-    """Evaluate a model on holdout patients against a classical baseline."""
-    raise UserError("`nf1prov evaluate` is not implemented yet.")
+@click.argument("model_ref", metavar="MODEL")
+@click.option("--patients", multiple=True, metavar="P",
+              help="Patients to evaluate on (repeatable; 'NF0014' also matches NF0014_T1...). "
+                   "Default: the patients the run held out (data.holdout_patients).")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+              help="Dataset root (default: the run's data.root, relative to the repository "
+                   "root).")
+@click.option("--baseline", is_flag=True,
+              help="Also score the classical baseline (Gaussian, Otsu, distance watershed) on "
+                   "the same stacks and show the difference.")
+@click.option("--min-size", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Minimum object size in pixels (model instances and baseline).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("--no-log", is_flag=True, help="Print only; log nothing to the model's run.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@run_id_option
+@tracking_uri_option
+def command(model_ref, patients, data_root, baseline, min_size, batch_size, device, no_log,
+            no_progress, run_id, tracking_uri) -> None:
+    """Evaluate a model on holdout patients against a classical baseline.
+
+    Prints per-class Dice/IoU and instance precision/recall/F1 (IoU 0.5) and average precision
+    (IoU 0.5:0.95), per patient and overall, and logs the overall values to the model's run as
+    holdout_<metric>_<class>, holdout_instance_* (holdout_baseline_* with --baseline), with the
+    per-patient table as the artifact evaluation/holdout_metrics.csv.
+    """
+    from nf1prov.commands.predict import load_for_command
+    from nf1prov.errors import UserError
+    from nf1prov.evaluate import evaluate, format_report, holdout_fields, log_to_run
+    from nf1prov.provenance import git
+
+    loaded, client = load_for_command(model_ref, tracking_uri, device, run_id)
+    data = loaded.config.get("data", {})
+    patients = list(patients) or list(data.get("holdout_patients", []))
+    if data_root is None:
+        root = Path(data.get("root", "data"))
+        if not root.is_absolute():
+            try:
+                root = git.repo_root(".") / root
+            except UserError:
+                root = Path.cwd() / root
+        data_root = root
+    fields = holdout_fields(data_root, patients)
+    click.echo(f"Evaluating {loaded.label} on {len(fields)} stack(s) of "
+               f"{', '.join(patients)} under {data_root}.")
+    evaluation = evaluate(loaded, fields, baseline=baseline, min_size=min_size,
+                          batch_size=batch_size, progress=not no_progress)
+    click.echo(format_report(evaluation, loaded.label))
+    if no_log:
+        return
+    if client is None or loaded.run_id is None:
+        click.echo("Not logged: MODEL is a local folder, not a run (pass its codename to log).")
+        return
+    metrics = log_to_run(client, loaded.run_id, evaluation)
+    click.echo(f"Logged {len(metrics)} holdout metrics and evaluation/holdout_metrics.csv to "
+               f"run {loaded.run_id}.")

@@ -1,13 +1,101 @@
-"""`nf1prov list`."""
+"""`nf1prov list`: models (and --no-commit scratch runs) with status, SHA and best Dice.
+
+The status column shows CRASHED for a RUNNING run whose process is gone
+(`nf1prov.provenance.liveness`); `--reap` marks those runs FAILED for good.
+"""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+
 import click
 
-from nf1prov.errors import UserError
+from nf1prov.commands.common import open_store, tracking_uri_option
+
+BEST_DICE = "best_val_dice_inner-cell"
+COLUMNS = ["codename", "date", "status", "kind", "sha", BEST_DICE, "run_id", "experiment_id"]
+
+
+def rows(runs) -> list[dict]:
+    from nf1prov import tracking
+    from nf1prov.provenance import liveness
+
+    out = []
+    for run in runs:
+        tags = run.data.tags
+        start = run.info.start_time
+        out.append({
+            "codename": run.info.run_name,
+            "date": (datetime.fromtimestamp(start / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+                     if start else ""),
+            "status": liveness.run_state(run),
+            "kind": tags.get(tracking.KIND, ""),
+            "sha": tags.get(tracking.GIT_COMMIT, "") if tags.get(tracking.GIT_DIRTY) != "true"
+            else tags.get(tracking.GIT_COMMIT, "") + "+dirty",
+            BEST_DICE: run.data.metrics.get(BEST_DICE),
+            "run_id": run.info.run_id,
+            "experiment_id": run.info.experiment_id,
+        })
+    return out
+
+
+def reap(client, runs, echo) -> int:
+    """Mark every CRASHED run FAILED with the crash reason; returns how many."""
+    from nf1prov import tracking
+    from nf1prov.provenance import liveness
+
+    count = 0
+    for run in runs:
+        if liveness.run_state(run) != liveness.CRASHED:
+            continue
+        reason = liveness.crash_reason(run)
+        client.set_tag(run.info.run_id, tracking.FAILURE, reason)
+        beat = liveness.last_heartbeat(run)
+        client.set_terminated(run.info.run_id, status="FAILED",
+                              end_time=int(beat * 1000) if beat else None)
+        echo(f"reaped {run.info.run_name} ({run.info.run_id}): {reason}")
+        count += 1
+    return count
+
+
+def render(table: list[dict], fmt: str) -> str:
+    import pandas as pd
+
+    frame = pd.DataFrame(table, columns=COLUMNS)
+    if fmt == "json":
+        return json.dumps(table, indent=2)
+    if fmt == "csv":
+        return frame.to_csv(index=False).rstrip("\n")
+    if frame.empty:
+        return "No models yet: train one with `nf1prov train --config configs/demo.toml`."
+    frame = frame.drop(columns=["experiment_id"])
+    frame["sha"] = frame["sha"].str.slice(0, 10)
+    frame[BEST_DICE] = frame[BEST_DICE].map(lambda v: "" if v is None or v != v else f"{v:.4f}")
+    return frame.to_string(index=False)
 
 
 @click.command("list")
-def command() -> None:
-    """List models with status, SHA and best validation Dice."""
-    raise UserError("`nf1prov list` is not implemented yet.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True, help="Output format (csv/json keep full SHAs and run IDs).")
+@click.option("--reap", "do_reap", is_flag=True,
+              help="Mark RUNNING runs whose process is gone (CRASHED) as FAILED, with the time "
+                   "of their last heartbeat as nf1prov.failure.")
+@click.option("--all-kinds", is_flag=True, help="Include nested Optuna trial runs.")
+@tracking_uri_option
+def command(fmt, do_reap, all_kinds, tracking_uri) -> None:
+    """List models, newest first: codename, date, status (incl. CRASHED), SHA, best val Dice.
+
+    Scratch runs (trained with --no-commit) are listed with kind 'scratch'.
+    """
+    from nf1prov import tracking
+
+    _, _, client = open_store(tracking_uri)
+    kinds = (tracking.KIND_MODEL, tracking.KIND_SCRATCH)
+    if all_kinds:
+        kinds += (tracking.KIND_TRIAL,)
+    runs = tracking.model_runs(client, kinds)
+    if do_reap:
+        if reap(client, runs, lambda text: click.echo(text, err=True)):
+            runs = tracking.model_runs(client, kinds)
+    click.echo(render(rows(runs), fmt))

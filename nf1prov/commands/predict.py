@@ -2,12 +2,81 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from nf1prov.errors import UserError
+from nf1prov.commands.common import tracking_uri_option
+
+run_id_option = click.option("--run-id", default=None, metavar="RUN_ID",
+                             help="The run to use when a codename names several runs.")
+
+
+def load_for_command(model_ref: str, tracking_uri: str | None, device: str,
+                     run_id: str | None = None):
+    """(LoadedModel, MlflowClient or None) from a local folder (no store needed) or a codename /
+    run ID."""
+    import os
+
+    from nf1prov.inference import load_model
+
+    # MLflow's own download progress bars would interleave with ours.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if Path(model_ref).expanduser().exists():
+        return load_model(model_ref, device=device), None
+    from nf1prov.commands.common import open_store
+
+    _, uri, client = open_store(tracking_uri)
+    return load_model(model_ref, client=client, tracking_uri=uri, run_id=run_id,
+                      device=device), client
 
 
 @click.command("predict")
-def command() -> None:
-    """Segment z-stacks with a trained model."""
-    raise UserError("`nf1prov predict` is not implemented yet.")
+@click.argument("model_ref", metavar="MODEL")
+@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=Path),
+              help="Folder for the outputs (created; mirrors the inputs' sub-folders).")
+@click.option("--min-size", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Objects smaller than this many pixels (per slice) are merged into the cell "
+                   "they touch, or removed.")
+@click.option("--probabilities-dtype", type=click.Choice(["float16", "float32"]),
+              default="float16", show_default=True)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Tiles per forward pass.")
+@click.option("--overlap", default=None, type=click.IntRange(min=0),
+              help="Tile overlap in pixels (default: half the training crop size).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@run_id_option
+@tracking_uri_option
+def command(model_ref, inputs, outdir, min_size, probabilities_dtype, batch_size, overlap,
+            device, no_progress, run_id, tracking_uri) -> None:
+    """Segment z-stacks with a trained model.
+
+    MODEL is a codename, a run ID, or a local MLflow model folder (e.g.
+    .nf1prov/models/<codename>/model from `nf1prov checkout`) with the training config beside it
+    (config.toml) or in ../config/config.toml. INPUT is a z-stack (.tif), a folder (its
+    *_TRANS.tif files, else all .tif/.tiff) or a glob pattern.
+
+    For each stack writes <name>_probabilities.ome.tif (class probabilities, C,Z,Y,X),
+    <name>_classes.ome.tif (uint8 class map) and <name>_labels.ome.tif (instance labels,
+    uint16, uint32 above 65535 cells).
+    """
+    from nf1prov.errors import UserError
+    from nf1prov.inference import predict_files
+
+    loaded, _ = load_for_command(model_ref, tracking_uri, device, run_id)
+    if overlap is not None and overlap >= loaded.tile_size:
+        raise UserError(f"--overlap {overlap} must be smaller than the model's tile size "
+                        f"{loaded.tile_size} (its training crop size).")
+    click.echo(f"Model {loaded.label}: {loaded.input_slices} input slices, tiles of "
+               f"{loaded.tile_size} px, device {loaded.device}.")
+    n = 0
+    for path, files in predict_files(loaded, inputs, outdir, min_size=min_size,
+                                     batch_size=batch_size, overlap=overlap,
+                                     probabilities_dtype=probabilities_dtype,
+                                     progress=not no_progress):
+        n += 1
+        click.echo(f"{path}: {files.n_cells} cells -> {files.labels}")
+    click.echo(f"Wrote predictions of {n} stack(s) to {outdir}.")

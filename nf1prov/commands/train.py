@@ -1,13 +1,114 @@
-"""`nf1prov train`."""
+"""`nf1prov train`: preflight, MLflow run, model commit + tag, contract tags, training.
+
+The flow and its failure handling live in `nf1prov.provenance.train_flow`; this is the click
+wrapper. Exit codes: 0 trained; 2 a user error (nothing created when preflight refused); 1 the
+training itself failed (the run is FAILED with nf1prov.failure; commit and tag stay);
+130/143 interrupted by Ctrl-C/SIGTERM (the run is KILLED).
+"""
 
 from __future__ import annotations
 
+import shutil
+import sys
+import traceback
+
 import click
 
-from nf1prov.errors import UserError
+from nf1prov.commands.common import tracking_uri_option
+from nf1prov.errors import Nf1provError, UserError
+
+
+class TrainingFailed(Nf1provError):
+    """Training raised after the run was created: the run is FAILED; exit 1."""
+
+    exit_code = 1
 
 
 @click.command("train")
-def command() -> None:
-    """Train a model, commit its code and tag its MLflow run."""
-    raise UserError("`nf1prov train` is not implemented yet.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              metavar="PATH", help="Training config (TOML), e.g. configs/demo.toml. Optional "
+              "with --resume (default: the config the run logged).")
+@click.option("--data-root", default=None, metavar="DIR",
+              help="Dataset folder (default: config data.root, relative to the repo root).")
+@click.option("--experiment", default=None, metavar="NAME",
+              help="MLflow experiment (default: config experiment.name).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set train.epochs=3 (repeatable).")
+@click.option("--no-commit", is_flag=True,
+              help="Train without committing: a 'scratch' run tagged with HEAD's SHA (and the "
+                   "uncommitted diff as an artifact); it never enters the catalogue.")
+@click.option("--resume", "resume_name", default=None, metavar="CODENAME",
+              help="Continue a FAILED/KILLED/crashed model in the same run from its last "
+                   "checkpoint; the working tree must match the model's commit.")
+@click.option("--max-file-mb", type=float, default=None, metavar="N",
+              help="Refuse to commit files larger than N MB (default: config "
+                   "experiment.max_commit_file_mb, 10).")
+@tracking_uri_option
+def command(config_path, data_root, experiment, overrides, no_commit, resume_name, max_file_mb,
+            tracking_uri) -> None:
+    """Train a model, commit its code and tag its MLflow run.
+
+    Every change git does not ignore is committed as the model's one commit (subject
+    'Model run codename: <codename> Run ID: <id> Experiment ID: <id>'), tagged model/<codename>,
+    and the run is tagged with that SHA. Works in MLflow projects: `mlflow run . -e train`.
+    """
+    from nf1prov.provenance import preflight, train_flow
+
+    data_root = data_root or None  # MLproject passes '' for "not given"
+    experiment = experiment or None
+    adopt = train_flow.adopted_run_id()
+    tmp = None
+    if resume_name:
+        if no_commit or adopt:
+            raise UserError("--resume continues an existing run: it cannot be combined with "
+                            "--no-commit or run under `mlflow run`.")
+        plan, run, checkpoint, tmp = train_flow.prepare_resume(
+            name=resume_name, config_path=config_path or None, overrides=overrides,
+            data_root=data_root, tracking_uri=tracking_uri)
+    else:
+        if not config_path:
+            raise UserError("Missing --config PATH: pass a training config such as "
+                            "configs/demo.toml (or --resume CODENAME to continue a model).")
+        try:
+            plan = preflight.preflight(config_path=config_path, overrides=overrides,
+                                       data_root=data_root, experiment=experiment,
+                                       tracking_uri=tracking_uri, max_file_mb=max_file_mb,
+                                       no_commit=no_commit, adopt_run_id=adopt)
+        except UserError as exc:
+            if adopt:  # `mlflow run` already made the run: say why it never trained
+                train_flow.fail_adopted_run(adopt, tracking_uri, str(exc))
+            raise
+    try:
+        with train_flow.sigterm_as_exception():
+            if resume_name:
+                outcome = train_flow.resume(plan, run, checkpoint, echo=click.echo)
+            else:
+                outcome = train_flow.train(plan, echo=click.echo)
+    except (KeyboardInterrupt, train_flow.Interrupted) as exc:
+        reason = getattr(exc, "reason", "interrupted by Ctrl-C (SIGINT)")
+        click.echo(f"nf1prov: training stopped ({reason}); the run is KILLED. Continue it with "
+                   "`nf1prov train --resume CODENAME`.", err=True)
+        sys.exit(getattr(exc, "exit_code", 130))
+    except Nf1provError:
+        raise  # already a message for the user; the run was ended FAILED
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        raise TrainingFailed(f"training failed: {type(exc).__name__}: {exc}. The run is marked "
+                             "FAILED (nf1prov.failure); `nf1prov show` has the details.") from exc
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print_outcome(outcome)
+
+
+def print_outcome(outcome) -> None:
+    click.echo(f"codename:   {outcome.codename}")
+    click.echo(f"run ID:     {outcome.run_id}")
+    click.echo(f"experiment: {outcome.experiment_id}")
+    label = "commit:" if outcome.kind == "model" else "HEAD:"
+    click.echo(f"{label:<11} {outcome.sha or '(no commit yet)'}")
+    if outcome.kind == "model":
+        click.echo(f"git tag:    model/{outcome.codename}")
+    else:
+        click.echo("kind:       scratch (--no-commit: not a catalogued model)")
+    click.echo(f"MLflow UI:  mlflow ui --backend-store-uri {outcome.tracking_uri}")

@@ -65,7 +65,8 @@ def git(*args: str, cwd: Path | str, check: bool = True, input: str | None = Non
 
     Raises GitError with git's stderr when ``check`` and git exits non-zero.
     """
-    full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+    # GIT_OPTIONAL_LOCKS=0: read-only commands such as status never rewrite the index.
+    full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "GIT_OPTIONAL_LOCKS": "0"}
     if env:
         full_env.update(env)
     proc = subprocess.run(
@@ -290,8 +291,9 @@ def index_path(root: Path) -> Path:
     return path if path.is_absolute() else (Path(root) / path).resolve()
 
 
-def is_ignored(root: Path, path: Path | str) -> bool:
-    """True when git ignores ``path`` (which need not exist). Paths outside the work tree: False."""
+def is_ignored(root: Path, path: Path | str, directory: bool = False) -> bool:
+    """True when git ignores ``path`` (which need not exist; ``directory``: match it as a
+    folder, so that patterns like ``cache/`` apply). Paths outside the work tree: False."""
     path = Path(path)
     if path.is_absolute():
         try:
@@ -301,6 +303,8 @@ def is_ignored(root: Path, path: Path | str) -> bool:
     text = path.as_posix()
     if text in ("", ".") or text.startswith("-"):
         return False
+    if directory:
+        text += "/"
     return git("check-ignore", "--quiet", "--no-index", "--", text, cwd=root,
                check=False).returncode == 0
 

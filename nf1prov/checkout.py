@@ -1,0 +1,202 @@
+"""`nf1prov checkout`: put a model's code and weights in front of the user, destroying nothing.
+
+The work tree is switched (detached HEAD) only when it is clean; otherwise the command refuses
+and lists the files. ``worktree=PATH`` makes a separate git worktree instead. The run's
+artifacts land in ``<tree>/.nf1prov/models/<codename>/``: downloaded into a temporary folder
+beside it and renamed into place, so a failure leaves no half folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from nf1prov import tracking
+from nf1prov.errors import UserError
+from nf1prov.provenance import git
+from nf1prov.resolve import ResolvedModel
+
+MODELS_DIR = Path(".nf1prov") / "models"
+DEFAULT_ARTIFACTS = ("model", "config", "manifest")
+
+
+@dataclass(frozen=True)
+class CheckedOut:
+    tree: Path  # the work tree now at the model commit
+    artifacts: Path  # <tree>/.nf1prov/models/<codename>
+    files: list[str]  # artifact paths downloaded, relative to ``artifacts``
+
+
+def safe_artifact_path(path: str) -> PurePosixPath:
+    """An artifact path from the store, refused unless it is relative and free of '..'."""
+    pure = PurePosixPath(path)
+    if not path or "\\" in path or pure.is_absolute() or any(p in ("..", "") for p in pure.parts):
+        raise UserError(f"Refusing artifact path {path!r} from the tracking store: it is absolute "
+                        "or climbs out of the model folder with '..'. The store may be "
+                        "corrupted or tampered with; inspect the run in the MLflow UI.")
+    return pure
+
+
+@dataclass(frozen=True)
+class ArtifactSource:
+    """Where a group of artifacts comes from. MLflow 3 keeps a run's own files under the run
+    and each model logged by the run as a separate "logged model" with its own listing."""
+
+    prefix: str  # destination sub-folder ("" for the run's own files)
+    list: Callable[[str | None], list]  # path -> FileInfo entries beneath it
+    fetch: Callable[[str, str], str]  # (path, destination dir) -> downloaded local path
+
+
+def artifact_sources(client, run) -> list[ArtifactSource]:
+    run_id = run.info.run_id
+    sources = [ArtifactSource("", lambda p: client.list_artifacts(run_id, p),
+                              lambda p, d: client.download_artifacts(run_id, p, d))]
+    outputs = getattr(run, "outputs", None)
+    for output in getattr(outputs, "model_outputs", None) or []:
+        import mlflow
+
+        logged = client.get_logged_model(output.model_id)
+        sources.append(ArtifactSource(
+            str(safe_artifact_path(logged.name)),
+            lambda p, m=logged.model_id: client.list_logged_model_artifacts(m, p),
+            lambda p, d, root=logged.artifact_location.rstrip("/"):
+                mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{p}", dst_path=d),
+        ))
+    return sources
+
+
+def list_artifact_files(source: ArtifactSource,
+                        roots: tuple[str, ...] | None) -> list[tuple[str, str]]:
+    """[(path in the source, path in the destination)] for every file under ``roots``."""
+    files: list[tuple[str, str]] = []
+    pending: list[str | None] = [None]
+    while pending:
+        for info in source.list(pending.pop()):
+            path = str(safe_artifact_path(info.path))
+            destination = f"{source.prefix}/{path}" if source.prefix else path
+            top = destination.split("/", 1)[0]
+            if roots is not None and top not in roots:
+                continue
+            (pending if info.is_dir else files).append(
+                path if info.is_dir else (path, destination))
+    return sorted(files, key=lambda pair: pair[1])
+
+
+def download_artifacts(client, run, destination: Path,
+                       roots: tuple[str, ...] | None = DEFAULT_ARTIFACTS) -> list[str]:
+    """Download the run's artifacts into ``destination`` (replaced atomically); returns the
+    paths written, relative to ``destination``. Every path is checked before anything is
+    fetched."""
+    plan = [(source, path, dest) for source in artifact_sources(client, run)
+            for path, dest in list_artifact_files(source, roots)]
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
+    try:
+        base = staging.resolve()
+        for source, path, dest in plan:
+            target = (staging / dest).resolve()
+            if base not in target.parents:
+                raise UserError(f"Refusing artifact path {dest!r}: it resolves outside "
+                                f"{destination}.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=staging) as scratch:
+                shutil.move(source.fetch(path, scratch), target)
+        old = destination.with_name(destination.name + ".old")
+        if destination.exists():
+            destination.rename(old)
+        staging.rename(destination)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [dest for _, _, dest in plan]
+
+
+def refuse_dirty_tree(root: Path) -> None:
+    changes = git.status_porcelain(root)
+    if changes:
+        listing = ", ".join(path for _, path in changes[:20])
+        more = f" and {len(changes) - 20} more" if len(changes) > 20 else ""
+        raise UserError(
+            f"The work tree {root} has uncommitted changes ({listing}{more}); checkout would put "
+            "them at risk, so nothing was changed. Commit or stash them yourself, or use "
+            "`nf1prov checkout CODENAME --worktree PATH` to get the model in a separate folder."
+        )
+
+
+def ignore_models_dir(tree: Path) -> None:
+    """Make sure .nf1prov/ is ignored in ``tree`` (old commits may lack the .gitignore line)."""
+    if git.is_ignored(tree, MODELS_DIR / "x", directory=False):
+        return
+    exclude = Path(git.git("rev-parse", "--git-path", "info/exclude", cwd=tree).stdout.strip())
+    exclude = exclude if exclude.is_absolute() else tree / exclude
+    exclude.parent.mkdir(parents=True, exist_ok=True)
+    with open(exclude, "a", encoding="utf-8") as handle:
+        handle.write("\n# nf1prov: downloaded models and caches\n/.nf1prov/\n")
+
+
+def checkout_model(root: Path, client, model: ResolvedModel, worktree: Path | None = None,
+                   all_artifacts: bool = False) -> CheckedOut:
+    """Bring ``model``'s commit and artifacts into ``root`` (or a new worktree at ``worktree``)."""
+    roots = None if all_artifacts else DEFAULT_ARTIFACTS
+    if model.sha is None:
+        raise UserError(f"Model {model.codename} records no commit to check out.")
+    if worktree is None:
+        refuse_dirty_tree(root)
+        ignore_models_dir(root)
+        # Download first: a failed download leaves the tree where it was.
+        destination = root / MODELS_DIR / model.codename
+        files = download_artifacts(client, model.run, destination, roots)
+        if git.head_sha(root) != model.sha or git.current_branch(root) is not None:
+            git.checkout_detached(root, model.sha)
+            ignore_models_dir(root)  # the model commit's .gitignore may predate .nf1prov/
+        return CheckedOut(root, destination, files)
+
+    worktree = Path(worktree).absolute()
+    if worktree.exists() and any(worktree.iterdir()):
+        raise UserError(f"{worktree} exists and is not empty: choose a new folder for the "
+                        "worktree.")
+    git.add_worktree(root, worktree, model.sha)
+    try:
+        ignore_models_dir(worktree)
+        destination = worktree / MODELS_DIR / model.codename
+        files = download_artifacts(client, model.run, destination, roots)
+    except BaseException:
+        git.remove_worktree(root, worktree)
+        git.git("worktree", "prune", cwd=root, check=False)
+        raise
+    return CheckedOut(worktree, destination, files)
+
+
+def retrain_command(model: ResolvedModel, checked_out: CheckedOut) -> str:
+    """The exact `nf1prov train` line that retrains this model from its logged config."""
+    config = checked_out.artifacts.relative_to(checked_out.tree) / "config" / "config.toml"
+    data_root = model.run.data.params.get("data.root", "")
+    experiment = model.run.data.params.get("experiment.name", "")
+    parts = ["nf1prov", "train", "--config", str(config)]
+    if data_root:
+        parts += ["--data-root", data_root]
+    if experiment:
+        parts += ["--experiment", experiment]
+    return " ".join(parts)
+
+
+def describe(model: ResolvedModel, checked_out: CheckedOut) -> str:
+    tags = model.run.data.tags
+    lines = [
+        f"Checked out {model.codename} (run {model.run_id}) at commit {model.sha} in "
+        f"{checked_out.tree} (detached HEAD).",
+        f"Artifacts ({len(checked_out.files)} files) in {checked_out.artifacts}",
+        f"Status: {model.run.info.status}"
+        + (f" ({tags[tracking.FAILURE]})" if tracking.FAILURE in tags else ""),
+        "Retrain it with:",
+        f"  cd {checked_out.tree} && {retrain_command(model, checked_out)}",
+    ]
+    if (checked_out.artifacts / "model").is_dir():
+        lines += ["Load the weights in Python:",
+                  f"  import mlflow; model = mlflow.pytorch.load_model("
+                  f"'{checked_out.artifacts / 'model'}')"]
+    return "\n".join(lines)

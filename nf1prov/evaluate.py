@@ -1,0 +1,363 @@
+"""Holdout evaluation of a catalogued model: semantic and instance metrics, against a baseline.
+
+Semantic metrics (per class, DESIGN 3.7 names), defined exactly as the training metrics
+(`nf1prov.train.metrics`) so that ``holdout_dice_inner-cell`` compares with
+``val_dice_inner-cell``. The target is
+`nf1prov.data.semantic.instance_to_semantic(mask, boundary_thickness)` with the run's boundary
+thickness; a class is predicted where its probability is > 0.5. Pixel counts (TP, FP, FN) are
+pooled over every slice of every stack of a patient (and over all patients for the overall row);
+then ``dice = 2TP / (2TP + FP + FN)``, ``iou = TP / (TP + FP + FN)``,
+``precision = TP / (TP + FP)``, ``recall = TP / (TP + FN)``; ``<metric>_total`` applies the same
+formulas to the counts summed over the three classes (a micro average). A ratio whose
+denominator is 0 is 1.0 (nothing predicted and nothing there: no pixel was wrong).
+
+Instance metrics. Objects are matched **slice by slice** (the model is 2-D and a ground-truth
+label restricted to one slice is one object there), so a label that spans several slices counts
+once per slice. For each pair of a true and a predicted object, the IoU comes from one sparse
+contingency table of label pairs (no loop over labels). At a threshold ``t``, a match is a
+one-to-one pairing with IoU >= t:
+
+- for ``t > 0.5`` an object can overlap at most one other with IoU > 0.5, so every candidate pair
+  is a match and counting them is exact;
+- for ``t <= 0.5`` the pairing maximises the number of matches (ties broken by total IoU) with
+  `scipy.optimize.linear_sum_assignment`, run only on the objects that have more than one
+  candidate (those with exactly one are matched directly).
+
+TP = matches, FP = unmatched predictions, FN = unmatched true objects, pooled like the pixel
+counts. ``instance_precision``, ``instance_recall`` and ``instance_f1`` are at IoU 0.5 (a ratio
+whose denominator is 0 is 1.0 here too).
+``instance_ap`` is the average precision of the cell-segmentation literature (the "average
+precision" of Cellpose, the "accuracy" of StarDist): ``AP_t = TP / (TP + FP + FN)``, averaged
+over ``t = 0.50, 0.55, ..., 0.95``; ``instance_ap50`` is ``AP_0.5``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nf1prov.errors import UserError
+from nf1prov.inference import CLASS_NAMES
+
+THRESHOLDS = np.round(np.arange(0.5, 0.951, 0.05), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Instance matching
+# ---------------------------------------------------------------------------------------------
+
+def _compact_ids(labels: np.ndarray, per_slice: bool) -> tuple[np.ndarray, int]:
+    """Flat int64 ids 1..N of the objects of ``labels`` (0 = background); with ``per_slice``
+    and a (Z, H, W) array, one label in two slices gives two objects."""
+    labels = np.asarray(labels)
+    flat = labels.astype(np.int64, copy=False).ravel()
+    foreground = flat > 0
+    key = flat[foreground]
+    if per_slice and labels.ndim == 3:
+        z = np.repeat(np.arange(labels.shape[0], dtype=np.int64), labels[0].size)[foreground]
+        key = z * (int(key.max(initial=0)) + 1) + key
+    unique, inverse = np.unique(key, return_inverse=True)
+    ids = np.zeros(flat.shape, np.int64)
+    ids[foreground] = inverse + 1
+    return ids, len(unique)
+
+
+def iou_pairs(true: np.ndarray, pred: np.ndarray, per_slice: bool = True):
+    """IoU of every overlapping (true, predicted) object pair.
+
+    ``true``, ``pred``: integer labels of one shape, (H, W) or (Z, H, W), 0 = background.
+    Returns (true_index int64 (P,), pred_index int64 (P,), iou float64 (P,), n_true, n_pred),
+    indices 0-based over the objects (per slice with ``per_slice``).
+    """
+    from scipy import sparse
+
+    if np.shape(true) != np.shape(pred):
+        raise ValueError(f"label images differ in shape: {np.shape(true)} vs {np.shape(pred)}")
+    t, n_true = _compact_ids(true, per_slice)
+    p, n_pred = _compact_ids(pred, per_slice)
+    area_t = np.bincount(t, minlength=n_true + 1)[1:]
+    area_p = np.bincount(p, minlength=n_pred + 1)[1:]
+    both = (t > 0) & (p > 0)
+    table = sparse.coo_matrix(
+        (np.ones(int(both.sum()), np.int64), (t[both] - 1, p[both] - 1)),
+        shape=(n_true, n_pred)).tocsr()  # duplicates are summed: intersection areas
+    table = table.tocoo()
+    ti, pi, inter = table.row.astype(np.int64), table.col.astype(np.int64), table.data
+    iou = inter / (area_t[ti] + area_p[pi] - inter)
+    return ti, pi, iou.astype(np.float64), n_true, n_pred
+
+
+def count_matches(ti: np.ndarray, pi: np.ndarray, iou: np.ndarray, threshold: float) -> int:
+    """Size of the best one-to-one matching of pairs with IoU >= ``threshold``."""
+    from scipy.optimize import linear_sum_assignment
+
+    keep = iou >= threshold
+    ti, pi, iou = ti[keep], pi[keep], iou[keep]
+    if threshold > 0.5 or len(ti) == 0:
+        return int(len(ti))  # IoU > 0.5 pairs are disjoint: each object has at most one
+    _, t_inv, t_count = np.unique(ti, return_inverse=True, return_counts=True)
+    _, p_inv, p_count = np.unique(pi, return_inverse=True, return_counts=True)
+    single = (t_count[t_inv] == 1) & (p_count[p_inv] == 1)
+    matched = int(single.sum())
+    ti, pi, iou = ti[~single], pi[~single], iou[~single]
+    if len(ti) == 0:
+        return matched
+    rows, r = np.unique(ti, return_inverse=True)
+    cols, c = np.unique(pi, return_inverse=True)
+    n = min(len(rows), len(cols))
+    benefit = np.zeros((len(rows), len(cols)))
+    benefit[r, c] = 1.0 + iou / (2 * n)  # any extra match outweighs all IoU tie-breaks
+    row_ind, col_ind = linear_sum_assignment(benefit, maximize=True)
+    return matched + int((benefit[row_ind, col_ind] > 0).sum())
+
+
+def instance_counts(true: np.ndarray, pred: np.ndarray,
+                    thresholds: Sequence[float] = THRESHOLDS,
+                    per_slice: bool = True) -> np.ndarray:
+    """int64 (len(thresholds), 3): TP, FP, FN of matching ``pred`` to ``true`` at each IoU
+    threshold (see the module docstring)."""
+    ti, pi, iou, n_true, n_pred = iou_pairs(true, pred, per_slice)
+    tp = np.array([count_matches(ti, pi, iou, t) for t in thresholds], np.int64)
+    return np.stack([tp, n_pred - tp, n_true - tp], axis=1)
+
+
+def _ratio(num, den):
+    """num / den, 1.0 where den is 0 (the training metrics' convention)."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    return np.where(den > 0, num / np.where(den > 0, den, 1), 1.0)
+
+
+def instance_scores(counts: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> dict:
+    """Instance metrics from (len(thresholds), 3) TP/FP/FN counts: precision, recall and F1 at
+    IoU 0.5, ``ap50`` and ``ap`` (mean of TP / (TP + FP + FN) over the thresholds)."""
+    thresholds = np.asarray(thresholds, float)
+    at = int(np.argmin(np.abs(thresholds - 0.5)))
+    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+    ap = _ratio(tp, tp + fp + fn)
+    return {
+        "instance_precision": float(_ratio(tp[at], tp[at] + fp[at])),
+        "instance_recall": float(_ratio(tp[at], tp[at] + fn[at])),
+        "instance_f1": float(_ratio(2 * tp[at], 2 * tp[at] + fp[at] + fn[at])),
+        "instance_ap50": float(ap[at]),
+        "instance_ap": float(np.mean(ap)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic metrics
+# ---------------------------------------------------------------------------------------------
+
+def semantic_counts(target: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """int64 (3, 3): per class (rows) TP, FP, FN of ``prob > threshold`` against ``target``.
+
+    ``target``: (3, ...) 0/1 class channels; ``prob``: (3, ...) probabilities, same shape.
+    """
+    if target.shape != prob.shape:
+        raise ValueError(f"target {target.shape} and prob {prob.shape} differ in shape")
+    axes = tuple(range(1, target.ndim))
+    truth = target.astype(bool)
+    predicted = prob > threshold
+    tp = np.count_nonzero(truth & predicted, axis=axes)
+    fp = np.count_nonzero(~truth & predicted, axis=axes)
+    fn = np.count_nonzero(truth & ~predicted, axis=axes)
+    return np.stack([tp, fp, fn], axis=1).astype(np.int64)
+
+
+def semantic_scores(counts: np.ndarray) -> dict:
+    """dice/iou/precision/recall per class and pooled over the classes (``_total``) from (3, 3)
+    TP/FP/FN counts."""
+    rows = np.vstack([counts, counts.sum(axis=0, keepdims=True)])
+    tp, fp, fn = rows[:, 0], rows[:, 1], rows[:, 2]
+    per_metric = {
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn),
+        "iou": _ratio(tp, tp + fp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+    }
+    return {f"{metric}_{name}": float(value)
+            for metric, values in per_metric.items()
+            for name, value in zip((*CLASS_NAMES, "total"), values, strict=True)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole evaluation
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Tally:
+    semantic: np.ndarray = field(default_factory=lambda: np.zeros((3, 3), np.int64))
+    instance: np.ndarray = field(default_factory=lambda: np.zeros((len(THRESHOLDS), 3), np.int64))
+    stacks: int = 0
+
+    def add(self, other: _Tally) -> None:
+        self.semantic += other.semantic
+        self.instance += other.instance
+        self.stacks += other.stacks
+
+    def scores(self) -> dict:
+        return {"stacks": self.stacks, **semantic_scores(self.semantic),
+                **instance_scores(self.instance)}
+
+
+def score_stack(mask: np.ndarray, prob: np.ndarray, labels: np.ndarray,
+                boundary_thickness: int) -> _Tally:
+    """Pixel and instance counts of one prediction against its (Z, H, W) instance mask."""
+    from nf1prov.data.semantic import instance_to_semantic
+
+    target = instance_to_semantic(mask, boundary_thickness)
+    return _Tally(semantic_counts(target, prob), instance_counts(mask, labels), 1)
+
+
+def holdout_fields(data_root: Path, patients: Sequence[str]) -> list:
+    """The fields of view of ``patients`` under ``data_root``.
+
+    `layout.discover_fields` leaves holdout patients out, so every field is discovered and those
+    that ``discover_fields(root, holdout_patients=patients)`` leaves out are kept: the holdout
+    rule is the one training used, by construction ('NF0014' also matches NF0014_T1 ...).
+    """
+    from nf1prov.data import layout
+
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise UserError(f"Data root {data_root} does not exist. Pass --data-root DIR (the folder "
+                        "holding the patient folders, e.g. the output of `nf1prov demo-data`).")
+    if not patients:
+        raise UserError("No holdout patients to evaluate on: the run's data.holdout_patients is "
+                        "empty. Name them with --patients NF0014 ...")
+    fields = layout.discover_fields(data_root, holdout_patients=())
+    kept = set(layout.discover_fields(data_root, holdout_patients=tuple(patients)))
+    chosen = [f for f in fields if f not in kept]
+    if not chosen:
+        found = sorted({f.patient for f in fields})
+        raise UserError(f"No fields of view of patients {', '.join(patients)} under {data_root} "
+                        f"(patients found: {', '.join(found) or 'none'}). Pass --patients with "
+                        "one of those, or the right --data-root.")
+    return chosen
+
+
+def _read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    import tifffile
+
+    try:
+        mask = tifffile.imread(path)
+    except Exception as exc:
+        raise UserError(f"Cannot read the instance mask {path}: {exc}.") from None
+    mask = mask.reshape(shape) if mask.size == int(np.prod(shape)) else mask
+    if mask.shape != shape:
+        raise UserError(f"Instance mask {path} has shape {mask.shape} but its z-stack has "
+                        f"{shape}; they must match.")
+    return mask
+
+
+@dataclass
+class Evaluation:
+    """Per-patient and overall scores (``table``: rows (method, patient), patient 'all' for the
+    overall row) and the model it belongs to."""
+
+    table: object  # pandas.DataFrame
+    methods: tuple[str, ...]
+
+    def overall(self, method: str = "model") -> dict:
+        return self.table.loc[(method, "all")].to_dict()
+
+
+def evaluate(loaded, fields: Sequence, *, baseline: bool = False, min_size: int = 10,
+             batch_size: int = 8, progress: bool = True) -> Evaluation:
+    """Predict every field of view with ``loaded`` (a `nf1prov.inference.LoadedModel`) and
+    score it; with ``baseline`` the classical pipeline is scored on the same stacks."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from nf1prov.baseline import labels_to_probabilities, segment_baseline
+    from nf1prov.inference import predict_stack, probabilities_to_instances, read_stack
+
+    methods = ("model", "baseline") if baseline else ("model",)
+    tallies: dict[tuple[str, str], _Tally] = {}
+    thickness = loaded.boundary_thickness
+    for fov in tqdm(fields, desc="evaluate", unit="stack", disable=not progress):
+        stack = read_stack(Path(fov.image_path))
+        mask = _read_mask(Path(fov.mask_path), stack.shape)
+        prob = predict_stack(loaded.model, stack, input_slices=loaded.input_slices,
+                             tile_size=loaded.tile_size, batch_size=batch_size,
+                             device=loaded.device)
+        results = {"model": (prob, probabilities_to_instances(prob, min_size))}
+        if baseline:
+            labels = segment_baseline(stack, min_size=min_size)
+            results["baseline"] = (labels_to_probabilities(labels, thickness), labels)
+        for method, (p, labels) in results.items():
+            tally = score_stack(mask, p, labels, thickness)
+            for key in ((method, fov.patient), (method, "all")):
+                tallies.setdefault(key, _Tally()).add(tally)
+    rows = {key: tally.scores() for key, tally in tallies.items()}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["method", "patient"])
+    patients = sorted({p for _, p in table.index if p != "all"}) + ["all"]
+    order = [(m, p) for m in methods for p in patients]
+    return Evaluation(table.loc[order], methods)
+
+
+SUMMARY_METRICS = (
+    [f"dice_{c}" for c in CLASS_NAMES] + ["dice_total"]
+    + [f"iou_{c}" for c in CLASS_NAMES] + ["iou_total"]
+    + ["instance_precision", "instance_recall", "instance_f1", "instance_ap50", "instance_ap"]
+)
+
+
+def format_report(evaluation: Evaluation, title: str) -> str:
+    """Text tables: per patient for each method (metrics as rows), and, with a baseline, the
+    overall model / baseline / difference."""
+    import pandas as pd
+
+    table = evaluation.table
+    parts = []
+    for method in evaluation.methods:
+        sub = table.loc[method, SUMMARY_METRICS].T
+        sub.columns = [f"{p} ({int(n)} stack{'s' if n != 1 else ''})"
+                       for p, n in zip(sub.columns, table.loc[method, "stacks"], strict=True)]
+        parts.append(f"{title} -- {method}, holdout patients:\n"
+                     f"{sub.to_string(float_format=lambda v: f'{v:.4f}')}")
+    if "baseline" in evaluation.methods:
+        comparison = pd.DataFrame({
+            "model": table.loc[("model", "all"), SUMMARY_METRICS],
+            "baseline": table.loc[("baseline", "all"), SUMMARY_METRICS],
+        })
+        comparison["difference"] = comparison["model"] - comparison["baseline"]
+        text = comparison.to_string(float_format=lambda v: f"{v:.4f}")
+        parts.append("Model against the classical baseline (all holdout stacks; difference = "
+                     f"model - baseline):\n{text}")
+    return "\n\n".join(parts)
+
+
+def metrics_to_log(evaluation: Evaluation) -> dict[str, float]:
+    """MLflow metric names (DESIGN 3.7) of the overall scores: ``holdout_<metric>_<class>``,
+    ``holdout_<metric>_total``, ``holdout_instance_*``; the baseline's as
+    ``holdout_baseline_*``. NaN values are left out."""
+    logged = {}
+    for method in evaluation.methods:
+        prefix = "holdout_" if method == "model" else "holdout_baseline_"
+        for name, value in evaluation.overall(method).items():
+            if name != "stacks" and value == value:  # NaN != NaN
+                logged[prefix + name] = float(value)
+    return logged
+
+
+def log_to_run(client, run_id: str, evaluation: Evaluation) -> dict[str, float]:
+    """Log the overall metrics and ``evaluation/holdout_metrics.csv`` to an existing run.
+
+    MlflowClient logging does not change a FINISHED run's status."""
+    import tempfile
+    import time
+
+    from mlflow.entities import Metric
+
+    metrics = metrics_to_log(evaluation)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    with tempfile.TemporaryDirectory(prefix="nf1prov-eval-") as tmp:
+        path = Path(tmp) / "holdout_metrics.csv"
+        evaluation.table.to_csv(path)
+        client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    return metrics

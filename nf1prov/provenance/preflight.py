@@ -1,0 +1,154 @@
+"""Checks `nf1prov train` makes before it creates anything (no run, no commit, no file).
+
+Every failure is a UserError (exit 2) naming the file or value and the fix. `preflight` returns
+a `Plan`: everything the rest of the flow needs, resolved once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nf1prov import tracking
+from nf1prov.config import load_config
+from nf1prov.errors import UserError
+from nf1prov.provenance import commit, git
+
+CACHE_DIR = ".nf1prov/cache"
+
+
+@dataclass
+class Plan:
+    root: Path
+    config: dict
+    config_path: str
+    overrides: tuple[str, ...]
+    data_root: Path
+    tracking_uri: str
+    client: object
+    experiment_name: str
+    no_commit: bool
+    adopt_run_id: str | None = None  # MLFLOW_RUN_ID: the run `mlflow run` started
+    fields: list = field(default_factory=list)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / CACHE_DIR
+
+
+def check_identity(root: Path) -> None:
+    if git.identity(root) is None:
+        raise UserError(
+            f"git has no identity to commit the model with in {root}. Set one: "
+            "`git config --global user.name 'Your Name'` and "
+            "`git config --global user.email you@example.org` (or use --no-commit)."
+        )
+
+
+def check_repo_state(root: Path) -> None:
+    unmerged = git.unmerged_paths(root)
+    if unmerged:
+        raise UserError(f"{root} has unresolved merge conflicts ({', '.join(unmerged[:5])}): "
+                        "resolve and commit them before training a model.")
+
+
+def check_runtime_files_ignored(root: Path, tracking_uri: str) -> None:
+    """Files nf1prov itself writes inside the repository must be git-ignored, or the next model
+    commit would swallow a database or a cache."""
+    candidates = [(root / ".nf1prov", True)]
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        candidates += [(db, False), (db.parent / "mlartifacts", True)]
+    for path, directory in candidates:
+        try:
+            path.resolve().relative_to(root.resolve())
+        except ValueError:
+            continue
+        if not git.is_ignored(root, path, directory):
+            rel = path.resolve().relative_to(root.resolve()).as_posix() + ("/" if directory else "")
+            raise UserError(
+                f"{rel} lies inside the repository {root} but is not git-ignored, so the model "
+                f"commit would include it. Add '{rel}' to {root / '.gitignore'}."
+            )
+
+
+def check_file_sizes(root: Path, max_file_mb: float) -> None:
+    limit = max_file_mb * 1024 * 1024
+    big = [(p, p.stat().st_size) for p in git.files_to_commit(root) if p.stat().st_size > limit]
+    if big:
+        listing = ", ".join(f"{p.relative_to(root)} ({size / 1e6:.1f} MB)" for p, size in big[:5])
+        raise UserError(
+            f"The model commit would include files larger than {max_file_mb:g} MB: {listing}. "
+            f"Data and weights do not belong in git: add them to {root / '.gitignore'}, or raise "
+            "the limit with --max-file-mb N (config experiment.max_commit_file_mb)."
+        )
+
+
+def resolve_data_root(root: Path, config: dict, data_root: str | None) -> Path:
+    path = Path(data_root) if data_root else Path(config["data"]["root"])
+    if not data_root and not path.is_absolute():
+        path = root / path
+    path = path.resolve()
+    if not path.is_dir():
+        source = "--data-root" if data_root else "config data.root (relative to the repo root)"
+        raise UserError(f"Data folder {path} ({source}) does not exist. Create it with "
+                        "`nf1prov demo-data DIR`, or point --data-root at your data.")
+    return path
+
+
+def check_data(config: dict, data_root: Path) -> list:
+    from nf1prov.data.layout import discover_fields, validate_fields
+
+    fields = discover_fields(data_root, config["data"]["holdout_patients"])
+    if not fields:
+        raise UserError(f"No fields of view found under {data_root}: expected "
+                        "<patient>/zstack_images/<well>-<site>/<well>-<site>_TRANS.tif "
+                        "(DESIGN 3.5). Check --data-root / data.root.")
+    validate_fields(fields, config["data"]["input_slices"], config["data"]["crop_size"])
+    return fields
+
+
+def check_store(client, experiment_name: str) -> None:
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise UserError(f"MLflow experiment {experiment_name!r} is deleted: restore it in the "
+                        "MLflow UI or choose another name with --experiment.")
+
+
+def preflight(*, config_path: str | Path, overrides=(), data_root: str | None = None,
+              experiment: str | None = None, tracking_uri: str | None = None,
+              max_file_mb: float | None = None, no_commit: bool = False,
+              adopt_run_id: str | None = None, start: Path | str = ".",
+              check_template: bool = True) -> Plan:
+    """Run every check; returns the Plan or raises UserError having changed nothing."""
+    # Cheap, local checks first; the tracking store is opened last, since opening a sqlite
+    # store that does not exist yet creates it.
+    root = git.repo_root(start)
+    if not no_commit:
+        check_identity(root)
+        check_repo_state(root)
+    config = load_config(config_path, tuple(overrides))
+    uri = tracking.resolve_tracking_uri(tracking_uri, root)
+    check_runtime_files_ignored(root, uri)
+    data_path = resolve_data_root(root, config, data_root)
+    fields = check_data(config, data_path)
+    if not no_commit:
+        limit = max_file_mb if max_file_mb is not None else config["experiment"][
+            "max_commit_file_mb"]
+        check_file_sizes(root, limit)
+        if check_template:  # render with placeholders: a broken template fails here, not later
+            commit.render_message(root, codename="preflight-check-0", run_id="0" * 32,
+                                  experiment_id="0", experiment_name="preflight", config=config,
+                                  config_path=str(config_path), overrides=tuple(overrides))
+    client = tracking.client(uri)
+    if adopt_run_id:
+        git.validate_run_id(adopt_run_id)
+        run = client.get_run(adopt_run_id)
+        experiment_name = client.get_experiment(run.info.experiment_id).name
+    else:
+        experiment_name = experiment or config["experiment"]["name"]
+        check_store(client, experiment_name)
+    return Plan(root=root, config=config, config_path=str(config_path),
+                overrides=tuple(overrides), data_root=data_path, tracking_uri=uri,
+                client=client, experiment_name=experiment_name, no_commit=no_commit,
+                adopt_run_id=adopt_run_id, fields=fields)

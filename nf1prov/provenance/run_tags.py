@@ -1,0 +1,98 @@
+"""The MLflow tags of a model run (DESIGN 3.3) and of its environment.
+
+`creation_tags` are set when the run is created, before anything can fail, so that even a run
+that never trained is described; `commit_tags` are set once the model commit exists (they
+overwrite whatever `mlflow.source.git.commit` MLflow guessed when it started the run).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from nf1prov import tracking
+from nf1prov.provenance import git, heartbeat
+
+# Environment tags (nf1prov's own, not contract).
+ENV_PYTHON = "nf1prov.env.python"
+ENV_TORCH = "nf1prov.env.torch"
+ENV_CUDA = "nf1prov.env.cuda"
+ENV_GPU = "nf1prov.env.gpu"
+ENV_PLATFORM = "nf1prov.env.platform"
+
+PIP_FREEZE_ARTIFACT = "environment/pip-freeze.txt"
+UNCOMMITTED_DIFF_ARTIFACT = "git/uncommitted.diff"
+
+
+def creation_tags(kind: str, description: dict) -> dict[str, str]:
+    """Kind, description (tags and Markdown note), host, pid and first heartbeat."""
+    from nf1prov.train.description import description_markdown, description_tags
+
+    tags = {tracking.KIND: kind, tracking.NOTE_CONTENT: description_markdown(description)}
+    tags.update(description_tags(description))
+    tags.update(heartbeat.identity_tags())
+    return tags
+
+
+def git_tags(root: Path, sha: str | None, dirty: bool, codename: str | None) -> dict[str, str]:
+    """The git part of DESIGN 3.3. ``codename`` None: no model tag (a --no-commit run)."""
+    tags = {tracking.GIT_DIRTY: "true" if dirty else "false"}
+    if sha:
+        tags[tracking.GIT_COMMIT] = sha
+    branch = git.current_branch(root)
+    if branch:
+        tags[tracking.GIT_BRANCH] = branch
+    url = git.remote_url(root)
+    if url:
+        tags[tracking.GIT_REPO_URL] = url
+    if codename:
+        tags[tracking.GIT_TAG] = git.model_tag(codename)
+    return tags
+
+
+def environment_tags() -> dict[str, str]:
+    """Python, torch, CUDA and GPU name, platform and host."""
+    tags = {ENV_PYTHON: platform.python_version(), ENV_PLATFORM: platform.platform(),
+            tracking.HOST: socket.gethostname()}
+    try:
+        import torch
+
+        tags[ENV_TORCH] = torch.__version__
+        tags[ENV_CUDA] = torch.version.cuda or "none"
+        tags[ENV_GPU] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        tags[ENV_TORCH] = "not installed"
+    return tags
+
+
+def pip_freeze() -> str:
+    """Installed distributions as ``name==version`` lines (pip freeze's format), sorted.
+
+    Read from the interpreter's own metadata, which is what `pip freeze` reads too, without
+    starting a subprocess (pip may not even be installed in the environment).
+    """
+    lines = {f"{dist.metadata['Name']}=={dist.version}" for dist in metadata.distributions()
+             if dist.metadata["Name"]}
+    return "\n".join(sorted(lines, key=str.lower)) + "\n"
+
+
+def log_text(client, run_id: str, text: str, artifact_file: str) -> None:
+    client.log_text(run_id, text, artifact_file)
+
+
+def log_environment(client, run_id: str) -> None:
+    for key, value in environment_tags().items():
+        client.set_tag(run_id, key, value)
+    log_text(client, run_id, pip_freeze(), PIP_FREEZE_ARTIFACT)
+    client.set_tag(run_id, "nf1prov.env.argv", json.dumps(sys.argv[1:])[:5000])
+
+
+def failure_line(text: str) -> str:
+    """A one-line failure reason (first non-empty line, at most 500 characters)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    line = " | ".join(lines[:3]) if lines else "unknown error"
+    return line[:500]

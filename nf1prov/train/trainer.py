@@ -1,0 +1,492 @@
+"""The training loop. Read it top to bottom: data, model, loss, loop, logging.
+
+`train_model` trains inside the *active* MLflow run (the caller starts it, ends it, and marks it
+FAILED when this raises) and logs into it:
+
+- params: the flattened config (`nf1prov.config.flatten`; lists as JSON) and dataset sizes;
+- artifacts: `config/config.toml`, `manifest/split_manifest.csv`, `overlays/epoch_NNN/*.png`,
+  `checkpoints/last.pt` (after every epoch) and the best model `model/`;
+- the split manifest as an MLflow dataset input (context "training");
+- tags: `mlflow.note.content` and `nf1prov.description.<field>` (DESIGN 3.3);
+- metrics per epoch (step = epoch, 1-based) named `<split>_<metric>_<class>` (DESIGN 3.7), and
+  after training `best_epoch`, `best_val_loss`, `best_val_dice_<class>`.
+
+Per batch the loop does only device work (forward, loss, backward, step, metric sums); the host
+synchronises for the progress bar every `PROGRESS_EVERY` batches and once per epoch for metrics.
+On CPU, `torch.use_deterministic_algorithms(True)`: the same config on the same data gives
+bitwise-identical metrics (`nf1prov reproduce` relies on it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import random
+import re
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from nf1prov.config import flatten, to_toml
+from nf1prov.errors import UserError
+from nf1prov.tracking import NOTE_CONTENT
+from nf1prov.train.description import description_markdown, description_tags
+from nf1prov.train.loss import WeightedBCELoss, initial_class_weights
+from nf1prov.train.metrics import CLASS_NAMES, EpochMetrics
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+PROGRESS_EVERY = 20  # batches between progress-bar loss readings (each one syncs the device)
+EpochCallback = Callable[[int, dict], None]
+
+
+@dataclass
+class TrainResult:
+    """What `train_model` returns. ``model`` holds the best epoch's weights, on the CPU, in eval
+    mode; ``best_metrics`` is that epoch's full metric dict (train and val)."""
+
+    best_epoch: int
+    best_val_loss: float
+    best_metrics: dict[str, float]
+    model: nn.Module
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list, repr=False)  # per epoch
+
+
+@dataclass
+class PreparedData:
+    """Fields of view by split, the crop datasets and the split manifest (pandas.DataFrame)."""
+
+    splits: dict[str, list]
+    train: Any  # nf1prov.data.dataset.CropDataset
+    val: Any
+    manifest: Any
+    source: str  # data root, as logged
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+
+def train_model(config: dict, data_root: Path, *, cache_dir: Path,
+                resume_from: Path | None = None,
+                on_epoch: EpochCallback | None = None) -> TrainResult:
+    """Train the model of ``config`` on ``data_root`` inside the active MLflow run.
+
+    ``cache_dir``: where decoded stacks are cached. ``resume_from``: a `checkpoints/last.pt`
+    file of this run (the caller re-opens the same run): training continues at the next epoch.
+    ``on_epoch(epoch, metrics)`` is called after each epoch is logged (e.g. a heartbeat).
+    With ``train.trials > 1`` this runs the Optuna search (`nf1prov.train.search`) instead.
+    Raises UserError for bad data/config; any exception leaves the run for the caller to fail.
+    """
+    import mlflow
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("train_model must be called inside an active MLflow run "
+                           "(mlflow.start_run()); the caller owns the run.")
+    resolve_device(config["train"]["device"])  # fail before anything is logged
+    if resume_from is not None and not Path(resume_from).is_file():
+        raise UserError(f"Checkpoint {resume_from} does not exist: pass the checkpoints/last.pt "
+                        "of the run to resume.")
+    if config["train"]["trials"] > 1:
+        if resume_from is not None:
+            raise UserError("--resume is not supported with train.trials > 1 (an Optuna search "
+                            "cannot be resumed); rerun the search, or set train.trials=1.")
+        from nf1prov.train.search import run_search
+
+        return run_search(config, Path(data_root), cache_dir=Path(cache_dir), on_epoch=on_epoch)
+
+    data = prepare_data(config, Path(data_root), Path(cache_dir))
+    log_run_inputs(config, data, resumed=resume_from is not None)
+    result = fit(config, data, resume_from=resume_from, on_epoch=on_epoch, checkpoint=True)
+    log_best(result)
+    log_model(result.model, data)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+def prepare_data(config: dict, data_root: Path, cache_dir: Path) -> PreparedData:
+    """Discover and validate fields of view, split them, build the train/val crop datasets."""
+    from nf1prov.data import layout, manifest, splits
+    from nf1prov.data.dataset import CropDataset
+
+    d = config["data"]
+    fields = layout.discover_fields(data_root, holdout_patients=tuple(d["holdout_patients"]))
+    layout.validate_fields(fields, d["input_slices"], d["crop_size"])
+    by_split = splits.split_fields(fields, d["split_fractions"])
+
+    def crops(split: str) -> CropDataset:
+        return CropDataset(by_split[split], input_slices=d["input_slices"],
+                           crop_size=d["crop_size"], crop_stride=d["crop_stride"],
+                           boundary_thickness=d["boundary_thickness"], cache_dir=cache_dir)
+
+    train, val = crops("train"), crops("val")
+    for name, ds in (("training", train), ("validation", val)):
+        if len(ds) == 0:
+            raise UserError(f"The {name} split of {data_root} holds no {d['crop_size']}-pixel "
+                            "crops: add fields of view, or lower data.crop_size.")
+    return PreparedData(splits=by_split, train=train, val=val,
+                        manifest=manifest.build_manifest(by_split, cache_dir=cache_dir),
+                        source=str(data_root))
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+
+def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
+        on_epoch: EpochCallback | None = None, checkpoint: bool = True) -> TrainResult:
+    """Train with early stopping on validation loss; log per-epoch metrics, overlays and (with
+    ``checkpoint``) `checkpoints/last.pt` to the active run. Returns the best epoch's model."""
+    import mlflow
+
+    d, t, m = config["data"], config["train"], config["model"]
+    device = resolve_device(t["device"])
+    use_amp = device.type == "cuda"  # AMP only on CUDA (CPU autocast is slow and imprecise)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(device.type == "cpu")
+    try:
+        seed_everything(t["seed"])
+        log.info("seed %d (torch, numpy, random, DataLoader generator)", t["seed"])
+
+        # model, optimiser, loss
+        from models import ARCHITECTURES
+
+        model = ARCHITECTURES[m["architecture"]](
+            in_channels=d["input_slices"], num_classes=len(CLASS_NAMES),
+            base_width=m["base_width"]).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=t["learning_rate"], betas=(0.5, 0.999))
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        weights = sample_class_weights(data.train, t["weight_samples"], t["seed"], d["crop_margin"])
+        criterion = WeightedBCELoss(weights, alpha=t["alpha"]).to(device)
+
+        # data loaders: the generator makes the shuffle order part of the seeded state
+        generator = torch.Generator().manual_seed(t["seed"])
+        pin = device.type == "cuda"
+        train_loader = DataLoader(data.train, batch_size=t["batch_size"], shuffle=True,
+                                  generator=generator, num_workers=t["num_workers"],
+                                  pin_memory=pin)
+        val_loader = DataLoader(data.val, batch_size=t["batch_size"], shuffle=False,
+                                num_workers=t["num_workers"], pin_memory=pin)
+        overlay_indices = pick_overlay_crops(len(data.val), t["overlay_crops"])
+
+        # early-stopping state; a checkpoint restores all of it
+        state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
+        best_weights: dict[str, torch.Tensor] | None = None
+        history: list[dict[str, float]] = []
+        if resume_from is not None:
+            ckpt = load_checkpoint(Path(resume_from), config)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            criterion.weights.copy_(ckpt["loss_weights"])
+            generator.set_state(ckpt["rng"]["generator"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            state, best_weights, history = ckpt["state"], ckpt["best_weights"], ckpt["history"]
+            log.info("resuming after epoch %d from %s", state["epoch"], resume_from)
+
+        for epoch in range(state["epoch"] + 1, t["epochs"] + 1):
+            if state["bad_epochs"] >= t["patience"]:
+                break  # a resumed run that had already stopped early
+            label = f"epoch {epoch}/{t['epochs']}"
+            scores = run_epoch("train", model, train_loader, criterion, device, use_amp,
+                               d["crop_margin"], t["max_batches_per_epoch"], label,
+                               optimizer=optimizer, scaler=scaler)
+            scores |= run_epoch("val", model, val_loader, criterion, device, use_amp,
+                                d["crop_margin"], t["max_batches_per_epoch"], label)
+            if not math.isfinite(scores["train_loss"]):
+                raise FloatingPointError(f"training loss is {scores['train_loss']} at epoch "
+                                         f"{epoch}: lower train.learning_rate.")
+            mlflow.log_metrics(scores, step=epoch)
+            history.append(scores)
+
+            state["epoch"] = epoch
+            if scores["val_loss"] < state["best_val_loss"]:
+                state.update(best_val_loss=scores["val_loss"], best_epoch=epoch, bad_epochs=0)
+                best_weights = {k: v.detach().to("cpu", copy=True)
+                                for k, v in model.state_dict().items()}
+            else:
+                state["bad_epochs"] += 1
+
+            log_overlays(model, data.val, overlay_indices, epoch, device, d["input_slices"])
+            if checkpoint:
+                log_checkpoint(config, model, optimizer, scaler, criterion, generator, state,
+                               best_weights, history)
+            if on_epoch is not None:
+                on_epoch(epoch, scores)
+            if state["bad_epochs"] >= t["patience"]:
+                log.info("early stop after epoch %d: no better val_loss for %d epochs",
+                         epoch, t["patience"])
+                break
+
+        if best_weights is None:
+            raise RuntimeError("no epoch was trained (train.epochs already reached?)")
+        model.load_state_dict(best_weights)
+        model = model.to("cpu").eval()
+        best_metrics = history[state["best_epoch"] - 1]
+        return TrainResult(best_epoch=state["best_epoch"], best_val_loss=state["best_val_loss"],
+                           best_metrics=best_metrics, model=model, epochs_run=state["epoch"],
+                           history=history)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def run_epoch(split: str, model: nn.Module, loader: DataLoader, criterion: WeightedBCELoss,
+              device: torch.device, use_amp: bool, margin: int, max_batches: int, label: str,
+              optimizer: torch.optim.Optimizer | None = None,
+              scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """One pass over ``loader``; trains when an optimizer is given. Returns the epoch metrics."""
+    from tqdm.auto import tqdm
+
+    training = optimizer is not None
+    model.train(training)
+    metrics = EpochMetrics(split, device)
+    total = len(loader) if max_batches <= 0 else min(max_batches, len(loader))
+    batches = itertools.islice(loader, total)
+    with torch.set_grad_enabled(training), tqdm(batches, total=total, leave=False,
+                                                 desc=f"{label} {split}", mininterval=1.0) as bar:
+        for step, (image, target, _) in enumerate(bar):
+            image = image.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                logits = model(image)
+            # the crop margin: boundary classes are unknowable at crop edges
+            logits, target = trim(logits, margin), trim(target, margin)
+            loss, per_class_bce = criterion(logits, target, update=training)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            metrics.update(logits.detach(), target, per_class_bce, loss.detach())
+            if step % PROGRESS_EVERY == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    return metrics.compute()
+
+
+def trim(x: torch.Tensor, margin: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, H - 2*margin, W - 2*margin)."""
+    return x[..., margin:x.shape[-2] - margin, margin:x.shape[-1] - margin] if margin else x
+
+
+def sample_class_weights(dataset, samples: int, seed: int, margin: int) -> torch.Tensor:
+    """Initial loss weights from ``samples`` training targets drawn at random (seeded)."""
+    rng = np.random.default_rng(seed)
+    indices = rng.choice(len(dataset), size=min(samples, len(dataset)), replace=False)
+    targets = torch.stack([torch.as_tensor(dataset[int(i)][1]) for i in sorted(indices)])
+    return initial_class_weights(trim(targets, margin))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = 'cuda' but no CUDA device is available: use "
+                        "--set train.device=cpu (or auto).")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------
+
+def log_checkpoint(config, model, optimizer, scaler, criterion, generator, state, best_weights,
+                   history) -> None:
+    """Everything needed to continue exactly where this epoch ended, as `checkpoints/last.pt`."""
+    import mlflow
+
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "config": config,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "loss_weights": criterion.weights.detach().cpu(),
+        "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
+        "state": dict(state),
+        "best_weights": best_weights,
+        "history": history,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "last.pt"
+        torch.save(ckpt, path)
+        mlflow.log_artifact(str(path), artifact_path="checkpoints")
+
+
+def load_checkpoint(path: Path, config: dict) -> dict:
+    """Read a `checkpoints/last.pt`; refuse one made for a different network or data shape."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"Checkpoint {path} does not exist: pass the checkpoints/last.pt of "
+                        "the run to resume.") from None
+    except Exception as exc:
+        raise UserError(f"Checkpoint {path} cannot be read ({exc}): it is not a nf1prov "
+                        "checkpoint, or it is damaged.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"Checkpoint {path} is not a nf1prov checkpoint (format "
+                        f"{CHECKPOINT_FORMAT}).")
+    for section, key in [("model", "architecture"), ("model", "base_width"),
+                         ("data", "input_slices"), ("data", "crop_size")]:
+        then, now = ckpt["config"][section][key], config[section][key]
+        if then != now:
+            raise UserError(f"Checkpoint {path} was trained with {section}.{key} = {then!r}, "
+                            f"the config says {now!r}: resume with the run's own config.")
+    return ckpt
+
+
+# --------------------------------------------------------------------------------------------
+# logging
+# --------------------------------------------------------------------------------------------
+
+def param_value(value: Any) -> str:
+    """Lists as JSON (valid TOML too), the rest as text."""
+    return json.dumps(value) if isinstance(value, list) else str(value)
+
+
+def log_run_inputs(config: dict, data: PreparedData, resumed: bool = False) -> None:
+    """Params, resolved config, split manifest (artifact and dataset input), description tags.
+
+    Params already in the run (a resumed run) are not logged again: MLflow params are
+    immutable; a changed value is reported in the log and left as first recorded. A resumed run
+    already holds its config, manifest and description, so those are not logged again.
+    """
+    import mlflow
+
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params
+    params = {k: param_value(v) for k, v in flatten(config).items()}
+    params |= {f"dataset.{split}_fields": str(len(fovs)) for split, fovs in data.splits.items()}
+    params |= {"dataset.train_crops": str(len(data.train)),
+               "dataset.val_crops": str(len(data.val))}
+    changed = {k: (existing[k], v) for k, v in params.items() if k in existing and existing[k] != v}
+    if changed:
+        log.warning("params differ from those first logged in run %s (kept as logged): %s",
+                    run.info.run_id, changed)
+    new = {k: v for k, v in params.items() if k not in existing}
+    if new:
+        mlflow.log_params(new)
+    if resumed:
+        return
+
+    mlflow.log_text(to_toml(config), "config/config.toml")
+    mlflow.log_text(data.manifest.to_csv(index=False), "manifest/split_manifest.csv")
+    # MLflow warns that a local path "can be interpreted in multiple ways" and about integer
+    # columns in the inferred schema: neither matters for a record of the files used.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(data.manifest, source=data.source,
+                                          name="split_manifest")
+        mlflow.log_input(dataset, context="training")
+    tags = description_tags(config["description"])
+    tags[NOTE_CONTENT] = description_markdown(config["description"])
+    mlflow.set_tags(tags)
+
+
+def log_best(result: TrainResult, prefix: str = "best_") -> None:
+    """`best_epoch`, `best_val_loss` and `best_val_dice_<class>` (and `_total`) of the kept
+    model, into the active run."""
+    import mlflow
+
+    best = {f"{prefix}epoch": float(result.best_epoch), f"{prefix}val_loss": result.best_val_loss}
+    best |= {f"{prefix}val_dice_{c}": result.best_metrics[f"val_dice_{c}"]
+             for c in (*CLASS_NAMES, "total")}
+    mlflow.log_metrics(best)
+
+
+def log_model(model: nn.Module, data: PreparedData) -> None:
+    """The best model as the run's `model/` (mlflow.pytorch flavour) with a tensor signature
+    (any batch, height and width) and a small input example (a 16x16 validation patch)."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    model = model.to("cpu").eval()
+    image = np.asarray(data.val[0][0], dtype=np.float32)  # (S, C, C)
+    c0 = (image.shape[-1] - 16) // 2
+    example = np.ascontiguousarray(image[None, :, c0:c0 + 16, c0:c0 + 16])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, image.shape[0], -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(CLASS_NAMES), -1, -1))]),
+    )
+    # Explicit requirements: MLflow's own inference of them imports the model in a subprocess
+    # (seconds); the code itself is identified by the model's git commit.
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                    f"numpy=={np.__version__}"]
+    # "pickle", not MLflow 3's default "pt2": a torch.export graph is specialised to the input
+    # example's height and width, and inference runs the model on whole 512-pixel tiles. Loading
+    # imports `models` (part of this distribution, at the model's commit).
+    mlflow_pytorch_log = logging.getLogger("mlflow.pytorch")
+    level = mlflow_pytorch_log.level
+    mlflow_pytorch_log.setLevel(logging.ERROR)  # its "pickle is unsafe, use pt2" advice: see above
+    try:
+        mlflow.pytorch.log_model(model, name="model", signature=signature,
+                                 input_example=example, pip_requirements=requirements,
+                                 serialization_format="pickle")
+    finally:
+        mlflow_pytorch_log.setLevel(level)
+
+
+def pick_overlay_crops(n: int, count: int) -> list[int]:
+    """``count`` validation crop indices spread evenly over the split (fixed for the run)."""
+    if count <= 0 or n == 0:
+        return []
+    return sorted({int(i) for i in np.linspace(0, n - 1, min(count, n)).round()})
+
+
+def log_overlays(model: nn.Module, dataset, indices: list[int], epoch: int,
+                 device: torch.device, input_slices: int) -> None:
+    """PNG per crop: input centre slice | target | prediction, under overlays/epoch_NNN/.
+
+    Target and prediction are drawn as RGB = (cell-boundary, inner-cell, background), the
+    prediction as sigmoid probabilities.
+    """
+    if not indices:
+        return
+    import mlflow
+    from PIL import Image
+
+    images = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices])
+    targets = torch.stack([torch.as_tensor(dataset[i][1]) for i in indices])
+    model.eval()
+    with torch.no_grad():
+        probs = torch.sigmoid(model(images.to(device)).float()).cpu()
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, i in enumerate(indices):
+            centre = images[k, input_slices // 2]
+            lo, hi = centre.min(), centre.max()
+            grey = ((centre - lo) / (hi - lo) if hi > lo else torch.zeros_like(centre))
+            panels = [grey.expand(3, -1, -1), targets[k].flip(0), probs[k].flip(0)]
+            rgb = torch.cat(panels, dim=2).permute(1, 2, 0)  # (H, 3W, 3)
+            pixels = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            picture = Image.fromarray(pixels)
+            scale = max(1, 128 // pixels.shape[0])  # tiny crops are hard to see: enlarge
+            if scale > 1:
+                picture = picture.resize((picture.width * scale, picture.height * scale),
+                                         Image.NEAREST)
+            picture.save(Path(tmp) / f"{safe_name(dataset.meta(i)['sample_id'])}.png")
+        mlflow.log_artifacts(tmp, artifact_path=f"overlays/epoch_{epoch:03d}")
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "crop"

@@ -1,0 +1,415 @@
+"""`nf1prov train` end to end: real temp repositories, real sqlite stores, tiny real trainings
+(UNet width 4, 32-pixel crops, 1 epoch). The CLI runs in-process through click's CliRunner,
+or as `.venv/bin/nf1prov` / `mlflow run` subprocesses for concurrency, SIGTERM and MLflow
+projects."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from nf1prov import tracking
+from nf1prov.cli import cli
+from nf1prov.provenance import git
+from tests.conftest import REPO_ROOT, run_git
+
+SUBJECT = re.compile(r"^Model run codename: ([a-z]+-[a-z]+-[0-9]+) Run ID: ([0-9a-f]{32}) "
+                     r"Experiment ID: ([0-9]+)$")
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    from nf1prov.data.synthetic import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo-data")
+    write_demo_dataset(root, patients=3, sites=2, slices=5, height=48, width=48, seed=0)
+    return root
+
+
+def tiny_config(data_root: Path, epochs: int = 1, patience: int = 5) -> str:
+    return f"""[experiment]
+name = "flow"
+
+[data]
+root = "{data_root}"
+holdout_patients = []
+input_slices = 3
+crop_size = 32
+crop_stride = 16
+split_fractions = [0.6, 0.4, 0.0]
+
+[model]
+base_width = 4
+
+[train]
+epochs = {epochs}
+patience = {patience}
+batch_size = 4
+learning_rate = 3e-3
+device = "cpu"
+weight_samples = 4
+overlay_crops = 1
+max_batches_per_epoch = 2
+
+[description]
+architecture = "UNet (width 4)"
+task = "Three-to-One slice segmentation mask prediction"
+data = ["Synthetic organoids", "Masks:", ["Background", "Inner-cell", "Cell-boundary"]]
+"""
+
+
+@pytest.fixture
+def project(git_repo, tracking_uri, data_root, monkeypatch) -> Path:
+    """A minimal nf1prov project in a fresh repository (no commits yet), the CLI run inside it,
+    the store a fresh sqlite file outside it and the data outside it too."""
+    shutil.copytree(REPO_ROOT / "models", git_repo / "models",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO_ROOT / "templates", git_repo / "templates")
+    (git_repo / "configs").mkdir()
+    (git_repo / "configs" / "tiny.toml").write_text(tiny_config(data_root))
+    (git_repo / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmlruns/\n.nf1prov/\n"
+                                         "__pycache__/\n")
+    shutil.copy(REPO_ROOT / "MLproject", git_repo / "MLproject")
+    monkeypatch.chdir(git_repo)
+    return git_repo
+
+
+def exit_code(result) -> int:
+    """The exit code of the command (the cli group turns Nf1provError into its code)."""
+    return result.exit_code
+
+
+def invoke(*args, expect=0):
+    result = CliRunner().invoke(cli, list(args))
+    if expect is not None:
+        assert exit_code(result) == expect, (result.output, result.exception)
+    return result
+
+
+def train(*args, expect=0):
+    return invoke("train", "--config", "configs/tiny.toml", *args, expect=expect)
+
+
+def codename_of(output: str) -> str:
+    return re.search(r"codename: +([a-z]+-[a-z]+-[0-9]+)\n", output).group(1)
+
+
+def subprocess_env(tracking_uri: str) -> dict:
+    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1",
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def assert_contract(client, repo: Path, run_id: str, kind: str = "model") -> str:
+    """DESIGN 3.2 and 3.3 for one model run; returns its codename."""
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    name = tags[tracking.RUN_NAME]
+    assert git.CODENAME_RE.match(name) and run.info.run_name == name
+    assert [r.info.run_id for r in tracking.runs_by_codename(client, name)] == [run_id]
+    assert tags[tracking.CODENAME] == name
+    assert tags[tracking.KIND] == kind
+    assert tags[tracking.GIT_TAG] == f"model/{name}"
+    sha = tags[tracking.GIT_COMMIT]
+    assert git.tag_sha(repo, f"model/{name}") == sha
+    assert tags[tracking.GIT_DIRTY] == "false"
+    subject = run_git(repo, "log", "-1", "--format=%s", sha)
+    assert subject == (f"Model run codename: {name} Run ID: {run_id} "
+                       f"Experiment ID: {run.info.experiment_id}")
+    assert "- **Architecture:** UNet (width 4)" in tags[tracking.NOTE_CONTENT]
+    assert tags[tracking.DESCRIPTION_PREFIX + "architecture"] == "UNet (width 4)"
+    assert tags[tracking.HOST] and tags[tracking.PID] and float(tags[tracking.HEARTBEAT]) > 0
+    return name
+
+
+def store_snapshot(client) -> list:
+    runs = tracking.search_runs_all(client)
+    return sorted((r.info.run_id, r.info.status) for r in runs) + [
+        e.name for e in client.search_experiments()]
+
+
+def repo_snapshot(repo: Path):
+    index = git.index_path(repo)
+    return (git.head_sha(repo), index.read_bytes() if index.exists() else None,
+            git.status_porcelain(repo), run_git(repo, "tag"))
+
+
+# --- the main path ------------------------------------------------------------------------------
+
+
+def test_two_trainings_two_commits_each_holding_its_code(project, tracking_uri):
+    client = tracking.client(tracking_uri)
+    (project / "models" / "note.py").write_text("VERSION = 1\n")
+    first = train()
+    assert "mlflow ui --backend-store-uri " + tracking_uri in first.output
+    (project / "models" / "note.py").write_text("VERSION = 2\n")
+    sub = project / "models"
+    os.chdir(sub)  # from a subdirectory: the config path is relative to it
+    second = invoke("train", "--config", "../configs/tiny.toml")
+
+    runs = tracking.model_runs(client)
+    assert len(runs) == 2
+    new, old = runs
+    names = [assert_contract(client, project, r.info.run_id) for r in (old, new)]
+    assert names == [codename_of(first.output), codename_of(second.output)]
+    old_sha, new_sha = (r.data.tags[tracking.GIT_COMMIT] for r in (old, new))
+    assert run_git(project, "show", f"{old_sha}:models/note.py") == "VERSION = 1"
+    assert run_git(project, "show", f"{new_sha}:models/note.py") == "VERSION = 2"
+    assert run_git(project, "rev-list", "--count", "HEAD") == "2"  # first commit, then one
+    assert not git.is_dirty(project)
+    for run in runs:
+        assert run.info.status == "FINISHED" and tracking.FAILURE not in run.data.tags
+        assert "best_val_dice_inner-cell" in run.data.metrics
+        assert run.data.tags["nf1prov.env.torch"] == torch.__version__
+        freeze = client.download_artifacts(run.info.run_id, "environment/pip-freeze.txt")
+        assert "mlflow==" in Path(freeze).read_text().lower()
+
+    # nothing changed since: the next model still gets its own (empty) commit
+    os.chdir(project)
+    third = train()
+    sha3 = git.tag_sha(project, f"model/{codename_of(third.output)}")
+    assert sha3 != new_sha and git.changed_files(project, new_sha, sha3) == []
+
+
+def test_detached_head_and_worktree(project, tracking_uri, tmp_path):
+    client = tracking.client(tracking_uri)
+    git.stage_all(project)
+    base = git.commit(project, "base\n")
+    run_git(project, "checkout", "-q", "--detach")
+    train()
+    run = tracking.model_runs(client)[0]
+    assert tracking.GIT_BRANCH not in run.data.tags  # no branch on a detached HEAD
+    assert_contract(client, project, run.info.run_id)
+
+    wt = tmp_path / "wt"
+    git.add_worktree(project, wt, base)
+    (wt / "worktree_only.py").write_text("X = 1\n")
+    os.chdir(wt)
+    invoke("train", "--config", str(project / "configs/tiny.toml"))
+    run = tracking.model_runs(client)[0]
+    sha = run.data.tags[tracking.GIT_COMMIT]
+    assert_contract(client, project, run.info.run_id)  # the tag is visible from the main tree
+    assert run_git(project, "show", f"{sha}:worktree_only.py") == "X = 1"
+
+
+# --- refusals and failures ------------------------------------------------------------------
+
+
+def _no_identity(repo, monkeypatch):
+    for var in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME",
+                "GIT_COMMITTER_EMAIL"):
+        monkeypatch.delenv(var)
+    run_git(repo, "config", "user.useConfigOnly", "true")
+    return [], "no identity"
+
+
+def _big_file(repo, monkeypatch):
+    (repo / "weights.bin").write_bytes(b"\0" * 1_200_000)
+    return ["--max-file-mb", "1"], "weights.bin (1.2 MB)"
+
+
+def _unknown_key(repo, monkeypatch):
+    return ["--set", "train.epoch=3"], "unknown key train.epoch"
+
+
+def _missing_data(repo, monkeypatch):
+    return ["--data-root", str(repo / "nowhere")], "does not exist"
+
+
+def _db_not_ignored(repo, monkeypatch):
+    (repo / ".gitignore").write_text(".nf1prov/\n")
+    return ["--tracking-uri", tracking.default_tracking_uri(repo)], "mlflow.db lies inside"
+
+
+def _broken_template(repo, monkeypatch):
+    (repo / "templates" / "commit_message.txt.j2").write_text("Model {{ codename }}\n")
+    return [], "must render the subject line exactly"
+
+
+def _unreachable_store(repo, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    return ["--tracking-uri", "http://127.0.0.1:9"], "Cannot reach the MLflow tracking store"
+
+
+def _bad_data(repo, monkeypatch):
+    (repo.parent / "bad-data" / "NF0001").mkdir(parents=True)
+    return ["--data-root", str(repo.parent / "bad-data")], "bad-data"
+
+
+@pytest.mark.parametrize("setup", [_no_identity, _big_file, _unknown_key, _missing_data,
+                                   _db_not_ignored, _broken_template, _unreachable_store,
+                                   _bad_data])
+def test_preflight_failure_changes_nothing(project, tracking_uri, monkeypatch, setup):
+    client = tracking.client(tracking_uri)
+    (project / "staged.py").write_text("S = 1\n")
+    git.git("add", "staged.py", cwd=project)
+    (project / "unstaged.py").write_text("U = 1\n")
+    args, message = setup(project, monkeypatch)
+    before_repo, before_store = repo_snapshot(project), store_snapshot(client)
+    result = train(*args, expect=2)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert repo_snapshot(project) == before_repo
+    assert store_snapshot(client) == before_store
+    assert not (project / "mlflow.db").exists()
+
+
+def test_exception_in_training_fails_the_run_and_keeps_commit(project, tracking_uri,
+                                                              monkeypatch):
+    import mlflow
+
+    import nf1prov.train.trainer as trainer
+
+    def broken(config, data_root, **kwargs):
+        mlflow.log_metric("train_loss", 1.0, step=0)
+        raise RuntimeError("loss is NaN\nsecond line")
+
+    monkeypatch.setattr(trainer, "train_model", broken)
+    result = train(expect=1)
+    client = tracking.client(tracking_uri)
+    (run,) = tracking.model_runs(client)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[tracking.FAILURE] == "RuntimeError: loss is NaN | second line"
+    assert "FAILED" in result.output
+    assert_contract(client, project, run.info.run_id)  # commit and tag stay: that code ran
+
+
+def test_failing_pre_commit_hook_fails_the_run_without_commit(project, tracking_uri):
+    hook = project / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\necho 'black would reformat models/unet.py' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    (project / "staged.py").write_text("S = 1\n")
+    git.git("add", "staged.py", cwd=project)
+    before = repo_snapshot(project)
+    result = train(expect=2)
+    assert "black would reformat" in result.output
+    (run,) = tracking.model_runs(tracking.client(tracking_uri))
+    assert run.info.status == "FAILED"
+    assert "black would reformat" in run.data.tags[tracking.FAILURE]
+    assert tracking.GIT_COMMIT not in run.data.tags and tracking.GIT_TAG not in run.data.tags
+    assert repo_snapshot(project) == before  # no commit, no tag, index as it was
+
+
+def test_no_commit_makes_a_scratch_run(project, tracking_uri):
+    base = git.commit(project, "base\n")
+    (project / "experiment.py").write_text("TRY = 1\n")
+    result = train("--no-commit")
+    assert "scratch" in result.output
+    client = tracking.client(tracking_uri)
+    assert tracking.model_runs(client) == []  # never a catalogued model
+    (run,) = tracking.model_runs(client, (tracking.KIND_SCRATCH,))
+    tags = run.data.tags
+    assert tags[tracking.KIND] == "scratch" and tags[tracking.GIT_COMMIT] == base
+    assert tags[tracking.GIT_DIRTY] == "true" and tracking.GIT_TAG not in tags
+    diff = Path(client.download_artifacts(run.info.run_id, "git/uncommitted.diff")).read_text()
+    assert "# untracked: experiment.py" in diff
+    assert git.head_sha(project) == base and run_git(project, "tag") == ""
+
+
+# --- subprocesses: SIGTERM + resume, concurrency, mlflow run --------------------------------
+
+
+def wait_for(predicate, timeout=120.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigterm_kills_then_resume_continues_the_same_run(project, tracking_uri, data_root):
+    client = tracking.client(tracking_uri)
+    long_config = tiny_config(data_root, epochs=500, patience=1000)
+    (project / "configs" / "long.toml").write_text(long_config)
+    proc = subprocess.Popen([str(BIN / "nf1prov"), "train", "--config", "configs/long.toml"],
+                            cwd=project, env=subprocess_env(tracking_uri),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def checkpointed():
+        runs = tracking.model_runs(client)
+        if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):
+            return runs[0]
+        return None
+
+    try:
+        run = wait_for(checkpointed, what="the first checkpoint")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags[tracking.FAILURE] == "killed by SIGTERM"
+    name = assert_contract(client, project, run.info.run_id)
+
+    (project / "models" / "unet.py").write_text("# changed after the model\n")
+    refused = invoke("train", "--resume", name, expect=2)
+    assert "models/unet.py" in refused.output
+    run_git(project, "checkout", "--", "models/unet.py")
+
+    invoke("train", "--resume", name, "--set", "train.epochs=3")
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and tracking.FAILURE not in run.data.tags
+    assert len(tracking.model_runs(client)) == 1  # the same run, continued
+    assert "best_val_dice_inner-cell" in run.data.metrics
+    assert "already FINISHED" in invoke("train", "--resume", name, expect=2).output
+
+
+def test_two_trainings_at_once_each_get_their_commit(project, tracking_uri):
+    git.commit(project, "base\n")
+    env = subprocess_env(tracking_uri)
+    procs = [subprocess.Popen([str(BIN / "nf1prov"), "train", "--config", "configs/tiny.toml"],
+                              cwd=project, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    client = tracking.client(tracking_uri)
+    runs = tracking.model_runs(client)
+    names = {assert_contract(client, project, r.info.run_id) for r in runs}
+    assert len(runs) == 2 and len(names) == 2
+    assert names == {codename_of(out) for out, _ in outputs}
+    assert run_git(project, "rev-list", "--count", "HEAD") == "3"
+
+
+def test_mlflow_run_adopts_the_projects_run(project, tracking_uri):
+    git.stage_all(project)
+    git.commit(project, "project\n")
+    (project / "models" / "note.py").write_text("CHANGED = True\n")
+    proc = subprocess.run(
+        [str(BIN / "mlflow"), "run", ".", "-e", "train", "--env-manager", "local",
+         "--experiment-name", "projects", "-P", "config=configs/tiny.toml"],
+        cwd=project, env=subprocess_env(tracking_uri), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = tracking.client(tracking_uri)
+    runs = tracking.search_runs_all(client)
+    assert len(runs) == 1  # one run, not two
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "projects"
+    assert run.data.tags.get("mlflow.project.entryPoint") == "train"
+    name = assert_contract(client, project, run.info.run_id)
+    sha = run.data.tags[tracking.GIT_COMMIT]
+    assert run_git(project, "show", f"{sha}:models/note.py") == "CHANGED = True"
+    assert f"codename:   {name}" in proc.stdout

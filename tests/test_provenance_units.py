@@ -1,0 +1,242 @@
+"""The pieces of the train flow on real repositories and real sqlite stores: codenames, the
+commit message and lock, the model commit, heartbeat and liveness, preflight refusals that
+happen before the data layer is consulted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nf1prov import tracking
+from nf1prov.errors import UserError
+from nf1prov.provenance import codename, commit, git, heartbeat, liveness, preflight, run_tags
+from tests.conftest import REPO_ROOT, run_git
+
+
+@pytest.fixture
+def client(tracking_uri):
+    return tracking.client(tracking_uri)
+
+
+@pytest.fixture
+def experiment_id(client, tracking_uri):
+    return tracking.ensure_experiment(client, "units", tracking_uri)
+
+
+def new_run(client, experiment_id, name=None, **tags):
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    return run.info.run_id
+
+
+# --- codenames --------------------------------------------------------------------------------
+
+
+def test_generated_names_are_codenames():
+    for _ in range(50):
+        assert git.CODENAME_RE.match(codename.generate())
+
+
+def test_make_unique_keeps_a_free_name(client, experiment_id, git_repo):
+    run_id = new_run(client, experiment_id, "brave-owl-1")
+    assert codename.make_unique(client, run_id, git_repo) == "brave-owl-1"
+    assert client.get_run(run_id).data.tags[tracking.CODENAME] == "brave-owl-1"
+
+
+def test_make_unique_renames_on_store_or_tag_collision(client, experiment_id, git_repo,
+                                                       tracking_uri):
+    other_experiment = tracking.ensure_experiment(client, "elsewhere", tracking_uri)
+    new_run(client, other_experiment, "brave-owl-1")  # same name, another experiment
+    mine = new_run(client, experiment_id, "brave-owl-1")
+    renamed = codename.make_unique(client, mine, git_repo)
+    assert renamed != "brave-owl-1" and git.CODENAME_RE.match(renamed)
+    run = client.get_run(mine)
+    assert run.info.run_name == renamed == run.data.tags[tracking.RUN_NAME]
+
+    sha = git.commit(git_repo, "x\n")
+    git.create_tag(git_repo, "model/calm-cat-2", sha)  # a model commit made with another store
+    third = new_run(client, experiment_id, "calm-cat-2")
+    assert codename.make_unique(client, third, git_repo) != "calm-cat-2"
+
+
+def test_make_unique_replaces_malformed_names(client, experiment_id, git_repo):
+    run_id = new_run(client, experiment_id, "My Run")
+    assert git.CODENAME_RE.match(codename.make_unique(client, run_id, git_repo))
+
+
+# --- commit message and model commit -------------------------------------------------------
+
+
+CONFIG = {"experiment": {"name": "e"}, "train": {"epochs": 1},
+          "description": {"summary": "A test model."}}
+
+
+def render(root, **kw):
+    args = dict(codename="brave-owl-1", run_id="a" * 32, experiment_id="7",
+                experiment_name="e", config=CONFIG, config_path="configs/x.toml",
+                overrides=["train.epochs=1"])
+    args.update(kw)
+    return commit.render_message(root, **args)
+
+
+def test_message_subject_is_the_contract(git_repo):
+    message = render(git_repo)
+    lines = message.splitlines()
+    assert lines[0] == f"Model run codename: brave-owl-1 Run ID: {'a' * 32} Experiment ID: 7"
+    assert lines[1] == ""
+    assert "epochs = 1" in message and "train.epochs=1" in message
+    assert "A test model." in message
+
+
+def test_package_template_is_the_repo_template():
+    assert (REPO_ROOT / "templates" / commit.TEMPLATE_NAME).read_text() == (
+        commit.PACKAGE_TEMPLATES / commit.TEMPLATE_NAME).read_text()
+
+
+def test_repo_template_overrides_and_is_checked(git_repo):
+    assert commit.template_path(git_repo) == commit.PACKAGE_TEMPLATES / commit.TEMPLATE_NAME
+    own = git_repo / "templates" / commit.TEMPLATE_NAME
+    own.parent.mkdir()
+    own.write_text("{{ subject }}\n\nTrained by the lab. {{ config.train.epochs }} epoch(s).\n")
+    assert render(git_repo).endswith("Trained by the lab. 1 epoch(s).\n")
+    own.write_text("Model {{ codename }}\n")
+    with pytest.raises(UserError, match="must render the subject line exactly"):
+        render(git_repo)
+    own.write_text("{{ subject }} {{ no_such_variable }}\n")
+    with pytest.raises(UserError, match="failed to render"):
+        render(git_repo)
+
+
+def test_commit_and_tag_commits_everything_even_when_nothing_changed(git_repo):
+    (git_repo / "code.py").write_text("A = 1\n")
+    (git_repo / "sub").mkdir()
+    (git_repo / "sub" / "new.py").write_text("B = 2\n")
+    with commit.commit_lock(git_repo):
+        first = commit.commit_and_tag(git_repo, render(git_repo), "brave-owl-1")
+    assert git.tag_sha(git_repo, "model/brave-owl-1") == first
+    assert not git.is_dirty(git_repo)
+    assert run_git(git_repo, "show", f"{first}:sub/new.py") == "B = 2"
+    with commit.commit_lock(git_repo):
+        second = commit.commit_and_tag(git_repo, render(git_repo, codename="calm-cat-2"),
+                                       "calm-cat-2")
+    assert second != first and git.changed_files(git_repo, first, second) == []
+    subject = run_git(git_repo, "log", "-1", "--format=%s", second)
+    assert subject.startswith("Model run codename: calm-cat-2 Run ID: ")
+
+
+def test_failing_hook_leaves_index_and_tree_as_they_were(git_repo):
+    (git_repo / "staged.txt").write_text("s\n")
+    git.git("add", "staged.txt", cwd=git_repo)
+    (git_repo / "unstaged.txt").write_text("u\n")
+    before = git.status_porcelain(git_repo)
+    hook = git_repo / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\necho 'hook refused' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    with pytest.raises(git.GitError, match="hook refused"):
+        commit.commit_and_tag(git_repo, render(git_repo), "brave-owl-1")
+    assert git.status_porcelain(git_repo) == before
+    assert git.head_sha(git_repo) is None
+    assert git.tag_sha(git_repo, "model/brave-owl-1") is None
+
+
+def test_commit_lock_excludes_other_processes(git_repo):
+    code = ("import sys,time; from pathlib import Path; from nf1prov.provenance import commit\n"
+            "t=time.monotonic()\n"
+            "with commit.commit_lock(Path(sys.argv[1])): print(time.monotonic()-t)\n")
+    with commit.commit_lock(git_repo):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(git_repo)],
+                                stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+        time.sleep(1.0)
+        assert proc.poll() is None  # still waiting for the lock
+    out, _ = proc.communicate(timeout=30)
+    assert float(out) >= 0.9
+
+
+# --- heartbeat, liveness, tags ------------------------------------------------------------------
+
+
+def test_heartbeat_refreshes_and_liveness_reads_it(client, experiment_id):
+    run_id = new_run(client, experiment_id, "brave-owl-1")
+    with heartbeat.Heartbeat(client, run_id, interval=0.1):
+        first = liveness.last_heartbeat(client.get_run(run_id))
+        time.sleep(0.5)
+        run = client.get_run(run_id)
+        assert liveness.last_heartbeat(run) > first
+        assert run.data.tags[tracking.PID] == str(os.getpid())
+        assert liveness.run_state(run) == "RUNNING"
+
+
+def test_dead_pid_on_this_host_is_crashed(client, experiment_id):
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    tags = heartbeat.identity_tags() | {tracking.PID: proc.stdout.strip()}
+    run = client.get_run(new_run(client, experiment_id, "brave-owl-1", **tags))
+    assert liveness.run_state(run) == liveness.CRASHED
+
+
+def test_stale_heartbeat_on_another_host_is_crashed(client, experiment_id):
+    old = time.time() - 10 * liveness.STALE_AFTER_S
+    run = client.get_run(new_run(client, experiment_id, "brave-owl-1", **{
+        tracking.HOST: "some-other-host", tracking.PID: "1", tracking.HEARTBEAT: str(old)}))
+    assert liveness.run_state(run) == liveness.CRASHED
+    assert liveness.run_state(run, now=old + 1) == "RUNNING"
+    assert "process ended without finishing (last heartbeat " in liveness.crash_reason(run)
+
+
+def test_environment_and_failure_line(client, experiment_id):
+    tags = run_tags.environment_tags()
+    assert tags[run_tags.ENV_PYTHON].count(".") == 2 and tags[run_tags.ENV_TORCH]
+    freeze = run_tags.pip_freeze()
+    assert any(line.lower().startswith("mlflow==") for line in freeze.splitlines())
+    assert run_tags.failure_line("ValueError: x\n\n  detail\nmore\nand more") == (
+        "ValueError: x | detail | more")
+
+
+def test_git_tags(git_repo):
+    sha = git.commit(git_repo, "x\n")
+    tags = run_tags.git_tags(git_repo, sha, dirty=False, codename="brave-owl-1")
+    assert tags == {tracking.GIT_DIRTY: "false", tracking.GIT_COMMIT: sha,
+                    tracking.GIT_BRANCH: "main", tracking.GIT_TAG: "model/brave-owl-1"}
+    run_git(git_repo, "remote", "add", "origin", "git@example.org:lab/p.git")
+    run_git(git_repo, "checkout", "-q", "--detach")
+    tags = run_tags.git_tags(git_repo, sha, dirty=True, codename=None)
+    assert tags == {tracking.GIT_DIRTY: "true", tracking.GIT_COMMIT: sha,
+                    tracking.GIT_REPO_URL: "git@example.org:lab/p.git"}
+
+
+def test_creation_tags_describe_the_run():
+    tags = run_tags.creation_tags("model", {"task": "Segment", "data": ["a", ["b"]]})
+    assert tags[tracking.KIND] == "model"
+    assert tags[tracking.DESCRIPTION_PREFIX + "task"] == "Segment"
+    assert json.loads(tags[tracking.DESCRIPTION_PREFIX + "data"]) == ["a", ["b"]]
+    assert "**Task:** Segment" in tags[tracking.NOTE_CONTENT]
+    assert tags[tracking.PID] == str(os.getpid())
+
+
+# --- preflight checks that need no data --------------------------------------------------------
+
+
+def test_runtime_files_must_be_ignored(git_repo):
+    uri = tracking.default_tracking_uri(git_repo)
+    with pytest.raises(UserError, match=r"\.nf1prov/ lies inside the repository"):
+        preflight.check_runtime_files_ignored(git_repo, uri)
+    (git_repo / ".gitignore").write_text(".nf1prov/\n")
+    with pytest.raises(UserError, match="mlflow.db lies inside the repository"):
+        preflight.check_runtime_files_ignored(git_repo, uri)
+    (git_repo / ".gitignore").write_text(".nf1prov/\nmlflow.db\nmlartifacts/\n")
+    preflight.check_runtime_files_ignored(git_repo, uri)
+    preflight.check_runtime_files_ignored(git_repo, "http://server:5000")
+
+
+def test_file_size_limit(git_repo):
+    (git_repo / "weights.pt").write_bytes(b"\0" * 2_100_000)
+    (git_repo / "small.py").write_text("x = 1\n")
+    with pytest.raises(UserError, match=r"weights\.pt \(2\.1 MB\).*\.gitignore.*--max-file-mb"):
+        preflight.check_file_sizes(git_repo, 2.0)
+    preflight.check_file_sizes(git_repo, 3.0)
+    (git_repo / ".gitignore").write_text("*.pt\n")
+    preflight.check_file_sizes(git_repo, 2.0)
