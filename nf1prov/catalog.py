@@ -25,13 +25,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 from nf1prov import tracking
 from nf1prov.errors import UserError
+from nf1prov.resources import shipped_dir
 
 BEGIN_MARKER = "<!-- nf1prov:catalog:begin -->"
 END_MARKER = "<!-- nf1prov:catalog:end -->"
 HEADING = "## Model Descriptions"
 COMMIT_SUBJECT = "Update model catalogue"
 TEMPLATE_NAME = "catalog.md.j2"
-PACKAGED_TEMPLATES = Path(__file__).parent / "templates"
+PACKAGED_TEMPLATES = shipped_dir("templates")
 
 # (field, label) in upstream order; `summary` is ours and goes first when present.
 FIELDS = (

@@ -53,7 +53,18 @@ for module in (demo_data, train, catalog, checkout, reproduce, list_runs, show, 
     cli.add_command(module.command)
 
 
+def quiet_mlflow() -> None:
+    """MLflow's per-file download bars and schema-creation INFO lines drown our own output."""
+    import logging
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> None:
+    quiet_mlflow()
     try:
         # Without standalone mode click returns ctx.exit()'s code instead of exiting.
         code = cli.main(args=argv, prog_name="nf1prov", standalone_mode=False)

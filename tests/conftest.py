@@ -72,3 +72,24 @@ def tracking_uri(tmp_path, _migrated_store, monkeypatch) -> str:
 
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread: faster on a shared 2-core machine, fixed reduction order."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset (3 patients x 2 sites, 5x48x48), shared read-only by tests."""
+    from nf1prov.data.synthetic import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo-data")
+    write_demo_dataset(root, patients=3, sites=2, slices=5, height=48, width=48, seed=0)
+    return root

@@ -5,9 +5,7 @@ import torch
 
 from nf1prov.data.dataset import CropDataset, crop_starts, pad_to_multiple
 from nf1prov.data.layout import DataError, discover_fields
-from nf1prov.data.manifest import build_manifest, compare_manifest
 from nf1prov.data.semantic import instance_to_semantic
-from nf1prov.data.splits import assign_split, fov_hash, split_fields
 from nf1prov.data.synthetic import write_demo_dataset
 
 
@@ -70,43 +68,42 @@ def test_each_tiff_is_decoded_once_then_cached_on_disk(data, tmp_path):
     assert third.cache.decodes == 1
 
 
-def test_split_is_pinned():
-    ids = [f"NF00{p}_T1/C{w}-{s}" for p in (14, 16, 18, 21) for w in (2, 4) for s in (1, 2)]
-    got = {i: assign_split(i, (0.8, 0.1, 0.1)) for i in ids}
-    assert fov_hash("NF0014_T1/C4-1") == 0x89EA57C30915F51E
-    assert got == PINNED
-
-
-# Computed once with fov_hash = first 8 bytes of SHA-256, big-endian; these must never change
-# across machines or Python versions, or old models' splits stop being reproducible.
-PINNED = {
-    "NF0014_T1/C2-1": "test", "NF0014_T1/C2-2": "train", "NF0014_T1/C4-1": "train",
-    "NF0014_T1/C4-2": "train", "NF0016_T1/C2-1": "val", "NF0016_T1/C2-2": "train",
-    "NF0016_T1/C4-1": "train", "NF0016_T1/C4-2": "test", "NF0018_T1/C2-1": "train",
-    "NF0018_T1/C2-2": "train", "NF0018_T1/C4-1": "train", "NF0018_T1/C4-2": "train",
-    "NF0021_T1/C2-1": "train", "NF0021_T1/C2-2": "train", "NF0021_T1/C4-1": "train",
-    "NF0021_T1/C4-2": "train",
-}
-
-
-def test_small_dataset_still_validates(data, caplog):
+def test_crops_cover_every_pixel_of_every_slice(data, tmp_path):
     fields = discover_fields(data)[:2]
-    splits = split_fields(fields, (0.8, 0.1, 0.1))
-    assert len(splits["val"]) >= 1 and len(splits["train"]) >= 1
-    with pytest.raises(DataError, match="Only 1 field of view"):
-        split_fields(fields[:1])
+    ds = CropDataset(fields, input_slices=3, crop_size=32, crop_stride=24, boundary_thickness=2,
+                     cache_dir=tmp_path / "cache")
+    covered = np.zeros((len(fields), 5, 48, 40), dtype=bool)
+    for i in range(len(ds)):
+        m = ds.meta(i)
+        index = next(k for k, f in enumerate(fields) if f.patient == m["patient"]
+                     and f.well == m["well"] and f.site == m["site"])
+        covered[index, m["z"], m["y"]:m["y"] + 32, m["x"]:m["x"] + 32] = True
+    assert covered[:, 1:4].all()  # every pixel of every predictable centre slice
+    assert not covered[:, [0, 4]].any()  # windows of 3 slices never centre on the ends
+    assert sorted({ds.meta(i)["y"] for i in range(len(ds))}) == [0, 16]  # last row edge-aligned
 
 
-def test_manifest_hashes_and_compare(data, tmp_path):
+def test_dataloader_with_worker_processes(data, tmp_path):
+    from torch.utils.data import DataLoader
+
+    ds = CropDataset(discover_fields(data)[:2], 3, 32, 32, 2, cache_dir=tmp_path / "cache")
+    batches = list(DataLoader(ds, batch_size=8, num_workers=2, shuffle=False))
+    images = torch.cat([b[0] for b in batches])
+    indices = torch.cat([b[2] for b in batches])
+    assert images.shape == (len(ds), 3, 32, 32) and indices.tolist() == list(range(len(ds)))
+    np.testing.assert_array_equal(images[5].numpy(), ds[5][0].numpy())
+
+
+def test_crop_larger_than_the_image_names_the_file(data, tmp_path):
+    field = discover_fields(data)[0]
+    with pytest.raises(DataError, match=str(field.image_path) + ".*smaller than a 64x64 crop"):
+        CropDataset([field], 3, 64, 64, 2, cache_dir=tmp_path / "cache")
+
+
+def test_meta_sample_id_is_stable_across_instances(data, tmp_path):
     fields = discover_fields(data)
-    manifest = build_manifest(split_fields(fields), cache_dir=tmp_path / "cache")
-    assert len(manifest) == len(fields) and manifest["image_sha256"].str.len().eq(64).all()
-    assert compare_manifest(manifest, data) == []
-    copy = tmp_path / "copy"
-    import shutil
-
-    shutil.copytree(data, copy)
-    mask = copy / fields[1].mask_path.relative_to(data)
-    tifffile.imwrite(mask, np.zeros((5, 48, 40), dtype=np.uint16))
-    problems = compare_manifest(manifest, copy)
-    assert problems == [f"content differs: {mask}"]
+    a = CropDataset(fields, 3, 32, 32, 2, cache_dir=tmp_path / "a")
+    b = CropDataset(list(fields), 3, 32, 32, 2, cache_dir=tmp_path / "b")
+    assert [a.meta(i) for i in range(len(a))] == [b.meta(i) for i in range(len(b))]
+    assert a.meta(0)["sample_id"] == f"{fields[0].patient}_{fields[0].well}-{fields[0].site}" \
+        "_z001_y00000_x00000"

@@ -105,3 +105,45 @@ def test_image_smaller_than_crop(data):
     field = first_field(data)
     with pytest.raises(DataError, match=re.escape(str(field.image_path)) + ".*smaller than"):
         validate_fields(discover_fields(data), 3, 64)
+
+
+def test_float_image_names_it(data):
+    field = first_field(data)
+    tifffile.imwrite(field.image_path, np.zeros((5, 48, 48), dtype=np.float32))
+    with pytest.raises(DataError, match=re.escape(str(field.image_path)) + ".*unsigned"):
+        validate_fields(discover_fields(data), 3, 32)
+
+
+def test_multichannel_stack_names_it(data):
+    field = first_field(data)
+    tifffile.imwrite(field.image_path, np.zeros((5, 48, 48, 3), dtype=np.uint8),
+                     photometric="rgb")
+    with pytest.raises(DataError, match=re.escape(str(field.image_path)) + ".*single-channel"):
+        validate_fields(discover_fields(data), 3, 32)
+
+
+def test_truncated_after_the_header_names_it(data):
+    # The header and every page directory survive; only the last pixel bytes are missing.
+    field = first_field(data)
+    content = field.mask_path.read_bytes()
+    field.mask_path.write_bytes(content[:-100])
+    with pytest.raises(DataError, match=re.escape(str(field.mask_path)) + " is truncated"):
+        validate_fields(discover_fields(data), 3, 32)
+
+
+def test_patient_folder_without_fields(tmp_path):
+    (tmp_path / "data" / "NF0016_T1" / "zstack_images").mkdir(parents=True)
+    with pytest.raises(DataError, match="NF0016_T1 hold no <well>-<site> folders"):
+        discover_fields(tmp_path / "data")
+
+
+def test_badly_named_field_folder(data):
+    field = first_field(data)
+    bad = field.image_path.parents[1] / "C4_1"
+    bad.mkdir()
+    (bad / "C4_1_TRANS.tif").write_bytes(field.image_path.read_bytes())
+    masks = field.mask_path.parents[1] / "C4_1"
+    masks.mkdir()
+    (masks / "cell_mask.tiff").write_bytes(field.mask_path.read_bytes())
+    with pytest.raises(DataError, match=re.escape(str(bad)) + ".*<well>-<site>"):
+        discover_fields(data)

@@ -28,21 +28,7 @@ SUBJECT = re.compile(r"^Model run codename: ([a-z]+-[a-z]+-[0-9]+) Run ID: ([0-9
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    from nf1prov.data.synthetic import write_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo-data")
-    write_demo_dataset(root, patients=3, sites=2, slices=5, height=48, width=48, seed=0)
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(data_root: Path, epochs: int = 1, patience: int = 5) -> str:

@@ -19,23 +19,7 @@ from nf1prov.errors import UserError
 from nf1prov.train.metrics import CLASS_NAMES, metric_names
 from nf1prov.train.trainer import TrainResult, train_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: faster on a shared 2-core machine, and a fixed reduction order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    from nf1prov.data.synthetic import write_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo-data")
-    write_demo_dataset(root, patients=3, sites=2, slices=5, height=48, width=48, seed=0)
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**train) -> dict:

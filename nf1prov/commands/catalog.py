@@ -31,13 +31,15 @@ def _readme_and_root(readme: str | None) -> tuple[Path, Path | None]:
 def _commit(root: Path | None, readme: Path) -> str | None:
     """Commit README.md alone (other staged changes stay staged); None when nothing to commit."""
     from nf1prov.provenance import git
+    from nf1prov.provenance.commit import commit_lock
 
     if root is None:
         raise UserError(f"--commit: {readme} is not inside a git repository.")
     rel = readme.relative_to(root.resolve()) if readme.is_relative_to(root.resolve()) else None
     if rel is None:
         raise UserError(f"--commit: {readme} is outside the repository {root}.")
-    return git.commit_paths(root, [str(rel)], "Update model catalogue")
+    with commit_lock(root):  # never interleave with a training's stage + commit + tag
+        return git.commit_paths(root, [str(rel)], "Update model catalogue")
 
 
 @click.command("catalog")

@@ -53,14 +53,19 @@ class StackCache:
     def __init__(self, cache_dir: Path | str) -> None:
         self.cache_dir = Path(cache_dir)
         self.decodes = 0
-        self._open: dict[Path, np.ndarray] = {}
+        self._open: dict[Path, np.ndarray] = {}  # cache entry -> its memory map
+        self._requests: dict[tuple, np.ndarray] = {}  # (kind, source path, ...) -> memory map
 
     def _load(self, entry: Path, build) -> np.ndarray:
         if entry in self._open:
             return self._open[entry]
         if not entry.exists():
             _atomic_save(entry, build())
-        array = np.load(entry, mmap_mode="r")
+        try:
+            array = np.load(entry, mmap_mode="r")
+        except (OSError, ValueError, EOFError):  # damaged entry (e.g. disk trouble): rebuild
+            _atomic_save(entry, build())
+            array = np.load(entry, mmap_mode="r")
         self._open[entry] = array
         return array
 
@@ -71,17 +76,23 @@ class StackCache:
     def image(self, path: Path) -> np.ndarray:
         """(Z, H, W) stack in the file's own dtype, memory-mapped."""
         path = Path(path)
-        entry = self.cache_dir / "images" / f"{file_key(path)}.npy"
-        return self._load(entry, lambda: self._decode(path))
+        request = ("image", path)
+        if request not in self._requests:  # stat the file once per process, not once per crop
+            entry = self.cache_dir / "images" / f"{file_key(path)}.npy"
+            self._requests[request] = self._load(entry, lambda: self._decode(path))
+        return self._requests[request]
 
     def semantic(self, mask_path: Path, boundary_thickness: float) -> np.ndarray:
         """(3, Z, H, W) uint8 one-hot target of an instance mask, memory-mapped."""
         mask_path = Path(mask_path)
-        key = file_key(mask_path, f"thickness={boundary_thickness}")
-        entry = self.cache_dir / "targets" / f"{key}.npy"
-        return self._load(
-            entry, lambda: instance_to_semantic(self._decode(mask_path), boundary_thickness)
-        )
+        request = ("semantic", mask_path, boundary_thickness)
+        if request not in self._requests:
+            key = file_key(mask_path, f"thickness={boundary_thickness}")
+            entry = self.cache_dir / "targets" / f"{key}.npy"
+            self._requests[request] = self._load(
+                entry, lambda: instance_to_semantic(self._decode(mask_path), boundary_thickness)
+            )
+        return self._requests[request]
 
     def __getstate__(self):  # DataLoader workers reopen the memory maps themselves
-        return {"cache_dir": self.cache_dir, "decodes": 0, "_open": {}}
+        return {"cache_dir": self.cache_dir, "decodes": 0, "_open": {}, "_requests": {}}

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from nf1prov.data.cache import StackCache
-from nf1prov.data.layout import FieldOfView
+from nf1prov.data.layout import DataError, FieldOfView
 
 
 def dtype_max(dtype: np.dtype) -> float:
@@ -22,6 +22,10 @@ def dtype_max(dtype: np.dtype) -> float:
 def crop_starts(length: int, crop: int, stride: int) -> np.ndarray:
     """Start offsets covering ``length`` with crops of ``crop`` every ``stride`` pixels; the last
     crop is aligned to the end so the whole extent is covered."""
+    if crop > length:
+        raise ValueError(f"a crop of {crop} pixels does not fit in {length} pixels")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, not {stride}")
     starts = np.arange(0, length - crop + 1, stride)
     if starts[-1] != length - crop:
         starts = np.append(starts, length - crop)
@@ -46,6 +50,11 @@ def pad_to_multiple(array: np.ndarray, multiple: int = 16, mode: str = "reflect"
 class CropDataset(Dataset):
     """Every field × every centre slice whose window fits × every crop position.
 
+    Crop positions lie on a grid of ``crop_stride`` pixels whose last row/column is aligned to
+    the image edge, so the crops cover the whole image. Stacks and targets come from a
+    `StackCache` under ``cache_dir``: each TIFF is decoded once (here, at construction) and
+    read back as a memory map, also by DataLoader workers and later trainings.
+
     ``ds[i]`` is ``(image, target, i)``: image float32 (input_slices, C, C) divided by the dtype
     maximum; target float32 (3, C, C) one-hot (background, inner-cell, cell-boundary) of the
     centre slice. ``ds.meta(i)`` gives patient, well, site, z, y, x and a stable sample_id.
@@ -62,6 +71,13 @@ class CropDataset(Dataset):
         rows = []
         for index, field in enumerate(self.fields):
             depth, height, width = self.cache.image(field.image_path).shape
+            # Build the target now, in this process: DataLoader workers then only open memory
+            # maps instead of each converting the same mask.
+            self.cache.semantic(field.mask_path, boundary_thickness)
+            if min(height, width) < crop_size:
+                raise DataError(f"{field.image_path} is {height}x{width} pixels, smaller than a "
+                                f"{crop_size}x{crop_size} crop (data.crop_size). Lower "
+                                "data.crop_size.")
             zs = np.arange(half, depth - half)
             ys, xs = crop_starts(height, crop_size, crop_stride), crop_starts(width, crop_size,
                                                                               crop_stride)

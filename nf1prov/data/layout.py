@@ -75,6 +75,12 @@ def discover_fields(root: Path | str, holdout_patients: Sequence[str] = ()) -> l
             "Check --data-root."
         )
     if not fields:
+        kept = [p for p in seen_patients if not is_held_out(p, holdout_patients)]
+        if kept:  # patient folders without any <well>-<site> folder
+            raise DataError(
+                f"No fields of view under {root}: the patient folders {', '.join(kept)} hold no "
+                f"<well>-<site> folders in {IMAGE_DIR}/ and {MASK_DIR}/. Check --data-root."
+            )
         raise DataError(
             f"No fields of view left under {root} after holding out {list(holdout_patients)} "
             f"(patients found: {', '.join(seen_patients)}). Change data.holdout_patients."
@@ -94,8 +100,9 @@ def _patient_fields(patient_dir: Path) -> list[FieldOfView]:
         mask_path = mask_root / name / MASK_NAME
         if not image_path.is_file():
             raise DataError(
-                f"Missing brightfield image {image_path} (its mask folder {mask_root / name} "
-                f"exists). Add the z-stack as {name}{IMAGE_SUFFIX} or remove the mask folder."
+                f"Missing brightfield image {image_path} for field of view {patient_dir.name}/"
+                f"{name}. Add the z-stack there as {name}{IMAGE_SUFFIX}, or remove the folder "
+                f"{name} from {image_root} and {mask_root}."
             )
         if not mask_path.is_file():
             raise DataError(
@@ -165,11 +172,18 @@ def validate_fields(fields: Sequence[FieldOfView], input_slices: int, crop_size:
     """Check every field can produce training crops; raise DataError naming the first bad file."""
     for field in fields:
         image, mask = read_header(field.image_path), read_header(field.mask_path)
-        if len(image.shape) != 3:
-            raise DataError(f"{field.image_path} has shape {image.shape}; expected a (Z, H, W) "
-                            "grayscale z-stack.")
-        if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
-            raise DataError(f"{field.image_path} has dtype {image.dtype}; expected integers.")
+        for path, header in ((field.image_path, image), (field.mask_path, mask)):
+            if len(header.shape) != 3:
+                raise DataError(f"{path} has shape {header.shape}; expected a (Z, H, W) "
+                                "single-channel z-stack. Save one channel, one slice per page.")
+        if not np.issubdtype(image.dtype, np.unsignedinteger):
+            # Inputs are divided by their dtype's maximum (DESIGN 4), which only unsigned
+            # integer images have.
+            raise DataError(
+                f"{field.image_path} has dtype {image.dtype}; brightfield stacks must be unsigned "
+                "integers (uint8/uint16), which are divided by their dtype's maximum. Convert "
+                "the stack to uint16."
+            )
         if image.shape != mask.shape:
             raise DataError(
                 f"Shape mismatch: image {field.image_path} is {image.shape} but mask "

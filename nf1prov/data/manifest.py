@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +32,7 @@ def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
     value = digest.hexdigest()
     if entry is not None:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_suffix(f".{id(value)}.tmp")
+        tmp = entry.with_suffix(f".{os.getpid()}.{time.monotonic_ns()}.tmp")  # unique per writer
         tmp.write_text(json.dumps({"path": str(path), "sha256": value}))
         tmp.replace(entry)
     return value

@@ -34,8 +34,11 @@ def split_fields(fields: Sequence[FieldOfView],
                  fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, list[FieldOfView]]:
     """{'train': [...], 'val': [...], 'test': [...]} by each field's hash position.
 
-    Validation is never empty: with few fields, the field whose hash lies nearest the
-    validation range moves there (and the log says so). One field of view is an error.
+    A field goes to train when its hash position (in [0, 1)) is below fractions[0], to val
+    when below fractions[0] + fractions[1], else to test; the order of ``fields`` does not
+    matter. Validation is never empty: with few fields, the field whose hash lies nearest the
+    validation range moves there (logged as a warning), and training is never empty either.
+    Fewer than two fields of view is a DataError naming the data root.
     """
     if len(fields) < 2:
         where = fields[0].image_path.parents[3] if fields else "the data root"
@@ -53,18 +56,19 @@ def split_fields(fields: Sequence[FieldOfView],
             p = hash_position(field.fov_id)
             return low - p if p < low else p - high
 
-        # Take from test first so training keeps every field it hashed to.
-        chosen = min(splits["test"] or splits["train"], key=distance)
-        for name in ("train", "test"):
-            if chosen in splits[name]:
-                splits[name].remove(chosen)
+        chosen = min(fields, key=distance)  # nearest the validation range, from train or test
+        origin = assign_split(chosen.fov_id, fractions)
+        splits[origin].remove(chosen)
         splits["val"].append(chosen)
-        log.warning("No field of view hashed into validation; moved %s (nearest to the "
-                    "validation range) there.", chosen.fov_id)
+        log.warning(
+            "Only %d fields of view: none hashed into the validation range [%.2f, %.2f), so %s "
+            "(hash position %.3f, nearest that range) moves from %s to validation.",
+            len(fields), low, high, chosen.fov_id, hash_position(chosen.fov_id), origin)
     if not splits["train"]:
         donor = "test" if splits["test"] else "val"
         chosen = min(splits[donor], key=lambda f: hash_position(f.fov_id))
         splits[donor].remove(chosen)
         splits["train"].append(chosen)
-        log.warning("No field of view hashed into training; moved %s there.", chosen.fov_id)
+        log.warning("Only %d fields of view: none hashed into training, so %s (lowest hash "
+                    "position in %s) moves to training.", len(fields), chosen.fov_id, donor)
     return splits

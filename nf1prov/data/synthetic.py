@@ -2,9 +2,10 @@
 
 Each field of view holds one or two organoid-shaped clusters of touching cells (a Voronoi
 tessellation of random seeds inside a blobby outline) on a textured background. Every cell
-spans a few z-slices around its own depth; brightfield-like intensities give cells textured
-interiors and darker membranes, slices are defocused with distance from the focal plane, and
-camera noise is added. Everything is vectorised; the default dataset takes about a second.
+spans a few z-slices around its own focal depth; brightfield-like intensities give cells
+textured interiors and darker membranes, each cell is blurred by its distance from its own
+focal plane (faint out-of-focus ghosts just beyond its extent), and camera noise is added.
+Everything is vectorised NumPy/SciPy; the default dataset takes well under a second.
 """
 
 from __future__ import annotations
@@ -54,29 +55,50 @@ def _cells(rng: np.random.Generator, outline: np.ndarray, cell_size: float) -> n
     return np.where(outline, seed_labels[iy, ix], 0)
 
 
+# Gaussian blur (pixels) of a cell seen `d` slices away from its own focal depth is
+# BLUR_SIGMAS[min(round(d / FOCUS_STEP), last)]: sharp in its own plane, softer away from it.
+BLUR_SIGMAS = (0.5, 0.8, 1.1, 1.5, 2.2)
+FOCUS_STEP = 1.0
+
+
 def synthesize_field(rng: np.random.Generator, slices: int, height: int,
                      width: int) -> tuple[np.ndarray, np.ndarray]:
-    """One field of view: (Z, H, W) uint16 brightfield stack and (Z, H, W) uint16 labels."""
+    """One field of view: (Z, H, W) uint16 brightfield stack and (Z, H, W) uint16 labels.
+
+    Every cell is a column of one 2-D Voronoi cell through the slices within ``extent`` of its
+    own focal depth (so labels change with z). In slice k a cell is drawn with texture and a
+    dark membrane, blurred by its distance |k - depth| from focus; a cell just above or below
+    slice k shows as a faint, strongly blurred ghost without membrane (label 0 there), as
+    out-of-focus cells do in brightfield.
+    """
     cell_size = max(6.0, min(height, width) / 10)
     labels_2d = _cells(rng, _organoid_outline(rng, height, width), cell_size)
     n_cells = int(labels_2d.max())
-    # Each cell lives in a few slices around its own depth.
     depth = rng.uniform(0, slices - 1, size=n_cells + 1)
     extent = rng.uniform(1.5, 3.5, size=n_cells + 1)
-    z = np.arange(slices)[:, None, None]
-    present = np.abs(z - depth[labels_2d][None]) <= extent[labels_2d][None]
-    labels = np.where(present & (labels_2d > 0)[None], labels_2d[None], 0).astype(np.uint16)
+    z = np.arange(slices, dtype=np.float64)[:, None, None]
+    defocus = np.abs(z - depth[labels_2d][None])  # (Z, H, W) slices from the cell's own focus
+    in_cell = (labels_2d > 0)[None]
+    present = in_cell & (defocus <= extent[labels_2d][None])
+    ghost = in_cell & ~present & (defocus <= extent[labels_2d][None] + 1.5)
+    labels = np.where(present, labels_2d[None], 0).astype(np.uint16)
 
     membrane = boundary_mask(labels, thickness=1)
     texture = _smooth_noise(rng, (height, width), sigma=1.0)[None]
     background = 0.55 + 0.03 * _smooth_noise(rng, (height, width), sigma=height / 8)[None]
-    brightness = rng.uniform(0.62, 0.72, size=n_cells + 1)[labels]
-    image = np.where(labels > 0, brightness + 0.04 * texture, background)
+    brightness = rng.uniform(0.62, 0.72, size=n_cells + 1)[labels_2d][None]
+    image = np.broadcast_to(background, labels.shape).copy()
+    image = np.where(ghost, background + 0.4 * (brightness - background), image)
+    image = np.where(present, brightness + 0.04 * texture, image)
     image = np.where(membrane, 0.30, image)
-    # Defocus grows with distance from the focal plane in the middle of the stack.
-    focus = (slices - 1) / 2
-    for k in range(slices):
-        image[k] = ndimage.gaussian_filter(image[k], 0.4 + 0.35 * abs(k - focus))
+
+    # Per-pixel blur level: a cell's own defocus; background takes a middle level.
+    level = np.clip(np.rint(defocus / FOCUS_STEP), 0, len(BLUR_SIGMAS) - 1).astype(np.intp)
+    # Present cells keep a visible membrane (level <= 3); ghosts are always the blurriest.
+    level = np.where(present, np.minimum(level, 3), np.where(ghost, 4, 2))
+    blurred = np.stack([ndimage.gaussian_filter(image, (0, sigma, sigma))
+                        for sigma in BLUR_SIGMAS])  # (levels, Z, H, W)
+    image = np.take_along_axis(blurred, level[None], axis=0)[0]
     image = image + 0.02 * rng.standard_normal(image.shape)
     stack = np.clip(image * 60000, 0, 65535).astype(np.uint16)
     return stack, labels

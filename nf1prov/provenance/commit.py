@@ -21,9 +21,10 @@ import jinja2
 
 from nf1prov.errors import UserError
 from nf1prov.provenance import git
+from nf1prov.resources import shipped_dir
 
 TEMPLATE_NAME = "commit_message.txt.j2"
-PACKAGE_TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+PACKAGE_TEMPLATES = shipped_dir("templates")
 LOCK_NAME = "nf1prov-commit.lock"
 LOCK_TIMEOUT_S = 300.0
 

@@ -189,17 +189,10 @@ def train(plan: preflight.Plan, echo: Callable[[str], None] = print) -> Outcome:
 
 
 def find_run(client, name: str):
-    git.validate_codename(name)
-    runs = [r for r in tracking.runs_by_codename(client, name)
-            if r.data.tags.get(tracking.KIND) in (tracking.KIND_MODEL, tracking.KIND_SCRATCH)]
-    if not runs:
-        raise UserError(f"No model named {name!r} in the tracking store. Run `nf1prov list` to "
-                        "see the models (and check --tracking-uri).")
-    if len(runs) > 1:
-        ids = ", ".join(r.info.run_id for r in runs)
-        raise UserError(f"Codename {name!r} names several runs ({ids}); resolve by hand in the "
-                        "MLflow UI.")
-    return runs[0]
+    """The one model (or scratch) run a codename or run ID names (see nf1prov.resolve)."""
+    from nf1prov.resolve import resolve_model
+
+    return resolve_model(client, name).run
 
 
 def check_resumable(root: Path, run) -> str | None:
