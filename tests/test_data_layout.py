@@ -123,11 +123,11 @@ def test_multichannel_stack_names_it(data):
 
 
 def test_truncated_after_the_header_names_it(data):
-    # The header and every page directory survive; only the last pixel bytes are missing.
+    # Only the last bytes are cut: the header and the pixel data of the first slices survive.
     field = first_field(data)
     content = field.mask_path.read_bytes()
     field.mask_path.write_bytes(content[:-100])
-    with pytest.raises(DataError, match=re.escape(str(field.mask_path)) + " is truncated"):
+    with pytest.raises(DataError, match=re.escape(str(field.mask_path)) + ".*truncated"):
         validate_fields(discover_fields(data), 3, 32)
 
 

@@ -145,26 +145,30 @@ def read_header(path: Path) -> StackHeader:
     except DataError:
         raise
     except Exception as exc:  # tifffile raises many types for damaged files
-        raise DataError(f"Cannot read TIFF {path}: {exc}. Check the file is a complete TIFF "
-                        "(copy it again, or re-export it).") from None
+        raise DataError(f"Cannot read TIFF {path} (damaged or truncated: {exc}). Check the "
+                        "file is a complete TIFF: copy it again, or re-export it.") from None
     if len(shape) == 2:
         shape = (1, *shape)
     return StackHeader(shape, dtype)
 
 
 def _data_end(tif, series) -> int:
-    """The largest byte offset the TIFF's header says holds image data."""
-    if series.dataoffset is not None:  # contiguous data (tifffile, ImageJ): one range
-        return int(series.dataoffset + series.nbytes)
+    """The largest byte offset the TIFF's header says holds image data; raises DataError when
+    the chain of page directories breaks off before the last slice (a truncated file)."""
+    pages = len(tif.pages)
+    page_pixels = int(np.prod(series.keyframe.shape)) or 1
+    pages_expected = max(1, int(np.prod(series.shape)) // page_pixels)
+    # Large ImageJ hyperstacks legitimately hold one directory for all slices.
+    if pages < pages_expected and not (tif.is_imagej and pages == 1):
+        raise DataError(f"{tif.filehandle.path} is truncated: its header describes "
+                        f"{pages_expected} slices but only {pages} can be read. "
+                        "Copy the file again.")
     end = 0
-    for page in tif.pages:
+    for page in tif.pages:  # parses every page directory: a cut-off one raises here
         for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False):
             end = max(end, offset + count)
-    pages_expected = int(np.prod(series.shape[:-2])) if len(series.shape) > 2 else 1
-    if len(tif.pages) < pages_expected:  # the IFD chain breaks off early
-        raise DataError(f"{tif.filehandle.path} is truncated: its header describes "
-                        f"{pages_expected} slices but only {len(tif.pages)} can be read. "
-                        "Copy the file again.")
+    if series.dataoffset is not None:  # contiguous data (tifffile, ImageJ): one range
+        end = max(end, int(series.dataoffset + series.nbytes))
     return end
 
 

@@ -37,7 +37,6 @@ from nf1prov.provenance import git, liveness, preflight, run_tags
 from nf1prov.provenance.heartbeat import Heartbeat
 
 RESUMED_AT = "nf1prov.resumed_at"  # unix seconds of each resume, JSON array
-TRAINER_WAIT_S = 0.0  # how long to wait for nf1prov.train.trainer to appear (see _trainer)
 
 
 class Interrupted(BaseException):
@@ -59,10 +58,17 @@ class Outcome:
     resumed: bool = False
 
 
+# Set once SIGTERM arrived: the Interrupted raised by the handler may surface wrapped in another
+# exception (e.g. when it lands inside MLflow's or SQLAlchemy's code), and must still mean KILLED.
+_sigterm_received = False
+
+
 @contextlib.contextmanager
 def sigterm_as_exception() -> Iterator[None]:
     """Turn SIGTERM into `Interrupted` in the main thread for the duration (no-op elsewhere)."""
     def handler(signum, frame):
+        global _sigterm_received
+        _sigterm_received = True
         raise Interrupted("killed by SIGTERM", 128 + signal.SIGTERM)
 
     try:
@@ -77,16 +83,10 @@ def sigterm_as_exception() -> Iterator[None]:
 
 
 def _trainer():
-    """`train_model`, polling briefly for the module (see TRAINER_WAIT_S)."""
-    deadline = time.monotonic() + TRAINER_WAIT_S
-    while True:
-        try:
-            from nf1prov.train.trainer import train_model
-            return train_model
-        except ImportError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(1.0)
+    """`train_model`, imported only when training starts (torch is slow to import)."""
+    from nf1prov.train.trainer import train_model
+
+    return train_model
 
 
 def end_run(client, run_id: str, status: str, reason: str | None = None) -> None:
@@ -114,6 +114,9 @@ def run_guard(client, run_id: str) -> Iterator[None]:
         end_run(client, run_id, "KILLED", exc.reason)
         raise
     except BaseException as exc:
+        if _sigterm_received:
+            end_run(client, run_id, "KILLED", "killed by SIGTERM")
+            raise Interrupted("killed by SIGTERM", 128 + signal.SIGTERM) from exc
         end_run(client, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
         raise
 
