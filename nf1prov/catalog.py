@@ -309,6 +309,7 @@ def entry(run, ui: str | None) -> dict:
         "val_dice": scores(run.data.metrics, "best_val_dice"),
         "holdout_dice": scores(run.data.metrics, "holdout_dice"),
         "holdout_iou": scores(run.data.metrics, "holdout_iou"),
+        "reproduced": tags.get(tracking.REPRODUCED),
         "url": f"{ui}/#/experiments/{info.experiment_id}/runs/{info.run_id}" if ui else None,
     }
 

@@ -139,9 +139,10 @@ def ignore_models_dir(tree: Path) -> None:
 
 
 def checkout_model(root: Path, client, model: ResolvedModel, worktree: Path | None = None,
-                   all_artifacts: bool = False) -> CheckedOut:
-    """Bring ``model``'s commit and artifacts into ``root`` (or a new worktree at ``worktree``)."""
-    roots = None if all_artifacts else DEFAULT_ARTIFACTS
+                   roots: tuple[str, ...] | None = DEFAULT_ARTIFACTS) -> CheckedOut:
+    """Bring ``model``'s commit and artifacts into ``root`` (or a new worktree at ``worktree``).
+
+    ``roots``: the top-level artifact folders to download (None: all of them)."""
     if model.sha is None:
         raise UserError(f"Model {model.codename} records no commit to check out.")
     if worktree is None:

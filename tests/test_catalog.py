@@ -24,7 +24,7 @@ from nf1prov.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 ADDED_PREFIXES = ("- **Run:**", "- **Holdout patients:**", "- **Best validation Dice:**",
-                  "- **Holdout Dice:**", "- **Holdout IoU:**")
+                  "- **Holdout Dice:**", "- **Holdout IoU:**", "- **Reproduced:**")
 
 
 def build(tmp_path: Path, client, readme_text: str | None = None, **kwargs) -> catalog.Rebuild:
@@ -225,6 +225,17 @@ def test_holdout_figures_and_ui_link_for_http_servers_only(tmp_path, client):
     url = f"https://mlflow.lab:8443/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     assert f"[MLflow UI]({url})" in text and "secret" not in text
     assert "MLflow UI" not in build(tmp_path, client, "", tracking_uri="sqlite:///x.db").new
+
+
+def test_reproduction_outcome_is_shown_escaped(tmp_path, client):
+    exp = experiment(client)
+    model_run(client, exp, "calm-cod-7",
+              extra_tags={tracking.REPRODUCED: "identical (run ab12, 2026-11-26) <b>"})
+    model_run(client, exp, "bold-owl-8", start_time=1_700_000_001_000)
+    text = build(tmp_path, client, "").new
+    entries = entries_of(text)
+    assert r"- **Reproduced:** identical (run ab12, 2026-11-26) &lt;b&gt;" in entries[1]
+    assert "Reproduced" not in entries[0]
 
 
 def test_description_fields_string_inline_array_nested_unknown_last():

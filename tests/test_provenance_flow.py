@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from click.testing import CliRunner
 from nf1prov import tracking
 from nf1prov.cli import cli
 from nf1prov.provenance import git
-from tests.conftest import REPO_ROOT, run_git
+from tests.conftest import run_git, tiny_config
 
 SUBJECT = re.compile(r"^Model run codename: ([a-z]+-[a-z]+-[0-9]+) Run ID: ([0-9a-f]{32}) "
                      r"Experiment ID: ([0-9]+)$")
@@ -29,54 +28,6 @@ BIN = Path(sys.executable).parent
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_config(data_root: Path, epochs: int = 1, patience: int = 5) -> str:
-    return f"""[experiment]
-name = "flow"
-
-[data]
-root = "{data_root}"
-holdout_patients = []
-input_slices = 3
-crop_size = 32
-crop_stride = 16
-split_fractions = [0.6, 0.4, 0.0]
-
-[model]
-base_width = 4
-
-[train]
-epochs = {epochs}
-patience = {patience}
-batch_size = 4
-learning_rate = 3e-3
-device = "cpu"
-weight_samples = 4
-overlay_crops = 1
-max_batches_per_epoch = 2
-
-[description]
-architecture = "UNet (width 4)"
-task = "Three-to-One slice segmentation mask prediction"
-data = ["Synthetic organoids", "Masks:", ["Background", "Inner-cell", "Cell-boundary"]]
-"""
-
-
-@pytest.fixture
-def project(git_repo, tracking_uri, data_root, monkeypatch) -> Path:
-    """A minimal nf1prov project in a fresh repository (no commits yet), the CLI run inside it,
-    the store a fresh sqlite file outside it and the data outside it too."""
-    shutil.copytree(REPO_ROOT / "models", git_repo / "models",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO_ROOT / "templates", git_repo / "templates")
-    (git_repo / "configs").mkdir()
-    (git_repo / "configs" / "tiny.toml").write_text(tiny_config(data_root))
-    (git_repo / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmlruns/\n.nf1prov/\n"
-                                         "__pycache__/\n")
-    shutil.copy(REPO_ROOT / "MLproject", git_repo / "MLproject")
-    monkeypatch.chdir(git_repo)
-    return git_repo
 
 
 def exit_code(result) -> int:

@@ -27,7 +27,7 @@ def command(codename: str, worktree: Path | None, run_id: str | None, all_artifa
 
     Example: nf1prov checkout fearless-eel-256 --worktree ../fearless-eel-256
     """
-    from nf1prov.checkout import checkout_model, describe
+    from nf1prov.checkout import DEFAULT_ARTIFACTS, checkout_model, describe
     from nf1prov.errors import UserError
     from nf1prov.resolve import resolve_model
 
@@ -37,5 +37,5 @@ def command(codename: str, worktree: Path | None, run_id: str | None, all_artifa
                         "model commits.")
     model = resolve_model(client, codename, run_id=run_id, repo_root=root)
     checked_out = checkout_model(root, client, model, worktree=worktree,
-                                 all_artifacts=all_artifacts)
+                                 roots=None if all_artifacts else DEFAULT_ARTIFACTS)
     click.echo(describe(model, checked_out))

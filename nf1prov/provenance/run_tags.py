@@ -23,6 +23,7 @@ ENV_TORCH = "nf1prov.env.torch"
 ENV_CUDA = "nf1prov.env.cuda"
 ENV_GPU = "nf1prov.env.gpu"
 ENV_PLATFORM = "nf1prov.env.platform"
+ENV_THREADS = "nf1prov.env.torch_threads"  # CPU results depend on it: `reproduce` reuses it
 
 PIP_FREEZE_ARTIFACT = "environment/pip-freeze.txt"
 UNCOMMITTED_DIFF_ARTIFACT = "git/uncommitted.diff"
@@ -64,6 +65,7 @@ def environment_tags() -> dict[str, str]:
         tags[ENV_TORCH] = torch.__version__
         tags[ENV_CUDA] = torch.version.cuda or "none"
         tags[ENV_GPU] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+        tags[ENV_THREADS] = str(torch.get_num_threads())
     except ImportError:  # pragma: no cover - torch is a dependency
         tags[ENV_TORCH] = "not installed"
     return tags

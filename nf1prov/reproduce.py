@@ -1,0 +1,229 @@
+"""`nf1prov reproduce`: retrain a model with its own commit's code and its logged config, and
+compare the metrics with the original run.
+
+The order keeps a refusal free of side effects:
+1. The model is checked out into a temporary worktree (config and split manifest only: the
+   weights are not needed) and the data is hashed against the manifest. A mismatch stops here,
+   before any run exists; the worktree is removed.
+2. A run is created in the original's experiment, tagged `nf1prov.reproduces=<original run ID>`,
+   and `nf1prov train --no-commit` runs in the worktree as a subprocess with that run as its
+   MLFLOW_RUN_ID, so it trains inside it. The subprocess imports the worktree's `models` (and
+   `nf1prov`, when the repository holds it) ahead of the installed ones: the model's code, not
+   today's. It uses the original's number of torch threads, which CPU results depend on.
+3. The latest value of every metric the two runs share (holdout_* metrics come from
+   `evaluate`, not training, and are skipped) is compared; the table is printed, logged to the
+   new run as `reproduction/comparison.csv`, and summarised in `nf1prov.reproduction`; the
+   original gets `nf1prov.reproduced` (outcome, run, date), which the catalogue shows.
+A run the subprocess leaves RUNNING (killed without a word) is ended FAILED or KILLED here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from nf1prov import tracking
+from nf1prov.checkout import checkout_model
+from nf1prov.errors import CheckFailed, Nf1provError, UserError
+from nf1prov.provenance import git, run_tags
+from nf1prov.provenance.preflight import CACHE_DIR
+from nf1prov.resolve import ResolvedModel
+
+RESULT = "nf1prov.reproduction"  # "identical" or "differs: ..." on the reproducing run
+COMPARISON_ARTIFACT = "reproduction/comparison.csv"
+ARTIFACTS = ("config", "manifest")
+SKIPPED_PREFIXES = ("holdout_", "system/")
+
+
+class ReproductionFailed(Nf1provError):
+    """The retraining itself failed; its run says why. Exit 1."""
+
+    exit_code = 1
+
+
+@dataclass
+class Reproduction:
+    original: ResolvedModel
+    run_id: str  # the reproducing run
+    comparison: pd.DataFrame  # metric, original, reproduced, difference
+    missing: list[str]  # metrics the original has and the reproduction lacks
+
+    @property
+    def identical(self) -> bool:
+        return not self.missing and bool((self.comparison["difference"] == 0).all())
+
+    def max_abs_difference(self) -> float:
+        return float(self.comparison["difference"].abs().max()) if len(self.comparison) else 0.0
+
+
+def recorded_data_root(manifest: pd.DataFrame) -> Path:
+    """The data root the original run read: <root>/<patient>/zstack_images/<fov>/<file>."""
+    return Path(manifest["image_path"].iloc[0]).parents[3]
+
+
+def check_data(manifest: pd.DataFrame, data_root: Path, cache_dir: Path) -> None:
+    """Refuse data whose files are missing or differ from the original's content hashes."""
+    from nf1prov.data.manifest import compare_manifest
+
+    if not data_root.is_dir():
+        raise UserError(f"Data folder {data_root} does not exist: pass --data-root DIR pointing "
+                        "at this machine's copy of the data the model was trained on.")
+    problems = compare_manifest(manifest, data_root, recorded_data_root(manifest), cache_dir)
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more"
+                                            if len(problems) > 10 else "")
+        raise UserError(f"The data under {data_root} is not the data the model was trained on "
+                        f"({len(problems)} of {2 * len(manifest)} files): {shown}. Point "
+                        "--data-root at the original data (same files, same content).")
+
+
+def trainer_environment(tree: Path, run_id: str, threads: str | None) -> dict[str, str]:
+    """The train subprocess's environment: the worktree's code first, the new run to train in."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+    env["MLFLOW_RUN_ID"] = run_id
+    if threads and threads.isdigit():
+        env["OMP_NUM_THREADS"] = threads
+    return env
+
+
+def compare_metrics(original: dict[str, float],
+                    reproduced: dict[str, float]) -> tuple[pd.DataFrame, list[str]]:
+    """(table of the shared metrics, names the reproduction lacks)."""
+    names = sorted(k for k in original if not k.startswith(SKIPPED_PREFIXES))
+    shared = [k for k in names if k in reproduced]
+    table = pd.DataFrame({
+        "metric": shared,
+        "original": [original[k] for k in shared],
+        "reproduced": [reproduced[k] for k in shared],
+    })
+    table["difference"] = table["reproduced"] - table["original"]
+    return table, [k for k in names if k not in reproduced]
+
+
+def share_cache(root: Path, tree: Path) -> None:
+    """Let the worktree reuse the repository's decoded-stack cache (keyed by path, size and
+    mtime, so sharing it is safe) instead of decoding every TIFF again."""
+    cache = root / CACHE_DIR
+    cache.mkdir(parents=True, exist_ok=True)
+    (tree / CACHE_DIR).parent.mkdir(parents=True, exist_ok=True)
+    (tree / CACHE_DIR).symlink_to(cache.resolve(), target_is_directory=True)
+
+
+def reproduce(root: Path, client, tracking_uri: str, model: ResolvedModel, *,
+              data_root: Path | None = None, overrides: tuple[str, ...] = (),
+              worktree: Path | None = None,
+              echo: Callable[[str], None] = print) -> Reproduction:
+    """Retrain ``model`` from its commit in a worktree (temporary unless ``worktree``)."""
+    status = model.run.info.status
+    if status != "FINISHED":
+        raise UserError(f"Model {model.codename} is {status}, so it has no final metrics to "
+                        "reproduce. Reproduce a FINISHED model (`nf1prov list`).")
+    tmp = None
+    if worktree is None:
+        tmp = Path(tempfile.mkdtemp(prefix="nf1prov-reproduce-"))
+        worktree = tmp / model.codename
+    checked_out = checkout_model(root, client, model, worktree=worktree, roots=ARTIFACTS)
+    try:
+        return _retrain(root, client, tracking_uri, model, checked_out.tree,
+                        checked_out.artifacts, data_root, overrides, echo)
+    finally:
+        if tmp is not None:
+            git.remove_worktree(root, checked_out.tree)
+            git.git("worktree", "prune", cwd=root, check=False)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _retrain(root, client, tracking_uri, model, tree, artifacts, data_root, overrides,
+             echo) -> Reproduction:
+    config = artifacts / "config" / "config.toml"
+    manifest_csv = artifacts / "manifest" / "split_manifest.csv"
+    for path, what in ((config, "config"), (manifest_csv, "split manifest")):
+        if not path.is_file():
+            raise UserError(f"Model {model.codename} logged no {what} "
+                            f"({path.relative_to(artifacts)}), so it cannot be reproduced.")
+    manifest = pd.read_csv(manifest_csv, dtype={"well": str, "site": str})
+    data_root = Path(data_root).resolve() if data_root else recorded_data_root(manifest)
+    echo(f"Checking {2 * len(manifest)} data files under {data_root} against the original "
+         "content hashes...")
+    check_data(manifest, data_root, root / CACHE_DIR)
+    share_cache(root, tree)
+
+    tags = model.run.data.tags
+    run = client.create_run(model.experiment_id, tags={tracking.REPRODUCES: model.run_id})
+    run_id = run.info.run_id
+    command = [sys.executable, "-m", "nf1prov", "train", "--config", str(config),
+               "--data-root", str(data_root), "--no-commit", "--tracking-uri", tracking_uri]
+    for override in overrides:
+        command += ["--set", override]
+    echo(f"Retraining {model.codename} at commit {model.sha[:12]} in {tree} "
+         f"(run {run_id})...")
+    returncode = None
+    try:
+        returncode = subprocess.run(
+            command, cwd=tree, env=trainer_environment(tree, run_id, tags.get(
+                run_tags.ENV_THREADS)), check=False).returncode
+    finally:
+        _end_if_running(client, run_id, returncode)
+    if returncode != 0:
+        failure = client.get_run(run_id).data.tags.get(tracking.FAILURE, "see the output above")
+        raise ReproductionFailed(f"Retraining {model.codename} failed (exit {returncode}); run "
+                                 f"{run_id}: {failure}")
+
+    reproduced = client.get_run(run_id)
+    comparison, missing = compare_metrics(model.run.data.metrics, reproduced.data.metrics)
+    result = Reproduction(model, run_id, comparison, missing)
+    summary = "identical" if result.identical else (
+        f"differs: max |difference| {result.max_abs_difference():.3g}"
+        + (f", missing {', '.join(missing)}" if missing else ""))
+    client.set_tag(run_id, RESULT, summary)
+    today = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    client.set_tag(model.run_id, tracking.REPRODUCED, f"{summary} (run {run_id}, {today})")
+    run_tags.log_text(client, run_id, comparison.to_csv(index=False), COMPARISON_ARTIFACT)
+    return result
+
+
+def _end_if_running(client, run_id: str, returncode: int | None) -> None:
+    """No run is left RUNNING: the subprocess may have died before it could end its run."""
+    from nf1prov.provenance.train_flow import end_run
+
+    if client.get_run(run_id).info.status != "RUNNING":
+        return
+    if returncode is None:  # we were interrupted while waiting (Ctrl-C)
+        end_run(client, run_id, "KILLED", "reproduction interrupted")
+    else:
+        end_run(client, run_id, "FAILED",
+                f"training process ended (exit {returncode}) without ending its run")
+
+
+def format_comparison(result: Reproduction) -> str:
+    table = result.comparison.to_string(
+        index=False, float_format=lambda v: f"{v:.6g}", justify="left")
+    lines = [f"Original {result.original.codename} (run {result.original.run_id}) vs "
+             f"reproduction (run {result.run_id}):", table]
+    if result.missing:
+        lines.append(f"Missing from the reproduction: {', '.join(result.missing)}")
+    return "\n".join(lines)
+
+
+def check_identical(result: Reproduction, tolerance: float) -> None:
+    """CheckFailed (exit 1) unless every shared metric is within ``tolerance``."""
+    worst = result.max_abs_difference()
+    if result.missing or worst > tolerance:
+        raise CheckFailed(
+            f"The reproduction of {result.original.codename} differs: largest |difference| "
+            f"{worst:.3g} (tolerance {tolerance:g})"
+            + (f"; missing metrics: {', '.join(result.missing)}" if result.missing else "")
+            + ". Differences come from another device or torch version, a nondeterministic "
+            "GPU kernel, or data/code outside the commit; `nf1prov show` on both runs compares "
+            "their environments.")
