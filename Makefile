@@ -17,7 +17,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/nf1prov demo
+	$(VENV)/bin/nf1prov demo --replace
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nf1prov models tests benchmarks

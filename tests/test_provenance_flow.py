@@ -262,6 +262,16 @@ def test_no_commit_makes_a_scratch_run(project, tracking_uri):
     assert git.head_sha(project) == base and run_git(project, "tag") == ""
 
 
+def test_data_root_option_is_recorded_as_the_absolute_path(project, tracking_uri, data_root):
+    relative = os.path.relpath(data_root, project)
+    train("--no-commit", "--set", 'data.root="not-here"', "--data-root", relative)
+    client = tracking.client(tracking_uri)
+    (run,) = tracking.model_runs(client, (tracking.KIND_SCRATCH,))
+    assert run.data.params["data.root"] == str(data_root.resolve())
+    logged = Path(client.download_artifacts(run.info.run_id, "config/config.toml")).read_text()
+    assert f'root = "{data_root.resolve()}"' in logged
+
+
 # --- subprocesses: SIGTERM + resume, concurrency, mlflow run --------------------------------
 
 
@@ -293,8 +303,8 @@ def test_sigterm_kills_then_resume_continues_the_same_run(project, tracking_uri,
         run = wait_for(checkpointed, what="the first checkpoint")
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, out, err)
     run = client.get_run(run.info.run_id)
     assert run.info.status == "KILLED"
     assert run.data.tags[tracking.FAILURE] == "killed by SIGTERM"

@@ -85,6 +85,10 @@ def check_file_sizes(root: Path, max_file_mb: float) -> None:
 
 
 def resolve_data_root(root: Path, config: dict, data_root: str | None) -> Path:
+    """The data folder to train on: --data-root (relative to the current directory), else
+    config data.root (relative to the repository root). A --data-root is written into
+    ``config`` as an absolute path, so that the run's params and logged config record the data
+    the model was really trained on (what `checkout` prints and `evaluate` defaults to)."""
     path = Path(data_root) if data_root else Path(config["data"]["root"])
     if not data_root and not path.is_absolute():
         path = root / path
@@ -93,6 +97,8 @@ def resolve_data_root(root: Path, config: dict, data_root: str | None) -> Path:
         source = "--data-root" if data_root else "config data.root (relative to the repo root)"
         raise UserError(f"Data folder {path} ({source}) does not exist. Create it with "
                         "`nf1prov demo-data DIR`, or point --data-root at your data.")
+    if data_root:
+        config["data"]["root"] = str(path)
     return path
 
 

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -102,22 +103,37 @@ def end_run(client, run_id: str, status: str, reason: str | None = None) -> None
         client.set_terminated(run_id, status=status)
 
 
+def end_run_or_warn(client, run_id: str, status: str, reason: str, attempts: int = 3) -> None:
+    """`end_run`, retried (a busy sqlite store, a flaky server); if it still fails, warn and
+    return, so that the exception being handled, not this one, decides the exit code. The run
+    then stays RUNNING until `nf1prov list --reap` sees its process gone."""
+    for attempt in range(attempts):
+        try:
+            end_run(client, run_id, status, reason)
+            return
+        except Exception as exc:  # noqa: BLE001 - any store error
+            error = exc
+            time.sleep(0.5 * (attempt + 1))
+    print(f"nf1prov: warning: could not mark run {run_id} {status} ({reason}): {error}. "
+          "`nf1prov list --reap` marks it FAILED once this process has ended.", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def run_guard(client, run_id: str) -> Iterator[None]:
     """End the run KILLED or FAILED with a reason on any exception, then re-raise it."""
     try:
         yield
     except KeyboardInterrupt:
-        end_run(client, run_id, "KILLED", "interrupted by Ctrl-C (SIGINT)")
+        end_run_or_warn(client, run_id, "KILLED", "interrupted by Ctrl-C (SIGINT)")
         raise
     except Interrupted as exc:
-        end_run(client, run_id, "KILLED", exc.reason)
+        end_run_or_warn(client, run_id, "KILLED", exc.reason)
         raise
     except BaseException as exc:
         if _sigterm_received:
-            end_run(client, run_id, "KILLED", "killed by SIGTERM")
+            end_run_or_warn(client, run_id, "KILLED", "killed by SIGTERM")
             raise Interrupted("killed by SIGTERM", 128 + signal.SIGTERM) from exc
-        end_run(client, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+        end_run_or_warn(client, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
         raise
 
 
