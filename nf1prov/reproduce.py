@@ -207,8 +207,7 @@ def _end_if_running(client, run_id: str, returncode: int | None) -> None:
 
 
 def format_comparison(result: Reproduction) -> str:
-    table = result.comparison.to_string(
-        index=False, float_format=lambda v: f"{v:.6g}", justify="left")
+    table = result.comparison.to_string(index=False, float_format=lambda v: f"{v:.6g}")
     lines = [f"Original {result.original.codename} (run {result.original.run_id}) vs "
              f"reproduction (run {result.run_id}):", table]
     if result.missing:
