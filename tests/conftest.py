@@ -3,6 +3,7 @@ stores (copied from one store migrated once per session, since creating one cost
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -51,8 +52,15 @@ def _migrated_store(tmp_path_factory) -> Path:
     import mlflow
 
     path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}")
-    client.search_experiments()  # creates and migrates the schema
+    # The Default experiment's artifact location is ./mlruns of the directory the store is
+    # created in: create it in the temp dir, not in the repository the tests run from.
+    before = os.getcwd()
+    os.chdir(path.parent)
+    try:
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}")
+        client.search_experiments()  # creates and migrates the schema
+    finally:
+        os.chdir(before)
     return path
 
 
