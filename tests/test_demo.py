@@ -59,7 +59,7 @@ def test_fast_demo_runs_the_loop_and_leaves_the_users_repo_alone(git_repo, tmp_p
     first_sha = run_git(workspace, "rev-parse", "HEAD~1")
     assert run_git(workspace, "rev-parse", f"model/{first}") == first_sha
     assert run_git(workspace, "diff", "--name-only", "HEAD~1", "HEAD") == "configs/demo.toml"
-    assert "+learning_rate = 1e-3" in run_git(workspace, "show", "HEAD", "--", "configs")
+    assert "+learning_rate = 3e-4" in run_git(workspace, "show", "HEAD", "--", "configs")
 
     readme = (workspace / "README.md").read_text()
     assert readme.count("**Codename:**") == 2
@@ -72,11 +72,11 @@ def test_fast_demo_runs_the_loop_and_leaves_the_users_repo_alone(git_repo, tmp_p
     checkout = workspace / "checkouts" / first
     assert git.head_sha(checkout) == first_sha
     assert (checkout / ".nf1prov" / "models" / first / "model").is_dir()
-    assert "learning_rate = 3e-3" in (checkout / "configs" / "demo.toml").read_text()
+    assert "learning_rate = 1e-3" in (checkout / "configs" / "demo.toml").read_text()
 
     out = proc.stdout
     assert f"[3/{demo.STEPS}] Train model 1: nf1prov train --config configs/demo.toml" in out
-    assert "-learning_rate = 3e-3\n" in out and "+learning_rate = 1e-3\n" in out
+    assert "-learning_rate = 1e-3\n" in out and "+learning_rate = 3e-4\n" in out
     assert "README.md now lists 2 models" in out
     assert "Logged" in out and "holdout metrics" in out  # evaluate ran and logged to the run
     assert f"model 1: {first}  commit {first_sha}" in out
