@@ -167,7 +167,6 @@ def checkout_model(root: Path, client, model: ResolvedModel, worktree: Path | No
         files = download_artifacts(client, model.run, destination, roots)
     except BaseException:
         git.remove_worktree(root, worktree)
-        git.git("worktree", "prune", cwd=root, check=False)
         raise
     return CheckedOut(worktree, destination, files)
 

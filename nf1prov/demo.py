@@ -202,10 +202,7 @@ def step_env(workspace: Path) -> dict[str, str]:
     shell points at, and no run or experiment inherited from an outer `mlflow run`."""
     from nf1prov import tracking
 
-    dropped = ("MLFLOW_RUN_ID", "MLFLOW_REGISTRY_URI")
-    env = {key: value for key, value in os.environ.items()
-           if key not in dropped and not key.startswith("MLFLOW_EXPERIMENT_")}
-    env["MLFLOW_TRACKING_URI"] = tracking.default_tracking_uri(workspace)
+    env = tracking.child_environment(tracking.default_tracking_uri(workspace))
     env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     env["PYTHONUNBUFFERED"] = "1"  # stream the step's output line by line
     return env

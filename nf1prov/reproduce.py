@@ -88,8 +88,7 @@ def check_data(manifest: pd.DataFrame, data_root: Path, cache_dir: Path) -> None
 
 def trainer_environment(tree: Path, run_id: str, threads: str | None) -> dict[str, str]:
     """The train subprocess's environment: the worktree's code first, the new run to train in."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    env = tracking.child_environment()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     env["MLFLOW_RUN_ID"] = run_id
     if threads and threads.isdigit():
@@ -140,7 +139,6 @@ def reproduce(root: Path, client, tracking_uri: str, model: ResolvedModel, *,
     finally:
         if tmp is not None:
             git.remove_worktree(root, checked_out.tree)
-            git.git("worktree", "prune", cwd=root, check=False)
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -39,6 +39,18 @@ KIND_SCRATCH = "scratch"  # trained with --no-commit: never enters the catalogue
 DEFAULT_EXPERIMENT = "nf1-segmentation"
 
 
+def child_environment(tracking_uri: str | None = None) -> dict[str, str]:
+    """os.environ for an `nf1prov` subprocess that must start its own run: no run, experiment
+    or registry inherited from an outer `mlflow run` or shell; ``tracking_uri`` pinned if
+    given."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("MLFLOW_RUN_ID", "MLFLOW_REGISTRY_URI")
+           and not key.startswith("MLFLOW_EXPERIMENT_")}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
+
+
 def default_tracking_uri(repo_root: Path) -> str:
     """MLflow's own default form, anchored at the repository root: sqlite:///<root>/mlflow.db."""
     return f"sqlite:///{Path(repo_root).resolve() / 'mlflow.db'}"

@@ -256,7 +256,9 @@ def add_worktree(root: Path, path: Path, sha: str) -> None:
 
 
 def remove_worktree(root: Path, path: Path) -> None:
+    """Remove the worktree and its files; prune the bookkeeping of one already gone."""
     git("worktree", "remove", "--force", str(Path(path).resolve()), cwd=root, check=False)
+    git("worktree", "prune", cwd=root, check=False)
 
 
 def _with_index_lock_retry(root: Path, *args: str, input: str | None = None) -> None:

@@ -67,6 +67,9 @@ _sigterm_received = False
 @contextlib.contextmanager
 def sigterm_as_exception() -> Iterator[None]:
     """Turn SIGTERM into `Interrupted` in the main thread for the duration (no-op elsewhere)."""
+    global _sigterm_received
+    _sigterm_received = False  # a new training: an earlier one's SIGTERM does not count
+
     def handler(signum, frame):
         global _sigterm_received
         _sigterm_received = True
