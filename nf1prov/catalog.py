@@ -4,6 +4,13 @@ Flow: `model_runs` (one query, newest first) -> `build_context` (plain dicts, va
 user text) -> `render` (Jinja, every ``{{ value }}`` escaped for Markdown by the environment's
 ``finalize``) -> `splice` between the markers -> `write_atomic`.
 
+Only committed models are listed (a run without `mlflow.source.git.commit` never got its commit),
+and rendering reads nothing but the runs: not the host, its processes or its clock, so the same
+store gives the same bytes on any machine at any time (DESIGN 3.4).
+
+A marker counts only as a line of its own outside fenced code (`find_markers`), so a README may
+quote the markers in prose or in a code block.
+
 `import_history` backfills the nf1prov tags on runs trained before nf1prov, from the upstream
 commit subjects (`Model run codename: X Run ID: Y Experiment ID: Z` and older forms).
 """
@@ -45,7 +52,11 @@ FIELDS = (
     ("loss", "Loss"),
 )
 CLASSES = ("background", "inner-cell", "cell-boundary")
+SPLITS = ("train", "val", "test")
 HOLDOUT_PARAM = "data.holdout_patients"
+DATA_ROOT_PARAM = "data.root"
+EPOCHS_RUN_METRIC = "epochs_run"
+BEST_EPOCH_METRIC = "best_epoch"
 
 
 # --- Markdown escaping ------------------------------------------------------------------------
@@ -114,6 +125,7 @@ def _environment(template_dirs: list[Path]):
     env.filters["link"] = lambda text, url: Markup(f"[{escape_md(text)}]({link_url(url)})")
     env.filters["raw"] = Markup  # explicit opt-out for template authors
     env.filters["scores"] = lambda items: ", ".join(f"{s['name']} {s['value']}" for s in items)
+    env.filters["items"] = lambda values: Markup(", ".join(escape_md(v) for v in values))
     return env
 
 
@@ -154,10 +166,25 @@ def render(context: dict, dirs: list[Path]) -> str:
             f"(looked up in: {', '.join(map(str, dirs))})."
         ) from exc
     text = text.replace("\r\n", "\n").rstrip("\n") + "\n"
-    if BEGIN_MARKER in text or END_MARKER in text:
-        raise UserError(f"The catalogue template output contains {BEGIN_MARKER!r} or "
-                        f"{END_MARKER!r}: remove the marker from the template.")
+    check_block(text, dirs)
     return text
+
+
+def check_block(block: str, dirs: list[Path]) -> None:
+    """Refuse rendered text that would break the README's markers: a marker line of its own
+    outside fenced code, or a code fence left open (it would hide the end marker)."""
+    prose, open_fence = prose_lines(block)
+    markers = [line.number for line in prose if marker_kind(line.content)]
+    where = f"(looked up in: {', '.join(map(str, dirs))})"
+    if markers:
+        raise UserError(
+            f"The catalogue template output has a line holding only {BEGIN_MARKER!r} or "
+            f"{END_MARKER!r} (output line {markers[0]}): remove the marker from the template, "
+            f"or quote it inside text or a code block {where}.")
+    if open_fence:
+        raise UserError(
+            f"The catalogue template output leaves a {open_fence} code fence open: close it in "
+            f"the template, or the README's end marker would be read as code {where}.")
 
 
 # --- runs -> template context -----------------------------------------------------------------
@@ -234,17 +261,19 @@ def notes(tags: dict) -> list[str]:
     return [str(parsed)]
 
 
-def warning(run, state: str) -> str | None:
-    """The `Important!!!` line of a run that did not finish cleanly, else None."""
-    from nf1prov.provenance import liveness
+def warning(run) -> str | None:
+    """The `Important!!!` line of a run that did not finish cleanly, else None.
 
+    Only the status recorded in the store counts (never the process table, hostname or clock):
+    a run whose process died stays "still training" until `nf1prov list --reap` records it
+    FAILED, and then every machine renders the same text.
+    """
+    status = run.info.status
     failure = run.data.tags.get(tracking.FAILURE)
-    if state in ("FAILED", "KILLED"):
-        verb = "failed" if state == "FAILED" else "was killed"
+    if status in ("FAILED", "KILLED"):
+        verb = "failed" if status == "FAILED" else "was killed"
         return f"This run {verb}: {failure}" if failure else f"This run {verb} (no reason recorded)"
-    if state == liveness.CRASHED:
-        return f"This run crashed: {failure or liveness.crash_reason(run)}"
-    if state in ("RUNNING", "SCHEDULED"):
+    if status in ("RUNNING", "SCHEDULED"):
         return "This model is still training: its figures are not final"
     return None
 
@@ -286,11 +315,41 @@ def ui_base(tracking_uri: str | None) -> str | None:
     return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
-def entry(run, ui: str | None) -> dict:
-    from nf1prov.provenance import liveness
+def _whole(value: float | None) -> int | None:
+    """A metric that counts something (an epoch), as an int; None when absent or not finite."""
+    return int(value) if value is not None and math.isfinite(value) else None
 
-    info, tags = run.info, run.data.tags
-    state = liveness.run_state(run)
+
+def data_splits(run) -> list[dict]:
+    """``[{"name": "train", "fields": 4, "patients": ["NF0016", ...], "patient_count": 2}, ...]``
+    in split order, from the `nf1prov.data.splits` tag the trainer records; for older runs the
+    `dataset.<split>_fields` params (counts only, ``patients`` empty, ``patient_count`` None)."""
+    raw = run.data.tags.get(tracking.DATA_SPLITS)
+    try:
+        recorded = json.loads(raw) if raw else {}
+    except ValueError:
+        recorded = {}
+    if not isinstance(recorded, dict):
+        recorded = {}
+    out = []
+    for name in (*SPLITS, *sorted(set(recorded) - set(SPLITS))):
+        split = recorded.get(name)
+        if isinstance(split, dict) and isinstance(split.get("fields"), int):
+            patients = split.get("patients")
+            patients = [str(p) for p in patients] if isinstance(patients, list) else []
+            count = split.get("patient_count", len(patients) if patients else None)
+            out.append({"name": name, "fields": split["fields"], "patients": patients,
+                        "patient_count": count if isinstance(count, int) else None})
+            continue
+        counted = run.data.params.get(f"dataset.{name}_fields", "")
+        if not recorded and counted.isdigit():
+            out.append({"name": name, "fields": int(counted), "patients": [],
+                        "patient_count": None})
+    return out
+
+
+def entry(run, ui: str | None) -> dict:
+    info, tags, metrics = run.info, run.data.tags, run.data.metrics
     start = info.start_time
     date = (dt.datetime.fromtimestamp(start / 1000, dt.UTC).strftime("%Y-%m-%d")
             if start else None)
@@ -301,10 +360,14 @@ def entry(run, ui: str | None) -> dict:
         "codename": tags.get(tracking.CODENAME) or info.run_name or tags.get(tracking.RUN_NAME)
         or info.run_id,
         "date": date,
-        "status": state,
-        "important": warning(run, state),
+        "status": info.status,
+        "important": warning(run),
         "notes": notes(tags),
         "fields": description(tags),
+        "data_root": run.data.params.get(DATA_ROOT_PARAM) or None,
+        "splits": data_splits(run),
+        "epochs_run": _whole(metrics.get(EPOCHS_RUN_METRIC)),
+        "best_epoch": _whole(metrics.get(BEST_EPOCH_METRIC)),
         "holdout_patients": holdout_patients(run.data.params),
         "val_dice": scores(run.data.metrics, "best_val_dice"),
         "holdout_dice": scores(run.data.metrics, "holdout_dice"),
@@ -318,15 +381,24 @@ def newest_first(runs: list) -> list:
     return sorted(runs, key=lambda r: (-(r.info.start_time or 0), r.info.run_id))
 
 
+def is_committed(run) -> bool:
+    """True for a model: its run got its commit (`mlflow.source.git.commit`). A run whose commit
+    never happened (a pre-commit hook refused it, it was interrupted waiting for the commit
+    lock) is not a model; `--import-history` gives pre-nf1prov runs their commit tag."""
+    return bool((run.data.tags.get(tracking.GIT_COMMIT) or "").strip())
+
+
 def build_context(runs: list, tracking_uri: str | None = None) -> dict:
-    """Template context: ``groups`` (one per experiment, newest first) of ``entries``."""
+    """Template context: ``groups`` (one per experiment, newest first) of ``entries``, and
+    ``model_count``; runs that never got their commit are left out."""
     ui = ui_base(tracking_uri)
+    models = [run for run in newest_first(runs) if is_committed(run)]
     groups: dict[str, dict] = {}
-    for run in newest_first(runs):
+    for run in models:
         exp = run.info.experiment_id
         groups.setdefault(exp, {"experiment_id": exp, "entries": []})
         groups[exp]["entries"].append(entry(run, ui))
-    return {"groups": list(groups.values()), "model_count": len(runs)}
+    return {"groups": list(groups.values()), "model_count": len(models)}
 
 
 def fetch_runs(client) -> list:
@@ -336,36 +408,141 @@ def fetch_runs(client) -> list:
 
 # --- README splicing --------------------------------------------------------------------------
 
-def line_ending(text: str) -> str:
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\n|\r)|[^\r\n]+\Z")
+_EOL = re.compile(r"\r\n|\n|\r")
+# A code fence: 3+ backticks or tildes, then (backticks only) an info string without backticks.
+# Any indentation is accepted, so fences inside list items count too.
+_FENCE = re.compile(r"[ \t]*(?P<fence>`{3,}|~{3,})(?P<rest>.*)")
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of a README: ``number`` (1-based), ``start``/``end`` offsets in the text
+    (``end`` after the line ending), ``content`` without its line ending, and ``eol``."""
+
+    number: int
+    start: int
+    end: int
+    content: str
+    eol: str
+
+
+def split_lines(text: str) -> list[Line]:
+    """Every line of ``text`` (CRLF, LF and CR endings; the last line may have none)."""
+    lines = []
+    for number, match in enumerate(_LINE.finditer(text), start=1):
+        raw = match.group(0)
+        content = raw.rstrip("\r\n")
+        lines.append(Line(number, match.start(), match.end(), content, raw[len(content):]))
+    return lines
+
+
+def prose_lines(text: str) -> tuple[list[Line], str | None]:
+    """(the lines outside fenced code, the fence still open at the end or None).
+
+    CommonMark fences: a line opening with 3+ backticks or tildes starts a code block that the
+    next line holding only a fence of the same character, at least as long, closes; an
+    unclosed fence runs to the end of the text. Fence lines themselves are not prose.
+    """
+    prose, fence = [], None
+    for line in split_lines(text):
+        match = _FENCE.fullmatch(line.content)
+        if fence is None:
+            if match and not (match["fence"][0] == "`" and "`" in match["rest"]):
+                fence = match["fence"]
+            else:
+                prose.append(line)
+        elif (match and match["fence"][0] == fence[0] and len(match["fence"]) >= len(fence)
+              and not match["rest"].strip()):
+            fence = None
+    return prose, fence
+
+
+def marker_kind(content: str) -> str | None:
+    """"begin" or "end" when a line (without its ending) is a marker of its own, else None."""
+    stripped = content.strip(" \t")
+    return {BEGIN_MARKER: "begin", END_MARKER: "end"}.get(stripped)
+
+
+@dataclass(frozen=True)
+class Markers:
+    """The two marker lines of a README; the catalogue block is ``text[begin.end:end.start]``."""
+
+    begin: Line
+    end: Line
+
+    def block(self, text: str) -> str:
+        return text[self.begin.end:self.end.start]
+
+
+def find_markers(text: str, readme: Path | str = "README.md") -> Markers | None:
+    """The begin and end marker lines outside fenced code; None when there are none.
+
+    Raises UserError naming the lines when they are broken (one missing, either one
+    duplicated, or end before begin).
+    """
+    prose, _ = prose_lines(text)
+    found: dict[str, list[Line]] = {"begin": [], "end": []}
+    for line in prose:
+        kind = marker_kind(line.content)
+        if kind:
+            found[kind].append(line)
+    begins, ends = found["begin"], found["end"]
+    if not begins and not ends:
+        return None
+    if len(begins) == len(ends) == 1 and begins[0].number < ends[0].number:
+        return Markers(begins[0], ends[0])
+
+    def at(lines: list[Line]) -> str:
+        return f" (line {', '.join(str(line.number) for line in lines)})" if lines else ""
+
+    raise UserError(
+        f"{readme}: the catalogue markers are broken (found {len(begins)} x {BEGIN_MARKER}"
+        f"{at(begins)} and {len(ends)} x {END_MARKER}{at(ends)}; expected one of each, begin "
+        "first, each on a line of its own). Markers quoted in text or inside fenced code do "
+        "not count: check for a ``` fence left open. Fix or delete them and run "
+        "`nf1prov catalog` again."
+    )
+
+
+def line_ending(text: str, markers: Markers | None = None) -> str:
     """The README's line ending: that of the begin marker's line, else the first one found."""
-    at = text.find(BEGIN_MARKER)
-    match = re.compile(r"\r\n|\n|\r").search(text, at if at >= 0 else 0)
+    if markers is not None and markers.begin.eol:
+        return markers.begin.eol
+    match = _EOL.search(text)
     return match.group(0) if match else "\n"
 
 
 def splice(text: str, block: str, readme: Path | str = "README.md") -> str:
-    """``text`` with ``block`` (LF lines) between the markers; all other bytes unchanged."""
-    eol = line_ending(text)
+    """``text`` with ``block`` (LF lines) between the marker lines; all other bytes unchanged.
+
+    Without markers they are added (with the block) right below the first `## Model
+    Descriptions` line outside fenced code, else appended with that heading at the end.
+    """
+    markers = find_markers(text, readme)
+    eol = line_ending(text, markers)
     body = block.replace("\n", eol)
-    begins, ends = text.count(BEGIN_MARKER), text.count(END_MARKER)
-    if begins == ends == 1 and text.index(BEGIN_MARKER) < text.index(END_MARKER):
-        start = text.index(BEGIN_MARKER) + len(BEGIN_MARKER)
-        return text[:start] + eol + body + text[text.index(END_MARKER):]
-    if begins or ends:
-        raise UserError(
-            f"{readme}: the catalogue markers are broken (found {begins} x {BEGIN_MARKER} and "
-            f"{ends} x {END_MARKER}; expected one of each, begin first). Fix or delete them "
-            "and run `nf1prov catalog` again."
-        )
+    if markers is not None:
+        return text[:markers.begin.end] + body + text[markers.end.start:]
     section = f"{BEGIN_MARKER}{eol}{body}{END_MARKER}{eol}"
-    heading = re.search(rf"^{re.escape(HEADING)}[ \t]*(\r\n|\n|\r|$)", text, re.MULTILINE)
+    prose, _ = prose_lines(text)
+    heading = next((line for line in prose
+                    if re.fullmatch(rf"{re.escape(HEADING)}[ \t]*", line.content)), None)
     if heading:
-        cut = heading.end()
-        sep = "" if heading.group(1) else eol
-        return text[:cut] + sep + section + text[cut:]
+        sep = "" if heading.eol else eol
+        return text[:heading.end] + sep + section + text[heading.end:]
     if text and not text.endswith(("\n", "\r")):
         text += eol
     return text + (eol if text else "") + HEADING + eol + section
+
+
+def catalogue_block(text: str, readme: Path | str = "README.md") -> tuple[str, int] | None:
+    """(the text between the marker lines, line number of its first line); None without
+    markers. Raises UserError for broken markers."""
+    markers = find_markers(text, readme)
+    if markers is None:
+        return None
+    return markers.block(text), markers.begin.number + 1
 
 
 def read_readme(path: Path) -> str:
@@ -379,23 +556,41 @@ def read_readme(path: Path) -> str:
         raise UserError(f"Cannot read {path}: {exc}.") from exc
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and os.replace; keeps the file mode."""
+def write_target(path: Path) -> Path:
+    """The file a write to ``path`` must replace: the end of its symlink chain (a dangling link
+    names the file to create), else ``path`` itself."""
     path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file beside the real file and os.replace; keeps the file mode.
+
+    A symlinked README stays a link: the temp file goes in the target's folder and replaces the
+    target, so readers see the old or the new text, never a mix.
+    """
+    path = Path(path)
+    target = write_target(path)
     try:
-        mode = path.stat().st_mode & 0o7777
+        mode = target.stat().st_mode & 0o7777
     except FileNotFoundError:
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UserError(f"Cannot write {path}: {exc}. Fix the file (or its symlink).") from exc
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UserError(f"Cannot write {path} (a temporary file in {target.parent}: {exc}); "
+                        "check that the folder exists and is writable.") from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(text.encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -409,6 +604,8 @@ def unified_diff(old: str, new: str, name: str) -> str:
 
 @dataclass
 class Rebuild:
+    """A README before and after the catalogue rebuild (nothing written yet)."""
+
     readme: Path
     old: str
     new: str
@@ -418,14 +615,27 @@ class Rebuild:
     def changed(self) -> bool:
         return self.old != self.new
 
+    @property
+    def old_block(self) -> tuple[str, int] | None:
+        """(the README's catalogue block now, its first line number); None without markers."""
+        return catalogue_block(self.old, self.readme)
+
+    @property
+    def new_block(self) -> str:
+        """The block as written between the markers (the README's line endings)."""
+        found = catalogue_block(self.new, self.readme)
+        assert found is not None  # splice always leaves markers
+        return found[0]
+
 
 def rebuild(readme: Path, runs: list, *, tracking_uri: str | None = None,
             repo_root: Path | None = None, template_dir: Path | None = None) -> Rebuild:
     """Render the catalogue for ``runs`` and splice it into the README text (nothing written)."""
     readme = Path(readme)
-    block = render(build_context(runs, tracking_uri), template_dirs(repo_root, template_dir))
+    context = build_context(runs, tracking_uri)
+    block = render(context, template_dirs(repo_root, template_dir))
     old = read_readme(readme)
-    return Rebuild(readme, old, splice(old, block, readme), len(runs))
+    return Rebuild(readme, old, splice(old, block, readme), context["model_count"])
 
 
 # --- --import-history -------------------------------------------------------------------------

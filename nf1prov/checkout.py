@@ -8,6 +8,7 @@ beside it and renamed into place, so a failure leaves no half folder.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -157,6 +158,13 @@ def checkout_model(root: Path, client, model: ResolvedModel, worktree: Path | No
         return CheckedOut(root, destination, files)
 
     worktree = Path(worktree).absolute()
+    inside = worktree.resolve() == Path(root).resolve() or Path(root).resolve() in \
+        worktree.resolve().parents
+    if inside and not git.is_ignored(root, worktree, directory=True):
+        raise UserError(f"{worktree} lies inside the repository {root} and is not git-ignored: "
+                        "the next model commit would record that worktree as a gitlink. Choose "
+                        f"a folder outside the repository, e.g. --worktree ../{model.codename}, "
+                        "or git-ignore the folder first.")
     if worktree.exists() and any(worktree.iterdir()):
         raise UserError(f"{worktree} exists and is not empty: choose a new folder for the "
                         "worktree.")
@@ -171,20 +179,26 @@ def checkout_model(root: Path, client, model: ResolvedModel, worktree: Path | No
     return CheckedOut(worktree, destination, files)
 
 
-def retrain_command(model: ResolvedModel, checked_out: CheckedOut) -> str:
-    """The exact `nf1prov train` line that retrains this model from its logged config."""
+def retrain_command(model: ResolvedModel, checked_out: CheckedOut, root: Path,
+                    tracking_uri: str) -> str:
+    """The exact shell line that retrains this model from its logged config, run inside the
+    checked-out tree: that tree's code is what trains (see provenance.code_snapshot), the data
+    is the folder the model was trained on (a relative data.root is resolved against ``root``,
+    the repository checkout ran in) and the store is the one checkout read."""
     config = checked_out.artifacts.relative_to(checked_out.tree) / "config" / "config.toml"
     data_root = model.run.data.params.get("data.root", "")
     experiment = model.run.data.params.get("experiment.name", "")
     parts = ["nf1prov", "train", "--config", str(config)]
     if data_root:
-        parts += ["--data-root", data_root]
+        parts += ["--data-root", str((Path(root) / data_root).resolve())]
     if experiment:
         parts += ["--experiment", experiment]
-    return " ".join(parts)
+    parts += ["--tracking-uri", tracking_uri]
+    return f"cd {shlex.quote(str(checked_out.tree))} && {shlex.join(parts)}"
 
 
-def describe(model: ResolvedModel, checked_out: CheckedOut) -> str:
+def describe(model: ResolvedModel, checked_out: CheckedOut, root: Path,
+             tracking_uri: str) -> str:
     tags = model.run.data.tags
     lines = [
         f"Checked out {model.codename} (run {model.run_id}) at commit {model.sha} in "
@@ -193,7 +207,7 @@ def describe(model: ResolvedModel, checked_out: CheckedOut) -> str:
         f"Status: {model.run.info.status}"
         + (f" ({tags[tracking.FAILURE]})" if tracking.FAILURE in tags else ""),
         "Retrain it with:",
-        f"  cd {checked_out.tree} && {retrain_command(model, checked_out)}",
+        f"  {retrain_command(model, checked_out, root, tracking_uri)}",
     ]
     if (checked_out.artifacts / "model").is_dir():
         lines += ["Load the weights in Python:",

@@ -4,12 +4,22 @@
 `SCHEMA` below holds every key with its default value; its type is the key's type. A config
 file may leave keys out (the default applies) but may not add unknown ones, and `--set KEY=VALUE`
 overrides are parsed as TOML values and type-checked against the schema.
+
+`RANGES` holds the allowed values of every numeric setting (and of the few other keys with a
+fixed set of values); `validate` checks them all when the config is loaded, so that a value such
+as `--set train.learning_rate=nan` is refused before anything (commit, tag, run) exists. nan and
+inf are refused everywhere.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import math
+import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +39,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "crop_margin": 2,  # target pixels trimmed at each crop edge
         "boundary_thickness": 2,
         "split_fractions": [0.8, 0.1, 0.1],  # train / val / test, by field of view
+        # Train on these fields of view only ("<patient>/<well>-<site>" ids, e.g. "NF0017/C4-2");
+        # empty = every field under the data root (less the holdout patients). `nf1prov
+        # reproduce` sets it to the original's fields when the data root has gained new ones;
+        # the split of the listed fields is the hash split of those fields alone.
+        "fields": [],
     },
     "model": {
         "architecture": "unet",  # a key of models.ARCHITECTURES
@@ -40,7 +55,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "learning_rate": 1e-4,
         "alpha": 0.9,  # EMA factor of the class weights
         "weight_samples": 40,  # training targets drawn for the initial class weights
-        "patience": 5,  # early stopping on validation loss
+        "patience": 5,  # >= 1: stop after this many epochs without a better val_loss
         "seed": 0,
         "device": "auto",  # auto | cpu | cuda
         "num_workers": 0,
@@ -86,9 +101,10 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"Config file {path} is not valid TOML: {exc}. Fix the syntax.") from None
     config = merge(defaults(), raw, source=str(path))
+    origins = {}
     for item in overrides:
-        apply_override(config, item)
-    validate(config, source=str(path))
+        origins[apply_override(config, item)] = f"--set {item}"
+    validate(config, source=str(path), origins=origins)
     return config
 
 
@@ -106,8 +122,9 @@ def merge(base: dict, raw: dict, source: str) -> dict:
     return base
 
 
-def apply_override(config: dict, item: str) -> None:
-    """Apply one ``section.key=value`` override; the value is parsed as TOML, else as a string."""
+def apply_override(config: dict, item: str) -> str:
+    """Apply one ``section.key=value`` override; the value is parsed as TOML, else as a string.
+    Returns the dotted key."""
     if "=" not in item:
         raise UserError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. --set train.epochs=3.")
     dotted, text = item.split("=", 1)
@@ -119,6 +136,7 @@ def apply_override(config: dict, item: str) -> None:
     except tomllib.TOMLDecodeError:
         value = text  # bare words are strings: --set train.device=cpu
     set_value(config, section, key, value, source=f"--set {item}")
+    return f"{section}.{key}"
 
 
 def set_value(config: dict, section: str, key: str, value: Any, source: str) -> None:
@@ -177,48 +195,120 @@ def _type_error(source: str, section: str, key: str, value: Any, expected: str) 
     return UserError(f"{source}: {section}.{key} must be {expected}, not {value!r}.")
 
 
-def validate(config: dict, source: str) -> None:
-    """Cross-field checks the type check cannot make."""
-    data, train = config["data"], config["train"]
-    if data["input_slices"] < 1 or data["input_slices"] % 2 == 0:
-        raise UserError(f"{source}: data.input_slices must be odd and >= 1 "
-                        f"(the centre slice is predicted), not {data['input_slices']}.")
-    if data["crop_size"] < 16 or data["crop_size"] % 16:
-        raise UserError(f"{source}: data.crop_size must be a positive multiple of 16, "
-                        f"not {data['crop_size']}.")
-    if data["crop_stride"] < 1:
-        raise UserError(f"{source}: data.crop_stride must be >= 1, not {data['crop_stride']}.")
-    if not 0 <= data["crop_margin"] < data["crop_size"] // 2:
-        raise UserError(f"{source}: data.crop_margin must be in [0, crop_size/2).")
-    if data["boundary_thickness"] < 1:
-        raise UserError(f"{source}: data.boundary_thickness must be >= 1.")
-    fractions = data["split_fractions"]
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise UserError(f"{source}: data.split_fractions must be three non-negative numbers "
-                        f"(train, val, test) summing to 1, not {fractions}.")
-    if train["device"] not in ("auto", "cpu", "cuda"):
-        raise UserError(f"{source}: train.device must be auto, cpu or cuda, not "
-                        f"{train['device']!r}.")
-    for key in ("epochs", "batch_size", "trials", "weight_samples"):
-        if train[key] < 1:
-            raise UserError(f"{source}: train.{key} must be >= 1, not {train[key]}.")
-    if not 0 <= train["alpha"] <= 1:
-        raise UserError(f"{source}: train.alpha must be in [0, 1], not {train['alpha']}.")
+# Allowed values: "section.key" -> (test, the allowed range in words). A test gets the value and
+# the whole config; the words may name other settings as {crop_size} / {half_crop}. Every key of
+# SCHEMA whose value is a number or a list of numbers has a rule (tests/test_config.py checks).
+Rule = tuple[Callable[[Any, dict], bool], str]
+SEED_MAX = 2**32 - 1  # NumPy's seed range
+SPLIT_TOLERANCE = 1e-6
+FIELDS_PARAM_MAX = 500  # characters of data.fields logged as a param (MLflow's oldest limit)
+FIELD_ID_RE = re.compile(r"^[^/\s]+/[^/\s-]+-[^/\s]+$")
+
+
+def _at_least(low: int | float) -> Callable[[Any, dict], bool]:
+    return lambda v, _: v >= low
+
+
+def _split_ok(v: list, _: dict) -> bool:
+    return (len(v) == 3 and all(f >= 0 for f in v) and v[0] > 0
+            and abs(sum(v) - 1) <= SPLIT_TOLERANCE)
+
+
+def _search_batch_ok(v: list, _: dict) -> bool:
+    return len(v) == 2 and all(float(x).is_integer() for x in v) and 1 <= v[0] <= v[1]
+
+
+RANGES: dict[str, Rule] = {
+    "experiment.max_commit_file_mb": (lambda v, _: v > 0, "a finite number > 0 (megabytes)"),
+    "data.input_slices": (lambda v, _: v >= 1 and v % 2 == 1,
+                          "odd and >= 1 (the centre slice's mask is predicted)"),
+    "data.crop_size": (lambda v, _: v >= 16 and v % 16 == 0,
+                       "a positive multiple of 16 (16, 32, ...: the UNet halves a crop four "
+                       "times)"),
+    "data.crop_stride": (_at_least(1), "an integer >= 1 (pixels between crops)"),
+    "data.crop_margin": (lambda v, c: 0 <= v < c["data"]["crop_size"] / 2,
+                         "an integer in [0, crop_size/2), i.e. 0 to {max_margin} for crop_size "
+                         "{crop_size} (target pixels trimmed at each crop edge)"),
+    "data.boundary_thickness": (_at_least(1),
+                                "an integer >= 1 (pixels; with 0 no pixel would be boundary)"),
+    "data.split_fractions": (_split_ok,
+                             "three finite numbers >= 0 [train, val, test] summing to 1 (within "
+                             f"{SPLIT_TOLERANCE:g}), with train > 0"),
+    "model.base_width": (_at_least(1), "an integer >= 1 (channels of the first UNet block)"),
+    "train.epochs": (_at_least(1), "an integer >= 1"),
+    "train.batch_size": (_at_least(1), "an integer >= 1"),
+    "train.learning_rate": (lambda v, _: v > 0, "a finite number > 0 (e.g. 1e-4)"),
+    "train.alpha": (lambda v, _: 0 <= v <= 1, "a finite number in [0, 1] (the EMA factor)"),
+    "train.weight_samples": (_at_least(1), "an integer >= 1"),
+    "train.patience": (_at_least(1),
+                       "an integer >= 1 (epochs without a better val_loss before stopping; set "
+                       "it to train.epochs or more to never stop early)"),
+    "train.seed": (lambda v, _: 0 <= v <= SEED_MAX, f"an integer in [0, {SEED_MAX}]"),
+    "train.num_workers": (_at_least(0), "an integer >= 0 (0 = load data in the main process)"),
+    "train.trials": (_at_least(1), "an integer >= 1 (1 = no search)"),
+    "train.search_batch_size": (_search_batch_ok,
+                                "two integers [low, high] with 1 <= low <= high"),
+    "train.search_learning_rate": (lambda v, _: len(v) == 2 and 0 < v[0] <= v[1],
+                                   "two finite numbers [low, high] with 0 < low <= high (a "
+                                   "log-uniform range)"),
+    "train.overlay_crops": (_at_least(0), "an integer >= 0 (0 = no overlays)"),
+    "train.max_batches_per_epoch": (_at_least(0), "an integer >= 0 (0 = all batches)"),
+    "train.device": (lambda v, _: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    "data.fields": (lambda v, _: all(FIELD_ID_RE.match(f) for f in v) and len(set(v)) == len(v),
+                    'a list of distinct field-of-view ids "<patient>/<well>-<site>" such as '
+                    '"NF0017/C4-2" (empty: all fields)'),
+}
+
+
+def _finite(value: Any) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return all(not isinstance(v, float) or math.isfinite(v) for v in values)
+
+
+def validate(config: dict, source: str, origins: dict[str, str] | None = None) -> None:
+    """Check every value against `RANGES` (and the architecture against models.ARCHITECTURES).
+
+    ``origins`` maps a dotted key to where its value came from (a ``--set`` override), for the
+    message; other keys are named with ``source`` (the config file).
+    """
+    origins = origins or {}
+    words = {"crop_size": config["data"]["crop_size"],
+             "max_margin": max(0, math.ceil(config["data"]["crop_size"] / 2) - 1)}
+    for dotted, (test, allowed) in RANGES.items():
+        section, key = dotted.split(".")
+        value = config[section][key]
+        if _finite(value) and test(value, config):
+            continue
+        where = origins.get(dotted, source)
+        fix = ("Pass a value in that range to --set." if dotted in origins
+               else f"Change it in {source} (or override it with --set {dotted}=VALUE).")
+        raise UserError(f"{where}: {dotted} must be {allowed.format(**words)}, not "
+                        f"{_toml_value(value)}. {fix}")
     from models import ARCHITECTURES  # noqa: PLC0415  (models is light, but keep import local)
 
     if config["model"]["architecture"] not in ARCHITECTURES:
-        raise UserError(f"{source}: model.architecture {config['model']['architecture']!r} is "
+        where = origins.get("model.architecture", source)
+        raise UserError(f"{where}: model.architecture {config['model']['architecture']!r} is "
                         f"not known. Known: {', '.join(sorted(ARCHITECTURES))}.")
 
 
 def flatten(config: dict) -> dict[str, Any]:
-    """{'data.input_slices': 3, ...} for MLflow params (description excluded: it becomes tags)."""
-    return {
+    """{'data.input_slices': 3, ...} for MLflow params (description excluded: it becomes tags).
+
+    A long `data.fields` list is summarised (count and digest; the full list is in the logged
+    config/config.toml), since an MLflow param holds at most a few thousand characters."""
+    flat = {
         f"{section}.{key}": value
         for section, values in config.items()
         if section != "description"
         for key, value in values.items()
     }
+    fields = flat.get("data.fields")
+    if fields and len(json.dumps(fields)) > FIELDS_PARAM_MAX:
+        digest = hashlib.sha256("\n".join(sorted(fields)).encode()).hexdigest()[:16]
+        flat["data.fields"] = (f"{len(fields)} fields of view (sha256 {digest} of the sorted "
+                               "ids; listed in config/config.toml)")
+    return flat
 
 
 def to_toml(config: dict) -> str:
@@ -238,8 +328,6 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        import json
-
         return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"

@@ -29,7 +29,7 @@ DEFAULT_PATH = Path("demo-workspace")
 MARKER = ".nf1prov-demo"
 CONFIG = "configs/demo.toml"
 DATA = "data"
-GITIGNORE = ["mlflow.db", "mlruns/", "mlartifacts/", ".nf1prov/", "data/", "checkouts/",
+GITIGNORE = ["mlflow.db", "mlruns/", "mlartifacts/", ".nf1prov/", "/data/", "/checkouts/",
              "__pycache__/", f"/{MARKER}"]
 DEMO_IDENTITY = ("nf1prov demo", "demo@nf1prov.invalid")
 
@@ -127,19 +127,22 @@ def check_target(workspace: Path, replace: bool) -> bool:
     return True
 
 
-def _copy_tree(source: Path, destination: Path) -> None:
-    shutil.copytree(source, destination, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+def _copy_tree(source: Path, destination: Path, *skip: str) -> None:
+    shutil.copytree(source, destination,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", *skip))
 
 
 def prepare_workspace(path: Path | str, replace: bool = False, echo: Echo = print) -> Path:
-    """Create the workspace: a new git repository (branch main) holding copies of models/,
-    templates/ and configs/, a README with empty catalogue markers, a .gitignore and the marker
-    file, committed as "Demo workspace". Returns its absolute path.
+    """Create the workspace: a new git repository (branch main) holding copies of nf1prov/,
+    models/, templates/ and configs/ (a model commit holds the code that trains it), a README
+    with empty catalogue markers, a .gitignore and the marker file, committed as "Demo
+    workspace". Returns its absolute path.
 
     An existing folder is used only when empty, or replaced (deleted) only when it carries the
     marker and ``replace`` is set; see `check_target`.
     """
     import models
+    import nf1prov
     from nf1prov import catalog
     from nf1prov.provenance import git
     from nf1prov.resources import shipped_dir
@@ -152,6 +155,9 @@ def prepare_workspace(path: Path | str, replace: bool = False, echo: Echo = prin
     (workspace / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
     git.git("init", "--quiet", "--initial-branch=main", cwd=workspace)
     _copy_tree(Path(models.__file__).resolve().parent, workspace / "models")
+    # A wheel carries templates/ and configs/ inside the package: the workspace has its own.
+    _copy_tree(Path(nf1prov.__file__).resolve().parent, workspace / "nf1prov", "templates",
+               "configs")
     for name in ("templates", "configs"):
         _copy_tree(shipped_dir(name), workspace / name)
     (workspace / ".gitignore").write_text("\n".join(GITIGNORE) + "\n", encoding="utf-8")
@@ -170,7 +176,7 @@ def prepare_workspace(path: Path | str, replace: bool = False, echo: Echo = prin
                         f"({', '.join(left[:5])}); check your git hooks and config, then run "
                         "again with --replace.")
     echo(f"  -> {workspace}: git repository, commit {sha[:10]} 'Demo workspace' with models/, "
-         "templates/, configs/, README.md, .gitignore")
+         "nf1prov/, templates/, configs/, README.md, .gitignore")
     return workspace
 
 

@@ -4,13 +4,17 @@ compare the metrics with the original run.
 The order keeps a refusal free of side effects:
 1. The model is checked out into a temporary worktree (config and split manifest only: the
    weights are not needed) and the data is hashed against the manifest. A mismatch stops here,
-   before any run exists; the worktree is removed.
+   before any run exists; the worktree is removed. Fields of view the data root has gained
+   since are left out: the training gets `--set data.fields=[<the recorded ids>]`, so it trains
+   on exactly the recorded fields, with the recorded split (a commit whose code predates
+   `data.fields` is refused here instead).
 2. A run is created in the original's experiment, tagged `nf1prov.reproduces=<original run ID>`,
    and `nf1prov train --no-commit` runs in the worktree as a subprocess with that run as its
    MLFLOW_RUN_ID, so it trains inside it. The subprocess imports the worktree's `models` (and
    `nf1prov`, when the repository holds it) ahead of the installed ones: the model's code, not
    today's. It uses the original's number of torch threads, which CPU results depend on.
-3. The latest value of every metric the two runs share (holdout_* metrics come from
+3. The reproduction's split manifest is compared with the original's (field ids and splits),
+   then the latest value of every metric the two runs share (holdout_* metrics come from
    `evaluate`, not training, and are skipped) is compared; the table is printed, logged to the
    new run as `reproduction/comparison.csv`, and summarised in `nf1prov.reproduction`; the
    original gets `nf1prov.reproduced` (outcome, run, date), which the catalogue shows.
@@ -20,13 +24,15 @@ A run the subprocess leaves RUNNING (killed without a word) is ended FAILED or K
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -41,6 +47,7 @@ from nf1prov.resolve import ResolvedModel
 RESULT = "nf1prov.reproduction"  # "identical" or "differs: ..." on the reproducing run
 COMPARISON_ARTIFACT = "reproduction/comparison.csv"
 ARTIFACTS = ("config", "manifest")
+MANIFEST_ARTIFACT = "manifest/split_manifest.csv"
 SKIPPED_PREFIXES = ("holdout_", "system/")
 
 
@@ -56,10 +63,13 @@ class Reproduction:
     run_id: str  # the reproducing run
     comparison: pd.DataFrame  # metric, original, reproduced, difference
     missing: list[str]  # metrics the original has and the reproduction lacks
+    split_changes: list[str] = field(default_factory=list)  # fields whose split differs
+    extra_fields: list[str] = field(default_factory=list)  # under the data root, left out
 
     @property
     def identical(self) -> bool:
-        return not self.missing and bool((self.comparison["difference"] == 0).all())
+        return (not self.missing and not self.split_changes
+                and bool((self.comparison["difference"] == 0).all()))
 
     def max_abs_difference(self) -> float:
         return float(self.comparison["difference"].abs().max()) if len(self.comparison) else 0.0
@@ -86,14 +96,80 @@ def check_data(manifest: pd.DataFrame, data_root: Path, cache_dir: Path) -> None
                         "--data-root at the original data (same files, same content).")
 
 
-def trainer_environment(tree: Path, run_id: str, threads: str | None) -> dict[str, str]:
-    """The train subprocess's environment: the worktree's code first, the new run to train in."""
+def code_environment(tree: Path) -> dict[str, str]:
+    """An environment whose Python imports the worktree's code ahead of the installed one."""
     env = tracking.child_environment()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+    return env
+
+
+def trainer_environment(tree: Path, run_id: str, threads: str | None) -> dict[str, str]:
+    """The train subprocess's environment: the worktree's code first, the new run to train in."""
+    env = code_environment(tree)
     env["MLFLOW_RUN_ID"] = run_id
     if threads and threads.isdigit():
         env["OMP_NUM_THREADS"] = threads
     return env
+
+
+def manifest_splits(manifest: pd.DataFrame) -> dict[str, str]:
+    """{field-of-view id: split} of a split manifest."""
+    return {f"{r.patient}/{r.well}-{r.site}": r.split for r in manifest.itertuples()}
+
+
+def manifest_ids(manifest: pd.DataFrame) -> list[str]:
+    """The field-of-view ids of a split manifest, sorted."""
+    return sorted(manifest_splits(manifest))
+
+
+def extra_fields(manifest: pd.DataFrame, data_root: Path, config_path: Path) -> list[str]:
+    """Ids of the fields of view under ``data_root`` (less the logged config's holdout
+    patients) that the original did not train on: data added since."""
+    from nf1prov.config import SCHEMA
+    from nf1prov.data.layout import discover_fields
+
+    data = tomllib.loads(config_path.read_text(encoding="utf-8")).get("data", {})
+    holdout = data.get("holdout_patients", SCHEMA["data"]["holdout_patients"])
+    recorded = set(manifest_ids(manifest))
+    return sorted(f.fov_id for f in discover_fields(data_root, tuple(holdout))
+                  if f.fov_id not in recorded)
+
+
+def code_selects_fields(tree: Path) -> bool:
+    """Whether the code the retraining runs (the worktree's nf1prov, else the installed one)
+    knows the config key data.fields."""
+    probe = ("import sys; from nf1prov.config import SCHEMA; "
+             "sys.exit(0 if 'fields' in SCHEMA['data'] else 3)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tree, env=code_environment(tree),
+                            capture_output=True, text=True, check=False)
+    return result.returncode == 0
+
+
+def fields_override(model: ResolvedModel, tree: Path, manifest: pd.DataFrame, data_root: Path,
+                    extra: list[str], echo: Callable[[str], None]) -> str:
+    """``data.fields=[...]`` naming the recorded fields, so the extra ones are left out."""
+    recorded = manifest_ids(manifest)
+    shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+    if not code_selects_fields(tree):
+        raise UserError(
+            f"{data_root} holds {len(extra)} field(s) of view that {model.codename} was not "
+            f"trained on ({shown}), and the code of its commit {model.sha[:12]} predates the "
+            "setting data.fields, so its training would use them too. Point --data-root at a "
+            f"copy holding only the {len(recorded)} fields of view of the model's "
+            "manifest/split_manifest.csv."
+        )
+    echo(f"Leaving out {len(extra)} field(s) of view added to {data_root} since training "
+         f"({shown}): the reproduction trains on the {len(recorded)} recorded ones only "
+         "(data.fields).")
+    return f"data.fields={json.dumps(recorded)}"
+
+
+def compare_splits(original: pd.DataFrame, reproduced: pd.DataFrame) -> list[str]:
+    """'<fov id>: <original split> -> <reproduced split>' for every field whose split differs
+    (a field only one side has shows as '-')."""
+    before, after = manifest_splits(original), manifest_splits(reproduced)
+    return [f"{fov}: {before.get(fov, '-')} -> {after.get(fov, '-')}"
+            for fov in sorted(before.keys() | after.keys()) if before.get(fov) != after.get(fov)]
 
 
 def compare_metrics(original: dict[str, float],
@@ -155,6 +231,9 @@ def _retrain(root, client, tracking_uri, model, tree, artifacts, data_root, over
     echo(f"Checking {2 * len(manifest)} data files under {data_root} against the original "
          "content hashes...")
     check_data(manifest, data_root, root / CACHE_DIR)
+    extra = extra_fields(manifest, data_root, config)
+    if extra:  # the user's own --set data.fields=... (later) still wins
+        overrides = (fields_override(model, tree, manifest, data_root, extra, echo), *overrides)
     share_cache(root, tree)
 
     tags = model.run.data.tags
@@ -180,10 +259,17 @@ def _retrain(root, client, tracking_uri, model, tree, artifacts, data_root, over
 
     reproduced = client.get_run(run_id)
     comparison, missing = compare_metrics(model.run.data.metrics, reproduced.data.metrics)
-    result = Reproduction(model, run_id, comparison, missing)
+    try:
+        new_manifest = pd.read_csv(client.download_artifacts(run_id, MANIFEST_ARTIFACT),
+                                   dtype={"well": str, "site": str})
+        split_changes = compare_splits(manifest, new_manifest)
+    except Exception as exc:  # noqa: BLE001  (MLflow raises several types for a missing file)
+        split_changes = [f"(the reproduction logged no readable {MANIFEST_ARTIFACT}: {exc})"]
+    result = Reproduction(model, run_id, comparison, missing, split_changes, extra)
     summary = "identical" if result.identical else (
         f"differs: max |difference| {result.max_abs_difference():.3g}"
-        + (f", missing {', '.join(missing)}" if missing else ""))
+        + (f", missing {', '.join(missing)}" if missing else "")
+        + (f", split of {len(split_changes)} field(s) of view" if split_changes else ""))
     client.set_tag(run_id, RESULT, summary)
     today = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     client.set_tag(model.run_id, tracking.REPRODUCED, f"{summary} (run {run_id}, {today})")
@@ -210,17 +296,25 @@ def format_comparison(result: Reproduction) -> str:
              f"reproduction (run {result.run_id}):", table]
     if result.missing:
         lines.append(f"Missing from the reproduction: {', '.join(result.missing)}")
+    if result.split_changes:
+        lines.append(f"Split differs from the original's for {len(result.split_changes)} "
+                     f"field(s) of view: {'; '.join(result.split_changes[:10])}")
+    if result.extra_fields:
+        lines.append(f"Left out: {len(result.extra_fields)} field(s) of view added to the data "
+                     "root since training.")
     return "\n".join(lines)
 
 
 def check_identical(result: Reproduction, tolerance: float) -> None:
     """CheckFailed (exit 1) unless every shared metric is within ``tolerance``."""
     worst = result.max_abs_difference()
-    if result.missing or worst > tolerance:
+    if result.missing or result.split_changes or worst > tolerance:
         raise CheckFailed(
             f"The reproduction of {result.original.codename} differs: largest |difference| "
             f"{worst:.3g} (tolerance {tolerance:g})"
             + (f"; missing metrics: {', '.join(result.missing)}" if result.missing else "")
+            + (f"; the split of {len(result.split_changes)} field(s) of view differs"
+               if result.split_changes else "")
             + ". Differences come from another device or torch version, a nondeterministic "
             "GPU kernel, or data/code outside the commit; `nf1prov show` on both runs compares "
             "their environments.")

@@ -31,6 +31,8 @@ PID = "nf1prov.pid"
 HEARTBEAT = "nf1prov.heartbeat"  # unix seconds (float, as text) of the last sign of life
 REPRODUCES = "nf1prov.reproduces"  # on a reproduction: the original run ID
 REPRODUCED = "nf1prov.reproduced"  # on the original: the latest reproduction's outcome
+# what each split trained on, JSON {split: {"fields": n, "patients": [...]}} (trainer)
+DATA_SPLITS = "nf1prov.data.splits"
 
 KIND_MODEL = "model"  # a committed model: the run a git commit belongs to
 KIND_TRIAL = "trial"  # a nested Optuna trial under a model run

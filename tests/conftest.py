@@ -135,12 +135,20 @@ data = ["Synthetic organoids", "Masks:", ["Background", "Inner-cell", "Cell-boun
 """
 
 
+def copy_code(destination: Path) -> None:
+    """This checkout's nf1prov/ and models/ packages: what a model commit must hold to train."""
+    for package in ("nf1prov", "models"):
+        shutil.copytree(REPO_ROOT / package, destination / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
 @pytest.fixture
 def project(git_repo, tracking_uri, data_root, monkeypatch) -> Path:
     """A minimal nf1prov project in a fresh repository (no commits yet), the CLI run inside it,
-    the store a fresh sqlite file outside it and the data outside it too."""
-    shutil.copytree(REPO_ROOT / "models", git_repo / "models",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    the store a fresh sqlite file outside it and the data outside it too. Training runs in a
+    subprocess with one torch thread (OMP_NUM_THREADS)."""
+    copy_code(git_repo)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     shutil.copytree(REPO_ROOT / "templates", git_repo / "templates")
     (git_repo / "configs").mkdir()
     (git_repo / "configs" / "tiny.toml").write_text(tiny_config(data_root))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,9 @@ from nf1prov import catalog, tracking
 from nf1prov.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-ADDED_PREFIXES = ("- **Run:**", "- **Holdout patients:**", "- **Best validation Dice:**",
-                  "- **Holdout Dice:**", "- **Holdout IoU:**", "- **Reproduced:**")
+ADDED_PREFIXES = ("- **Run:**", "- **Trained on:**", "- **Holdout patients:**", "- **Epochs:**",
+                  "- **Best validation Dice:**", "- **Holdout Dice:**", "- **Holdout IoU:**",
+                  "- **Reproduced:**")
 
 
 def build(tmp_path: Path, client, readme_text: str | None = None, **kwargs) -> catalog.Rebuild:
@@ -129,12 +129,13 @@ def test_heading_and_markers_appended_when_missing(tmp_path, client):
     assert new.endswith(catalog.END_MARKER + "\n")
 
 
-def test_text_after_markers_is_untouched(tmp_path, client):
+def test_marker_lines_with_surrounding_blanks_are_kept_whole(tmp_path, client):
     model_run(client, experiment(client), "calm-cod-7")
-    tail = catalog.END_MARKER + " trailing on the same line\n\n## Citation\n\n    code\n"
-    result = build(tmp_path, client, "x\n" + catalog.BEGIN_MARKER + "\n" + tail)
-    assert result.new.startswith("x\n" + catalog.BEGIN_MARKER + "\n")
-    assert result.new.endswith(tail)
+    head = "x\n  " + catalog.BEGIN_MARKER + "\t\n"
+    tail = "   " + catalog.END_MARKER + "  \n\n## Citation\n\n    code\n"
+    result = build(tmp_path, client, head + "stale\n" + tail)
+    assert result.new.startswith(head) and result.new.endswith(tail)
+    assert "stale" not in result.new and "calm-cod-7" in block_of(result.new)
 
 
 @pytest.mark.parametrize("readme", [
@@ -195,24 +196,21 @@ def test_code_span_survives_backticks():
     assert catalog.code_span("`x`") == "`` `x` ``"
 
 
-def test_failed_killed_crashed_and_running_runs_are_flagged(tmp_path, client):
+def test_failed_killed_and_running_runs_are_flagged_by_their_recorded_status(tmp_path, client):
     exp = experiment(client)
-    now = int(time.time() * 1000)
-    model_run(client, exp, "fail-fox-1", status="FAILED", start_time=now - 4,
+    model_run(client, exp, "fail-fox-1", status="FAILED", start_time=1_000,
               extra_tags={tracking.FAILURE: "CUDA out of memory"})
-    model_run(client, exp, "kill-kid-2", status="KILLED", start_time=now - 3)
-    model_run(client, exp, "dead-doe-3", status=None, start_time=now - 2,
-              extra_tags={tracking.HEARTBEAT: str(time.time() - 3600), tracking.HOST: "elsewhere"})
-    model_run(client, exp, "live-lynx-4", status=None, start_time=now - 1,
-              extra_tags={tracking.HEARTBEAT: str(time.time()), tracking.HOST: "elsewhere"})
+    model_run(client, exp, "kill-kid-2", status="KILLED", start_time=2_000)
+    model_run(client, exp, "dead-doe-3", status=None, start_time=3_000,
+              extra_tags={tracking.HEARTBEAT: "1000.0", tracking.HOST: "elsewhere"})
     important = [line for line in build(tmp_path, client, "").new.splitlines()
                  if line.startswith("> **Important!!!**")]
-    assert important[0] == ("> **Important!!!** This model is still training: its figures are "
-                            "not final <br>")
-    assert important[1].startswith("> **Important!!!** This run crashed: process ended without "
-                                   "finishing (last heartbeat ")
-    assert important[2] == "> **Important!!!** This run was killed (no reason recorded) <br>"
-    assert important[3] == "> **Important!!!** This run failed: CUDA out of memory <br>"
+    assert important == [
+        # RUNNING in the store, whatever its heartbeat: `nf1prov list --reap` records a crash
+        "> **Important!!!** This model is still training: its figures are not final <br>",
+        "> **Important!!!** This run was killed (no reason recorded) <br>",
+        "> **Important!!!** This run failed: CUDA out of memory <br>",
+    ]
 
 
 def test_holdout_figures_and_ui_link_for_http_servers_only(tmp_path, client):
@@ -279,8 +277,8 @@ def test_repository_templates_folder_is_used_first(tmp_path, client):
 
 def test_template_emitting_a_marker_is_refused(tmp_path, client):
     (tmp_path / "tpl").mkdir()
-    (tmp_path / "tpl" / "catalog.md.j2").write_text(catalog.END_MARKER + "\n")
-    with pytest.raises(UserError, match="contains"):
+    (tmp_path / "tpl" / "catalog.md.j2").write_text("text\n  " + catalog.END_MARKER + "\n")
+    with pytest.raises(UserError, match=r"line holding only .* \(output line 2\)"):
         build(tmp_path, client, "", template_dir=tmp_path / "tpl")
 
 

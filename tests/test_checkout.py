@@ -185,6 +185,21 @@ def test_worktree_checkout_leaves_current_tree_alone(world, repo, tmp_path):
         checkout_model(repo, client, model, worktree=tmp_path / "wt")
 
 
+def test_a_worktree_inside_the_repository_is_refused(world, repo):
+    """The next model commit would record it as a gitlink, not its files."""
+    client = tracking.client(world["uri"])
+    before = snapshot(repo)
+    model = resolve_model(client, "fearless-eel-256", repo_root=repo)
+    with pytest.raises(UserError, match="inside the repository.*--worktree ../fearless-eel-256"):
+        checkout_model(repo, client, model, worktree=repo / "checkouts" / "eel")
+    assert snapshot(repo) == before
+    assert len(git(repo, "worktree", "list").splitlines()) == 1
+    # A git-ignored folder is fine: git never records it (the demo checks out that way).
+    (repo / ".git" / "info" / "exclude").write_text("/checkouts/\n")
+    checkout_model(repo, client, model, worktree=repo / "checkouts" / "eel")
+    assert git(repo / "checkouts" / "eel", "rev-parse", "HEAD") == world["first"][1]
+
+
 def test_crafted_artifact_paths_are_refused():
     for bad in ("../../etc/passwd", "/etc/passwd", "model/../../x", "a\\..\\b", ""):
         with pytest.raises(UserError, match="Refusing artifact path"):

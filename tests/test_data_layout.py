@@ -147,3 +147,50 @@ def test_badly_named_field_folder(data):
     (masks / "cell_mask.tiff").write_bytes(field.mask_path.read_bytes())
     with pytest.raises(DataError, match=re.escape(str(bad)) + ".*<well>-<site>"):
         discover_fields(data)
+
+
+# --- data.fields: training on a chosen set of fields of view -----------------------------------
+
+
+def test_select_fields_keeps_the_listed_fields_in_discovery_order(data):
+    from nf1prov.data.layout import discover_training_fields, select_fields
+
+    fields = discover_fields(data)
+    ids = [fields[3].fov_id, fields[0].fov_id]
+    assert select_fields(fields, ids) == [fields[0], fields[3]]
+    assert select_fields(fields, []) == fields
+    config = {"holdout_patients": ["NF0014"], "fields": []}
+    assert discover_training_fields(data, config) == discover_fields(data, ["NF0014"])
+    kept = [f.fov_id for f in discover_fields(data, ["NF0014"])][:2]
+    assert [f.fov_id for f in discover_training_fields(data, config | {"fields": kept})] == kept
+
+
+def test_select_fields_names_the_missing_ids(data):
+    from nf1prov.data.layout import discover_training_fields, select_fields
+
+    fields = discover_fields(data)
+    with pytest.raises(DataError, match=rf"1 field\(s\) of view not found under {data}.*"
+                                        r"NF0099/A1-1\. .*data\.fields"):
+        select_fields(fields, [fields[0].fov_id, "NF0099/A1-1"], data)
+    held = next(f.fov_id for f in fields if f.patient.startswith("NF0014"))
+    with pytest.raises(DataError, match=rf"held out by data.holdout_patients\): {held}\."):
+        discover_training_fields(data, {"holdout_patients": ["NF0014"], "fields": [held]})
+
+
+def test_prepare_data_trains_on_the_listed_fields_only(data, tmp_path):
+    from nf1prov.config import defaults
+    from nf1prov.data.splits import split_fields
+    from nf1prov.train.trainer import prepare_data
+
+    config = defaults()
+    config["data"].update(holdout_patients=[], crop_size=32, crop_stride=16,
+                          split_fractions=[0.6, 0.4, 0.0])
+    every = discover_fields(data)
+    chosen = [f.fov_id for f in every[1:5]]
+    config["data"]["fields"] = chosen
+    prepared = prepare_data(config, data, tmp_path / "cache")
+    assert sorted(prepared.manifest["fov_id"]) == chosen
+    # The split is that of the listed fields alone (what `reproduce` relies on).
+    expected = split_fields([f for f in every if f.fov_id in chosen], [0.6, 0.4, 0.0])
+    assert {s: [f.fov_id for f in fs] for s, fs in prepared.splits.items()} == {
+        s: [f.fov_id for f in fs] for s, fs in expected.items()}

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -143,17 +144,71 @@ def test_failing_hook_leaves_index_and_tree_as_they_were(git_repo):
     assert git.tag_sha(git_repo, "model/brave-owl-1") is None
 
 
-def test_commit_lock_excludes_other_processes(git_repo):
-    code = ("import sys,time; from pathlib import Path; from nf1prov.provenance import commit\n"
-            "t=time.monotonic()\n"
-            "with commit.commit_lock(Path(sys.argv[1])): print(time.monotonic()-t)\n")
-    with commit.commit_lock(git_repo):
-        proc = subprocess.Popen([sys.executable, "-c", code, str(git_repo)],
-                                stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
-        time.sleep(1.0)
-        assert proc.poll() is None  # still waiting for the lock
-    out, _ = proc.communicate(timeout=30)
-    assert float(out) >= 0.9
+LOCK_HOLDER = """\
+import sys
+from pathlib import Path
+from nf1prov.provenance import commit
+
+repo, events = Path(sys.argv[1]), Path(sys.argv[2])
+
+def event(text):
+    with open(events, "a") as handle:
+        handle.write(text + "\\n")
+
+with commit.commit_lock(repo):
+    event("child acquired")
+    print("held", flush=True)
+    sys.stdin.readline()  # wait for the parent's go
+    event("child releasing")
+event("child released")
+"""
+
+
+def test_commit_lock_excludes_other_processes(git_repo, tmp_path):
+    """Proved by handshakes and the order of recorded events, never by elapsed time: while a
+    child process holds the lock, this process cannot take it; a waiting acquire gets it only
+    after the child has let go."""
+    events = tmp_path / "events"
+
+    def event(text: str) -> None:
+        with open(events, "a") as handle:  # O_APPEND: lines from both processes stay whole
+            handle.write(text + "\n")
+
+    proc = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(git_repo), str(events)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    try:
+        assert proc.stdout.readline() == "held\n", proc.stderr.read()  # the child holds it
+        with pytest.raises(UserError, match="Another nf1prov train held"):
+            with commit.commit_lock(git_repo, timeout=0):
+                event("parent acquired while the child held the lock")
+        event("parent refused")
+
+        started = threading.Event()
+
+        def acquire() -> None:
+            started.set()
+            with commit.commit_lock(git_repo):
+                event("parent acquired")
+
+        waiter = threading.Thread(target=acquire, daemon=True)
+        waiter.start()
+        started.wait()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        waiter.join(timeout=120)  # a guard against a hang, not a measurement
+        assert not waiter.is_alive(), "the waiting acquire never got the lock"
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
+
+    lines = events.read_text().splitlines()
+    assert lines[:3] == ["child acquired", "parent refused", "child releasing"], lines
+    assert sorted(lines[3:]) == ["child released", "parent acquired"], lines
 
 
 # --- heartbeat, liveness, tags ------------------------------------------------------------------
@@ -161,9 +216,23 @@ def test_commit_lock_excludes_other_processes(git_repo):
 
 def test_heartbeat_refreshes_and_liveness_reads_it(client, experiment_id):
     run_id = new_run(client, experiment_id, "brave-owl-1")
-    with heartbeat.Heartbeat(client, run_id, interval=0.1):
+    beats = threading.Condition()
+    count = [0]
+
+    class Observed(heartbeat.Heartbeat):  # the real loop; the test only counts the beats
+        def beat(self) -> None:
+            super().beat()
+            with beats:
+                count[0] += 1
+                beats.notify_all()
+
+    with Observed(client, run_id, interval=0.1):
         first = liveness.last_heartbeat(client.get_run(run_id))
-        time.sleep(0.5)
+        with beats:
+            # The second beat from now began after `first` was read (the first may have been
+            # under way): its timestamp is later. The timeout only guards against a hang.
+            target = count[0] + 2
+            assert beats.wait_for(lambda: count[0] >= target, timeout=120), "no heartbeat"
         run = client.get_run(run_id)
         assert liveness.last_heartbeat(run) > first
         assert run.data.tags[tracking.PID] == str(os.getpid())

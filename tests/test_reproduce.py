@@ -16,9 +16,18 @@ from click.testing import CliRunner
 
 from nf1prov import tracking
 from nf1prov.cli import cli
+from nf1prov.data.layout import IMAGE_DIR, IMAGE_SUFFIX, MASK_DIR, MASK_NAME
+from nf1prov.data.synthetic import synthesize_field
 from nf1prov.errors import CheckFailed
 from nf1prov.provenance import git
-from nf1prov.reproduce import RESULT, Reproduction, check_identical, compare_metrics
+from nf1prov.reproduce import (
+    RESULT,
+    Reproduction,
+    check_identical,
+    compare_metrics,
+    compare_splits,
+    format_comparison,
+)
 from tests.conftest import run_git
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,6 +92,84 @@ def test_reproduce_retrains_the_models_own_code_and_matches_exactly(project, tra
     assert any((project / ".nf1prov" / "cache").iterdir())
 
 
+def add_field(root: Path, patient: str, name: str, seed: int = 7) -> str:
+    """Write one more field of view (real TIFFs: (Z,H,W) uint16 stack, instance labels) like the
+    shared dataset's (5x48x48); returns its id."""
+    stack, labels = synthesize_field(np.random.default_rng(seed), 5, 48, 48)
+    image = root / patient / IMAGE_DIR / name / f"{name}{IMAGE_SUFFIX}"
+    mask = root / patient / MASK_DIR / name / MASK_NAME
+    for path, array in ((image, stack), (mask, labels)):
+        path.parent.mkdir(parents=True)
+        tifffile.imwrite(path, array)
+    return f"{patient}/{name}"
+
+
+def hold_package(project: Path) -> Path:
+    """The project holds the nf1prov package too (a model commit holds the code that ran)."""
+    package = project / "nf1prov"
+    if not package.is_dir():
+        shutil.copytree(Path(__file__).resolve().parents[1] / "nf1prov", package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return package
+
+
+def commit_all(project: Path) -> None:
+    run_git(project, "add", "-A")
+    run_git(project, "commit", "-qm", "project")
+
+
+def manifest_of(client, run_id: str) -> pd.DataFrame:
+    return pd.read_csv(client.download_artifacts(run_id, "manifest/split_manifest.csv"),
+                       dtype={"well": str, "site": str})
+
+
+def test_fields_added_since_training_are_left_out(project, tracking_uri, data_root, tmp_path):
+    hold_package(project)
+    commit_all(project)
+    name, run_id = train_model(project)
+    client = tracking.client(tracking_uri)
+    grown = tmp_path / "grown"
+    shutil.copytree(data_root, grown)
+    patient = sorted(p.name for p in grown.iterdir())[-1]
+    # Hashed into training and sorted first: were it used, every metric would move.
+    extra = add_field(grown, patient, "A0-1")  # the shared data root stays as it is
+
+    output = invoke("reproduce", name, "--data-root", str(grown)).output
+
+    assert "Leaving out 1 field(s) of view added to" in output and extra in output
+    assert f"every metric of {name} matches exactly" in output
+    new = [r for r in tracking.search_runs_all(client)
+           if r.data.tags.get(tracking.REPRODUCES) == run_id]
+    assert [r.data.tags[RESULT] for r in new] == ["identical"]
+    original, reproduced = manifest_of(client, run_id), manifest_of(client, new[0].info.run_id)
+    assert extra not in set(reproduced["fov_id"])
+    columns = ["fov_id", "split", "image_sha256", "mask_sha256"]
+    assert reproduced[columns].equals(original[columns])  # the recorded fields and split
+    assert len(worktrees(project)) == 1
+
+
+def test_added_fields_with_code_that_cannot_leave_them_out_are_refused(
+        project, tracking_uri, data_root, tmp_path):
+    """A model whose commit holds an nf1prov without data.fields: its training would use the
+    extra fields, so reproduce refuses before any run exists."""
+    config_py = hold_package(project) / "config.py"
+    with config_py.open("a") as handle:  # as before data.fields existed
+        handle.write('\nSCHEMA["data"].pop("fields")\nRANGES.pop("data.fields")\n')
+    commit_all(project)
+    name, _ = train_model(project)
+    client = tracking.client(tracking_uri)
+    grown = tmp_path / "grown"
+    shutil.copytree(data_root, grown)
+    add_field(grown, sorted(p.name for p in grown.iterdir())[0], "Z9-9")
+    before = runs_in_store(client)
+
+    result = invoke("reproduce", name, "--data-root", str(grown), expect=2)
+
+    assert "predates the setting data.fields" in result.output
+    assert runs_in_store(client) == before
+    assert len(worktrees(project)) == 1
+
+
 def test_changed_data_is_refused_before_any_run(project, tracking_uri, data_root, tmp_path):
     name, _ = train_model(project)
     client = tracking.client(tracking_uri)
@@ -145,3 +232,26 @@ def test_check_identical_uses_the_tolerance():
     check_identical(result, tolerance=1e-6)
     with pytest.raises(CheckFailed, match="calm-cat-1 differs: largest"):
         check_identical(result, tolerance=0.0)
+
+
+def test_a_different_split_is_not_a_reproduction():
+    def manifest(rows):
+        return pd.DataFrame([{"patient": p, "well": w, "site": s, "split": split}
+                             for p, w, s, split in rows])
+
+    original = manifest([("NF1", "C4", "1", "train"), ("NF1", "C4", "2", "val")])
+    same = manifest([("NF1", "C4", "2", "val"), ("NF1", "C4", "1", "train")])
+    other = manifest([("NF1", "C4", "1", "val"), ("NF1", "C4", "2", "val"),
+                      ("NF2", "A0", "1", "train")])
+    assert compare_splits(original, same) == []
+    changes = compare_splits(original, other)
+    assert changes == ["NF1/C4-1: train -> val", "NF2/A0-1: - -> train"]
+    table, missing = compare_metrics({"val_loss": 0.5}, {"val_loss": 0.5})
+    result = Reproduction(original=SimpleNamespace(codename="calm-cat-1", run_id="1" * 32),
+                          run_id="0" * 32, comparison=table, missing=missing,
+                          split_changes=changes, extra_fields=["NF2/A0-1"])
+    assert not result.identical
+    assert "NF1/C4-1: train -> val" in format_comparison(result)
+    assert "Left out: 1 field(s) of view" in format_comparison(result)
+    with pytest.raises(CheckFailed, match="the split of 2 field"):
+        check_identical(result, tolerance=1.0)

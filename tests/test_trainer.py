@@ -47,7 +47,8 @@ def train_in_run(config: dict, data_root: Path, cache_dir: Path, **kwargs
 
 def metric_history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} for every per-epoch metric of a run."""
-    names = [k for k in client.get_run(run_id).data.metrics if not k.startswith("best_")]
+    names = [k for k in client.get_run(run_id).data.metrics
+             if not k.startswith("best_") and k != "epochs_run"]  # once per training, not epoch
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
             for k in names}
 
@@ -86,6 +87,7 @@ def test_training_logs_everything_into_the_active_run(tracking_uri, data_root, t
     assert all([step for step, _ in h] == [1, 2] for h in history.values())
     best = run.data.metrics
     assert best["best_epoch"] == result.best_epoch
+    assert best["epochs_run"] == result.epochs_run == len(history["val_loss"])
     assert best["best_val_loss"] == pytest.approx(result.best_val_loss)
     for c in CLASS_NAMES:
         assert best[f"best_val_dice_{c}"] == pytest.approx(

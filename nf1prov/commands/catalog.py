@@ -17,7 +17,7 @@ def _readme_and_root(readme: str | None) -> tuple[Path, Path | None]:
     if readme is None:
         root = git.repo_root(".")
         return root / "README.md", root
-    path = Path(readme).resolve()
+    path = Path(readme).absolute()  # not resolved: a symlinked README stays a link
     if path.is_dir():
         raise UserError(f"--readme {readme}: is a directory; pass the README file itself.")
     if not path.parent.is_dir():
@@ -28,46 +28,37 @@ def _readme_and_root(readme: str | None) -> tuple[Path, Path | None]:
         return path, None
 
 
-def _commit(root: Path | None, readme: Path) -> str | None:
-    """Commit README.md alone (other staged changes stay staged); None when nothing to commit."""
-    from nf1prov.provenance import git
-    from nf1prov.provenance.commit import commit_lock
-
-    if root is None:
-        raise UserError(f"--commit: {readme} is not inside a git repository.")
-    rel = readme.relative_to(root.resolve()) if readme.is_relative_to(root.resolve()) else None
-    if rel is None:
-        raise UserError(f"--commit: {readme} is outside the repository {root}.")
-    with commit_lock(root):  # never interleave with a training's stage + commit + tag
-        return git.commit_paths(root, [str(rel)], "Update model catalogue")
-
-
 @click.command("catalog")
 @click.option("--readme", type=click.Path(dir_okay=True), default=None, metavar="PATH",
               help="README to update (default: <repo root>/README.md).")
 @click.option("--check", is_flag=True,
               help="Write nothing; exit 1 with a diff when the README is out of date.")
 @click.option("--commit", "do_commit", is_flag=True,
-              help="Commit README.md alone ('Update model catalogue') when it differs "
-                   "from HEAD; other staged changes stay staged.")
+              help="Commit the catalogue change alone ('Update model catalogue') when it "
+                   "differs from HEAD; other edits to the README stay uncommitted and other "
+                   "staged changes stay staged.")
+@click.option("--force", is_flag=True,
+              help="Overwrite uncommitted hand edits between the markers (refused otherwise).")
 @click.option("--template", "template_dir", type=click.Path(), default=None, metavar="DIR",
               help="Templates folder holding catalog.md.j2 (default: <repo>/templates, then "
                    "the packaged copy).")
 @click.option("--import-history", is_flag=True,
               help="First tag runs named by pre-nf1prov model commits (any branch) as models.")
 @tracking_uri_option
-def command(readme, check, do_commit, template_dir, import_history, tracking_uri) -> None:
+def command(readme, check, do_commit, force, template_dir, import_history, tracking_uri) -> None:
     """Rebuild the README model catalogue from MLflow.
 
-    The catalogue goes between <!-- nf1prov:catalog:begin --> and <!-- nf1prov:catalog:end -->
-    (added under '## Model Descriptions' when missing); the rest of the README is kept byte
-    for byte.
+    The catalogue goes between the lines <!-- nf1prov:catalog:begin --> and
+    <!-- nf1prov:catalog:end --> (markers quoted in text or fenced code do not count; added
+    under '## Model Descriptions' when missing); the rest of the README is kept byte for byte.
+    Uncommitted hand edits between the markers are refused unless --force.
     """
-    from nf1prov import catalog
+    from nf1prov import catalog, catalog_git
     from nf1prov.commands.common import open_store
 
-    if check and (do_commit or import_history):
-        raise UserError("--check only reads: use it without --commit and --import-history.")
+    if check and (do_commit or import_history or force):
+        raise UserError("--check only reads: use it without --commit, --force and "
+                        "--import-history.")
     path, root = _readme_and_root(readme)
     _, uri, client = open_store(tracking_uri, path.parent)
     if import_history:
@@ -88,10 +79,16 @@ def command(readme, check, do_commit, template_dir, import_history, tracking_uri
                               "run `nf1prov catalog` and commit README.md.")
         click.echo(f"{path}: catalogue up to date ({result.model_count} models).")
         return
+    if not force:
+        catalog_git.refuse_hand_edits(result, root)
+    if do_commit:
+        catalog_git.check_commit(root, result)
     if result.changed:
         catalog.write_atomic(path, result.new)
+        catalog_git.remember_written(root, path, result.new_block)
     click.echo(f"{path}: {result.model_count} models, "
                f"{'written' if result.changed else 'unchanged'}.")
     if do_commit:
-        sha = _commit(root, path)
-        click.echo(f"Committed README.md as {sha}." if sha else "Nothing to commit.")
+        sha = catalog_git.commit_catalogue(root, result)
+        click.echo(f"Committed {path.name} as {sha} (the catalogue change only)." if sha
+                   else "Nothing to commit.")

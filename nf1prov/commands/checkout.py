@@ -31,11 +31,11 @@ def command(codename: str, worktree: Path | None, run_id: str | None, all_artifa
     from nf1prov.errors import UserError
     from nf1prov.resolve import resolve_model
 
-    root, _, client = open_store(tracking_uri)
+    root, uri, client = open_store(tracking_uri)
     if root is None:
         raise UserError("nf1prov checkout must run inside the git repository that holds the "
                         "model commits.")
     model = resolve_model(client, codename, run_id=run_id, repo_root=root)
     checked_out = checkout_model(root, client, model, worktree=worktree,
                                  roots=None if all_artifacts else DEFAULT_ARTIFACTS)
-    click.echo(describe(model, checked_out))
+    click.echo(describe(model, checked_out, root, uri))

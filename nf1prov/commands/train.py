@@ -18,12 +18,6 @@ from nf1prov.commands.common import tracking_uri_option
 from nf1prov.errors import Nf1provError, UserError
 
 
-class TrainingFailed(Nf1provError):
-    """Training raised after the run was created: the run is FAILED; exit 1."""
-
-    exit_code = 1
-
-
 @click.command("train")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               metavar="PATH", help="Training config (TOML), e.g. configs/demo.toml. Optional "
@@ -39,7 +33,7 @@ class TrainingFailed(Nf1provError):
                    "uncommitted diff as an artifact); it never enters the catalogue.")
 @click.option("--resume", "resume_name", default=None, metavar="CODENAME",
               help="Continue a FAILED/KILLED/crashed model in the same run from its last "
-                   "checkpoint; the working tree must match the model's commit.")
+                   "checkpoint, with the code of its own commit.")
 @click.option("--max-file-mb", type=float, default=None, metavar="N",
               help="Refuse to commit files larger than N MB (default: config "
                    "experiment.max_commit_file_mb, 10).")
@@ -78,27 +72,57 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
             if adopt:  # `mlflow run` already made the run: say why it never trained
                 train_flow.fail_adopted_run(adopt, tracking_uri, str(exc))
             raise
+    progress = train_flow.Progress()
     try:
         with train_flow.sigterm_as_exception():
             if resume_name:
-                outcome = train_flow.resume(plan, run, checkpoint, echo=click.echo)
+                outcome = train_flow.resume(plan, run, checkpoint, echo=click.echo,
+                                            progress=progress)
             else:
-                outcome = train_flow.train(plan, echo=click.echo)
+                outcome = train_flow.train(plan, echo=click.echo, progress=progress)
     except (KeyboardInterrupt, train_flow.Interrupted) as exc:
         reason = getattr(exc, "reason", "interrupted by Ctrl-C (SIGINT)")
-        click.echo(f"nf1prov: training stopped ({reason}); the run is KILLED. Continue it with "
-                   "`nf1prov train --resume CODENAME`.", err=True)
+        click.echo(f"nf1prov: training stopped ({reason}). {after_stop(progress, plan.client)}",
+                   err=True)
         sys.exit(getattr(exc, "exit_code", 130))
+    except train_flow.TrainingFailed:
+        raise  # the training process printed its traceback; the run says why
     except Nf1provError:
-        raise  # already a message for the user; the run was ended FAILED
+        if progress.run_id:
+            click.echo(f"nf1prov: {after_stop(progress, plan.client)}", err=True)
+        raise
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)
-        raise TrainingFailed(f"training failed: {type(exc).__name__}: {exc}. The run is marked "
-                             "FAILED (nf1prov.failure); `nf1prov show` has the details.") from exc
+        raise train_flow.TrainingFailed(
+            f"training failed: {type(exc).__name__}: {exc}. The run is marked FAILED "
+            f"(nf1prov.failure); `nf1prov show {progress.codename or progress.run_id}` has the "
+            "details.") from exc
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     print_outcome(outcome)
+
+
+def after_stop(progress, client) -> str:
+    """What exists after a training stopped early, and the command that continues it: only
+    one that can work."""
+    from nf1prov.provenance import train_flow
+
+    name = progress.codename or progress.run_id
+    if progress.run_id is None:
+        return "Nothing was created."
+    again = "run the same `nf1prov train` command again"
+    if progress.sha is None or progress.codename is None:
+        return (f"Run {name} ended before its model commit, so it is not a model and there is "
+                f"nothing to resume: {again}.")
+    if not progress.resumable:
+        return (f"Run {name} was a --no-commit run on a dirty tree, which cannot be resumed: "
+                f"{again}.")
+    if not train_flow.has_checkpoint(client, progress.run_id):
+        return (f"Model {name} (commit {progress.sha[:12]}) stopped before its first "
+                f"checkpoint, so there is nothing to resume: {again}.")
+    return (f"Model {name} (commit {progress.sha[:12]}) keeps its last checkpoint; continue it "
+            f"with `nf1prov train --resume {name}`.")
 
 
 def print_outcome(outcome) -> None:

@@ -88,6 +88,38 @@ def discover_fields(root: Path | str, holdout_patients: Sequence[str] = ()) -> l
     return sorted(fields, key=lambda f: f.fov_id)
 
 
+def select_fields(fields: Sequence[FieldOfView], ids: Sequence[str],
+                  root: Path | str | None = None) -> list[FieldOfView]:
+    """The fields whose ``fov_id`` is in ``ids`` (config ``data.fields``), in the order of
+    ``fields``; all of ``fields`` when ``ids`` is empty.
+
+    Raises DataError naming every id that is not among ``fields`` (not under the data root, or
+    a holdout patient's).
+    """
+    if not ids:
+        return list(fields)
+    wanted = set(ids)
+    missing = sorted(wanted - {f.fov_id for f in fields})
+    if missing:
+        where = f"under {root}" if root is not None else "in the data"
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more"
+                                           if len(missing) > 10 else "")
+        raise DataError(
+            f"data.fields names {len(missing)} field(s) of view not found {where} (or held out "
+            f"by data.holdout_patients): {shown}. Each id is <patient>/<well>-<site>, the "
+            f"folders <patient>/{IMAGE_DIR}/<well>-<site>/; fix data.fields or --data-root."
+        )
+    return [f for f in fields if f.fov_id in wanted]
+
+
+def discover_training_fields(root: Path | str, data: dict) -> list[FieldOfView]:
+    """The fields of view a training uses: those `discover_fields` finds under ``root`` less
+    the holdout patients, narrowed to ``data['fields']`` when that list is not empty.
+    ``data`` is a config's [data] section."""
+    fields = discover_fields(root, holdout_patients=tuple(data["holdout_patients"]))
+    return select_fields(fields, data.get("fields", ()), root)
+
+
 def _subfolders(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
 

@@ -3,18 +3,24 @@ from ``commit_message.txt.j2`` (DESIGN 3.2), tag ``model/<codename>``.
 
 Stage, commit and tag run under an exclusive ``fcntl.flock`` on a file in the repository's
 common git directory, so two trainings started at once (in one repository or in two worktrees
-of it) never interleave. On failure (a pre-commit hook refused, the index stayed locked) the
-index is put back as it was, so the user's staging area is untouched.
+of it) never interleave. `ModelCommit` makes commit and tag one step: everything is prepared
+aside (a copy of the index, the commit object) and HEAD and the tag move in one git ref
+transaction, so a failure (a pre-commit hook refused, a clashing ref) or an interrupt leaves the
+work tree, the index and the refs as they were. A journal in the git directory lets the next
+training settle a commit whose process was killed between the ref transaction and the end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import json
 import os
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -91,27 +97,191 @@ def commit_lock(root: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+@dataclass
+class ModelCommit:
+    """A model commit made as one transaction, with the journal that lets a later `train`
+    finish or undo it if this process dies half-way (SIGKILL, power loss).
+
+    Steps: stage everything into a copy of the index; run the pre-commit, prepare-commit-msg and
+    commit-msg hooks as `git commit` would; write the commit object; move HEAD and create
+    ``model/<codename>`` in one ref transaction (both or neither); make the staged copy the
+    index. Until then the work tree, index and refs are untouched, so a failure or an interrupt
+    leaves nothing. `tag_run` then records the commit on the MLflow run, and `finish` drops the
+    journal. `undo` takes a commit back (refs, index) when tagging the run failed.
+    """
+
+    root: Path
+    codename: str
+    run_id: str = ""
+    tracking_uri: str = ""
+    run_tags: dict[str, str] = field(default_factory=dict)  # for the run, once committed
+    sha: str | None = None
+    parent: str | None = None
+    refs_moved: bool = False  # HEAD and the tag point at the commit: `undo` or `finish` it
+
+    @property
+    def tag_ref(self) -> str:
+        return "refs/tags/" + git.model_tag(self.codename)
+
+    @functools.cached_property
+    def index(self) -> Path:
+        return git.index_path(self.root)
+
+    @property
+    def staged(self) -> Path:
+        return self.index.with_name(self.index.name + ".nf1prov-staged")
+
+    @property
+    def backup(self) -> Path:
+        return self.index.with_name(self.index.name + ".nf1prov-backup")
+
+    def check_refs(self) -> None:
+        clashes = git.refs_clashing_with(self.root, self.tag_ref)
+        if clashes:
+            raise UserError(refs_clash_message(self.root, self.tag_ref, clashes))
+
+    def commit(self, message: str) -> str:
+        """Stage, run the hooks, commit and tag; returns the SHA. Raises GitError (a hook
+        refused) or UserError having changed nothing, unless ``refs_moved`` is set: then the
+        caller must `undo` (or `finish`)."""
+        self.check_refs()
+        self.parent = git.head_sha(self.root)
+        env = {"GIT_INDEX_FILE": str(self.staged)}
+        try:
+            if self.index.exists():
+                shutil.copy2(self.index, self.staged)
+                shutil.copy2(self.index, self.backup)
+            git.stage_all(self.root, env=env)
+            message = self.run_hooks(message, env)
+            tree = git.write_tree(self.root, env)
+            self.sha = git.commit_tree(self.root, tree, self.parent, message,
+                                       sign=git.config_bool(self.root, "commit.gpgSign"))
+            write_journal(self.root, self.journal_data())
+            git.update_refs(self.root, [("HEAD", self.sha, self.parent or git.ZERO_SHA),
+                                        (self.tag_ref, self.sha, git.ZERO_SHA)],
+                            reason=f"commit: {message.splitlines()[0]}")
+        except BaseException:
+            if self.sha and git.tag_sha(self.root, git.model_tag(self.codename)) == self.sha:
+                self.refs_moved = True  # git was done when the exception came: `undo` it
+            else:
+                self.staged.unlink(missing_ok=True)
+                self.backup.unlink(missing_ok=True)
+                journal_path(self.root).unlink(missing_ok=True)
+            raise
+        self.refs_moved = True
+        if self.staged.exists():
+            os.replace(self.staged, self.index)
+        with contextlib.suppress(git.GitError):  # as with `git commit`: too late to refuse
+            git.run_hook(self.root, "post-commit")
+        return self.sha
+
+    def run_hooks(self, message: str, env: dict[str, str]) -> str:
+        """pre-commit, prepare-commit-msg and commit-msg, with the message in COMMIT_EDITMSG;
+        returns the message as the hooks left it (its subject must still be the contract)."""
+        git.run_hook(self.root, "pre-commit", env=env)
+        git.stage_all(self.root, env=env)  # what a formatter hook changed and staged
+        path = git.git_path(self.root, "COMMIT_EDITMSG")
+        path.write_text(message, encoding="utf-8")
+        git.run_hook(self.root, "prepare-commit-msg", str(path), "message", env=env)
+        git.run_hook(self.root, "commit-msg", str(path), env=env)
+        edited = path.read_text(encoding="utf-8")
+        expected, first = message.split("\n", 1)[0], edited.lstrip("\n").split("\n", 1)[0]
+        if first != expected:
+            raise UserError(f"A commit-msg or prepare-commit-msg hook of {self.root} changed "
+                            f"the model commit's subject to {first!r}; it must stay {expected!r} "
+                            "(DESIGN 3.2). Let the hook leave lines starting with 'Model run "
+                            "codename:' alone.")
+        return edited.lstrip("\n")
+
+    def journal_data(self) -> dict:
+        return {"root": str(self.root), "codename": self.codename, "sha": self.sha,
+                "parent": self.parent, "run_id": self.run_id,
+                "tracking_uri": self.tracking_uri, "run_tags": self.run_tags}
+
+    def undo(self) -> None:
+        """Take the commit back: HEAD to its parent, no tag, the index as it was before."""
+        git.update_refs(self.root, [("HEAD", self.parent or git.ZERO_SHA, self.sha),
+                                    (self.tag_ref, git.ZERO_SHA, self.sha)],
+                        reason=f"nf1prov: undo model commit {self.codename}")
+        self.refs_moved = False
+        if self.backup.exists():
+            os.replace(self.backup, self.index)
+        else:
+            self.index.unlink(missing_ok=True)
+        self.staged.unlink(missing_ok=True)
+        self.finish()
+
+    def finish(self) -> None:
+        """Drop the journal and the index backup: the commit is settled."""
+        with contextlib.suppress(OSError):
+            self.backup.unlink(missing_ok=True)
+            journal_path(self.root).unlink(missing_ok=True)
+
+
+def refs_clash_message(root: Path, ref: str, clashes: list[str]) -> str:
+    shown = ", ".join(clashes[:5])
+    first = clashes[0].removeprefix("refs/tags/")
+    return (f"The model tag {ref.removeprefix('refs/tags/')} cannot be created in {root}: "
+            f"the existing ref(s) {shown} clash with it (git cannot hold a ref and refs "
+            f"beneath it of the same name). Rename it, e.g. `git tag {first}-old {first} && "
+            f"git tag -d {first}` for a tag, then train again.")
+
+
 def commit_and_tag(root: Path, message: str, codename: str) -> str:
     """Stage all, commit (even with nothing changed), tag ``model/<codename>``; returns the SHA.
 
-    Must be called under `commit_lock`. If staging or committing fails, the index is restored
-    and GitError raised; nothing is committed.
-    """
-    tag = git.model_tag(codename)
-    index = git.index_path(root)
-    backup = index.with_name(index.name + ".nf1prov-backup")
-    had_index = index.exists()
-    if had_index:
-        shutil.copy2(index, backup)
-    try:
-        git.stage_all(root)
-        sha = git.commit(root, message)
-    except BaseException:
-        if had_index:
-            os.replace(backup, index)
-        else:
-            index.unlink(missing_ok=True)
-        raise
-    backup.unlink(missing_ok=True)
-    git.create_tag(root, tag, sha)
+    Must be called under `commit_lock`. Either all of it happens or nothing does."""
+    transaction = ModelCommit(root, codename)
+    sha = transaction.commit(message)
+    transaction.finish()
     return sha
+
+
+# --- the journal: finishing what a killed training left half-done ------------------------------
+
+JOURNAL_NAME = "nf1prov-commit.journal"
+
+
+def journal_path(root: Path) -> Path:
+    return git.common_dir(root) / JOURNAL_NAME
+
+
+def write_journal(root: Path, data: dict) -> None:
+    path = journal_path(root)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_journal(root: Path) -> dict | None:
+    try:
+        return json.loads(journal_path(root).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # torn write: the refs were never moved (the journal comes first)
+        journal_path(root).unlink(missing_ok=True)
+        return None
+
+
+def recover(root: Path) -> ModelCommit | None:
+    """Settle the model commit a killed training left half-done (its journal), under the commit
+    lock. Returns the commit when its refs had moved, so the caller still owes its run the
+    tags (``run_tags`` plus the SHA) and must then call `finish`; None when there was nothing
+    or the refs never moved (then nothing was committed, and the leftovers are removed)."""
+    data = read_journal(root)
+    if data is None:
+        return None
+    transaction = ModelCommit(Path(data["root"]), data["codename"], data["run_id"],
+                              data["tracking_uri"], data["run_tags"], data["sha"],
+                              data["parent"])
+    if not transaction.root.is_dir():  # its worktree is gone: only the refs remain to check
+        transaction.root = Path(root)
+    committed = git.tag_sha(root, git.model_tag(transaction.codename)) == transaction.sha
+    index_moved = git.head_sha(transaction.root) == transaction.sha
+    if committed and index_moved and transaction.staged.exists():
+        os.replace(transaction.staged, transaction.index)
+    transaction.staged.unlink(missing_ok=True)
+    if committed:
+        return transaction
+    transaction.finish()
+    return None

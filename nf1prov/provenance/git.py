@@ -156,9 +156,48 @@ def files_to_commit(root: Path) -> list[Path]:
     return paths
 
 
-def stage_all(root: Path) -> None:
-    """Stage every change git does not ignore (new, modified and deleted files)."""
-    _with_index_lock_retry(root, "add", "--all", "--", ".")
+def new_paths(root: Path) -> list[str]:
+    """Files a commit of everything would add (untracked, or added to the index), not those
+    already in HEAD."""
+    return [path for code, path in status_porcelain(root) if code == "??" or code[0] in "ACR"]
+
+
+def paths_under(root: Path, rel: str) -> list[str]:
+    """Files under folder ``rel`` that are tracked or would be committed (not ignored)."""
+    if rel.startswith("-"):
+        raise UserError(f"refusing path {rel!r}: it starts with '-'.")
+    out = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", rel,
+              cwd=root).stdout
+    return [path for path in out.split("\0") if path]
+
+
+def ignored_files(root: Path, rels: list[str]) -> list[str]:
+    """Untracked files under ``rels`` that git ignores."""
+    if any(rel.startswith("-") for rel in rels):
+        raise UserError(f"refusing paths {rels!r}: one starts with '-'.")
+    out = git("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--", *rels,
+              cwd=root).stdout
+    return [path for path in out.split("\0") if path]
+
+
+def ignore_rule(root: Path, rel: str) -> str:
+    """'<file>:<line>: <pattern>' of the rule that ignores ``rel`` (git check-ignore -v)."""
+    proc = git("check-ignore", "-v", "--no-index", "--", rel, cwd=root, check=False)
+    source, _, _ = proc.stdout.partition("\t")
+    return f"'{source}'" if source else "an ignore rule"
+
+
+def tracked_paths_under(root: Path, rel: str) -> list[str]:
+    if rel.startswith("-"):
+        raise UserError(f"refusing path {rel!r}: it starts with '-'.")
+    out = git("ls-files", "-z", "--cached", "--", rel, cwd=root).stdout
+    return [path for path in out.split("\0") if path]
+
+
+def stage_all(root: Path, env: dict[str, str] | None = None) -> None:
+    """Stage every change git does not ignore (new, modified and deleted files); ``env`` may
+    name another index file (GIT_INDEX_FILE)."""
+    _with_index_lock_retry(root, "add", "--all", "--", ".", env=env)
 
 
 def commit(root: Path, message: str) -> str:
@@ -261,11 +300,12 @@ def remove_worktree(root: Path, path: Path) -> None:
     git("worktree", "prune", cwd=root, check=False)
 
 
-def _with_index_lock_retry(root: Path, *args: str, input: str | None = None) -> None:
+def _with_index_lock_retry(root: Path, *args: str, input: str | None = None,
+                           env: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + INDEX_LOCK_RETRY_S
     delay = 0.05
     while True:
-        proc = git(*args, cwd=root, check=False, input=input)
+        proc = git(*args, cwd=root, check=False, input=input, env=env)
         if proc.returncode == 0:
             return
         message = (proc.stderr + proc.stdout).strip()
@@ -339,3 +379,242 @@ def tags_with_prefix(root: Path, prefix: str = MODEL_TAG_PREFIX) -> dict[str, st
         name, obj, peeled = line.split("\0")
         tags[name] = peeled or obj
     return tags
+
+
+# --- the model commit as one transaction (provenance.commit) -----------------------------------
+
+ZERO_SHA = "0" * 40
+
+# Operations that leave git waiting for the user; a model commit in their middle would conclude
+# or swallow them. (file or folder under the git dir, what it is, how to finish it)
+OPERATIONS = (
+    ("MERGE_HEAD", "a merge", "git merge --continue (or --abort)"),
+    ("rebase-merge", "a rebase", "git rebase --continue (or --abort)"),
+    ("rebase-apply", "a rebase or git am", "git rebase --continue / git am --continue "
+                                           "(or --abort)"),
+    ("CHERRY_PICK_HEAD", "a cherry-pick", "git cherry-pick --continue (or --abort)"),
+    ("REVERT_HEAD", "a revert", "git revert --continue (or --abort)"),
+    ("sequencer", "a cherry-pick or revert sequence", "git cherry-pick --continue / "
+                                                      "git revert --continue (or --quit)"),
+    ("BISECT_LOG", "a bisect", "git bisect reset"),
+)
+
+
+def git_path(root: Path, name: str) -> Path:
+    """``git rev-parse --git-path name`` as an absolute path (per worktree where git says so)."""
+    out = git("rev-parse", "--git-path", name, cwd=root).stdout.strip()
+    path = Path(out)
+    return path if path.is_absolute() else (Path(root) / path).resolve()
+
+
+def operation_in_progress(root: Path) -> tuple[str, str] | None:
+    """(what, how to finish it) of a merge, rebase, cherry-pick, revert or bisect in progress."""
+    for name, what, finish in OPERATIONS:
+        if git_path(root, name).exists():
+            return what, finish
+    return None
+
+
+def refs_clashing_with(root: Path, ref: str) -> list[str]:
+    """Existing refs that make ``ref`` impossible to create: one of its parent paths is a ref
+    (a tag ``model`` blocks ``refs/tags/model/x``), or refs already live beneath it."""
+    parts = ref.split("/")
+    parents = ["/".join(parts[:i]) for i in range(2, len(parts))]
+    clashes = []
+    for parent in parents:
+        proc = git("show-ref", "--verify", "--quiet", parent, cwd=root, check=False)
+        if proc.returncode == 0:
+            clashes.append(parent)
+    below = git("for-each-ref", "--format=%(refname)", f"{ref}/", cwd=root).stdout.split()
+    return clashes + below
+
+
+def tree_paths(root: Path, sha: str, paths: list[str]) -> list[str]:
+    """Those of ``paths`` (top-level names) that exist in commit ``sha``'s tree."""
+    out = git("ls-tree", "--name-only", validate_sha(sha), "--", *paths, cwd=root).stdout
+    return [line for line in out.splitlines() if line]
+
+
+def file_in_tree(root: Path, sha: str, path: str) -> bool:
+    if path.startswith("-"):
+        return False
+    proc = git("cat-file", "-e", f"{validate_sha(sha)}:{path}", cwd=root, check=False)
+    return proc.returncode == 0
+
+
+def extract_tree(root: Path, sha: str, paths: list[str], destination: Path) -> None:
+    """Write the files ``paths`` (folders included) hold at commit ``sha`` into ``destination``:
+    the commit's own bytes, whatever the work tree holds now."""
+    import io
+    import tarfile
+
+    present = tree_paths(root, sha, paths)
+    if not present:
+        return
+    archive = subprocess.run(["git", "archive", "--format=tar", validate_sha(sha), "--",
+                              *present], cwd=str(root), capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise GitError(f"git archive failed in {root}: {archive.stderr.decode(errors='replace')}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(destination, filter="data")
+
+
+def embedded_repositories(root: Path) -> list[str]:
+    """Untracked folders that are git repositories or worktrees of their own: `git add` would
+    record them as a gitlink (a bare commit pointer), not their files."""
+    out = git("status", "--porcelain=v1", "-z", "--untracked-files=normal", cwd=root).stdout
+    found = []
+    for field in out.split("\0"):
+        if field.startswith("?? ") and field.endswith("/"):
+            if (Path(root) / field[3:] / ".git").exists():
+                found.append(field[3:].rstrip("/"))
+    return found
+
+
+def run_hook(root: Path, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+    """Run the repository's ``name`` hook as `git commit` would (core.hooksPath respected);
+    raises GitError with its output when it fails. A missing hook is fine."""
+    proc = git("hook", "run", "--ignore-missing", name, "--", *args, cwd=root, check=False,
+               env=env)
+    if proc.returncode != 0:
+        output = (proc.stderr + proc.stdout).strip() or f"exit {proc.returncode}"
+        raise GitError(f"the {name} hook refused the model commit in {root}: {output}")
+
+
+def config_bool(root: Path, key: str) -> bool:
+    proc = git("config", "--type=bool", "--get", key, cwd=root, check=False)
+    return proc.stdout.strip() == "true"
+
+
+def write_tree(root: Path, env: dict[str, str]) -> str:
+    return git("write-tree", cwd=root, env=env).stdout.strip()
+
+
+def commit_tree(root: Path, tree: str, parent: str | None, message: str,
+                sign: bool = False) -> str:
+    """A commit object for ``tree`` (no ref moves); returns its SHA."""
+    args = ["commit-tree", validate_sha(tree)]
+    if parent:
+        args += ["-p", validate_sha(parent)]
+    if sign:
+        args.append("-S")
+    return git(*args, cwd=root, input=message).stdout.strip()
+
+
+def update_refs(root: Path, updates: list[tuple[str, str, str]], reason: str) -> None:
+    """Move every ref in ``updates`` [(ref, new SHA, expected old SHA)] in one transaction:
+    all of them or none (ZERO_SHA as new deletes, as old means "must not exist yet")."""
+    lines = []
+    for ref, new, old in updates:
+        if ref.startswith("-") or any(c.isspace() for c in ref):
+            raise UserError(f"refusing git ref {ref!r}.")
+        lines.append(f"update {ref} {validate_sha(new)} {validate_sha(old)}")
+    git("update-ref", "-m", reason, "--stdin", cwd=root, input="\n".join(lines) + "\n")
+
+
+def symbolic_head(root: Path) -> str | None:
+    """The branch ref HEAD points at (``refs/heads/main``), or None on a detached HEAD."""
+    proc = git("symbolic-ref", "--quiet", "HEAD", cwd=root, check=False)
+    return proc.stdout.strip() or None
+
+
+# --- catalogue helpers ---
+# Bytes in and out (git() is text mode, which turns CRLF into LF), one blob at a time: the
+# catalogue commits README.md's catalogue block alone, through a temporary index.
+
+
+def _git_bytes(root: Path, *args: str, input: bytes | None = None,
+               env: dict[str, str] | None = None) -> bytes:
+    """``git <args>`` in ``root`` with bytes in and out; GitError with git's stderr on failure."""
+    full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", **(env or {})}
+    proc = subprocess.run(["git", *args], cwd=str(root), capture_output=True, input=input,
+                          env=full_env)
+    if proc.returncode != 0:
+        output = proc.stderr.decode("utf-8", "replace").strip()
+        raise GitError(f"git {' '.join(args[:2])} failed in {root}: {output}")
+    return proc.stdout
+
+
+def _repo_path(path: str) -> str:
+    """``path`` checked as a path relative to the work tree root (posix form, no options)."""
+    if (not path or path.startswith(("-", "/")) or any(c in path for c in "\0\n\r")
+            or ".." in path.split("/")):
+        raise UserError(f"refusing repository path {path!r}: not a plain path inside the "
+                        "work tree.")
+    return path
+
+
+def blob_in_head(root: Path, path: str) -> tuple[str, str] | None:
+    """(mode, blob SHA) of ``path`` in HEAD's tree; None without HEAD or without that file."""
+    if head_sha(root) is None:
+        return None
+    out = _git_bytes(root, "--literal-pathspecs", "ls-tree", "-z", "HEAD", "--",
+                     _repo_path(path)).decode()
+    for entry in out.split("\0"):
+        meta, _, name = entry.partition("\t")
+        parts = meta.split()
+        if name == path and len(parts) == 3 and parts[1] == "blob":
+            return parts[0], parts[2]
+    return None
+
+
+def blob_in_index(root: Path, path: str) -> tuple[str, str] | None:
+    """(mode, blob SHA) of ``path`` staged in the index (stage 0); None when not in the index.
+
+    A path with merge conflicts is a UserError: it has no single staged version.
+    """
+    out = _git_bytes(root, "--literal-pathspecs", "ls-files", "--stage", "-z", "--",
+                     _repo_path(path)).decode()
+    found = {}
+    for entry in out.split("\0"):
+        meta, _, name = entry.partition("\t")
+        parts = meta.split()
+        if name == path and len(parts) == 3:
+            found[parts[2]] = (parts[0], parts[1])
+    if set(found) - {"0"}:
+        raise UserError(f"{path} has unresolved merge conflicts: resolve them and `git add` "
+                        "it first.")
+    return found.get("0")
+
+
+def read_blob(root: Path, sha: str) -> bytes:
+    return _git_bytes(root, "cat-file", "blob", validate_sha(sha))
+
+
+def write_blob(root: Path, data: bytes, path: str) -> str:
+    """Store ``data`` as a blob, converted as `git add` would convert ``path`` (autocrlf,
+    clean filters); returns its SHA."""
+    out = _git_bytes(root, "hash-object", "-w", "--stdin", f"--path={_repo_path(path)}",
+                     input=data)
+    return out.decode().strip()
+
+
+def stage_blob(root: Path, path: str, mode: str, sha: str) -> None:
+    """Point the index entry of ``path`` at blob ``sha`` (the work tree is not touched)."""
+    if mode not in ("100644", "100755"):
+        raise UserError(f"refusing index mode {mode!r} for {path}: not a regular file.")
+    _with_index_lock_retry(root, "update-index", "--add", "--cacheinfo",
+                           f"{mode},{validate_sha(sha)},{_repo_path(path)}")
+
+
+def commit_blob(root: Path, path: str, mode: str, sha: str, message: str) -> str:
+    """Commit HEAD's tree with ``path`` alone set to blob ``sha``; returns the new HEAD SHA.
+
+    Goes through a temporary index, so the real index (the user's other staged changes) and
+    the work tree stay as they are. Hooks run as for any `git commit`; a refusing hook raises
+    GitError and nothing is committed.
+    """
+    import tempfile
+
+    if mode not in ("100644", "100755"):
+        raise UserError(f"refusing index mode {mode!r} for {path}: not a regular file.")
+    with tempfile.TemporaryDirectory(dir=git_dir(root), prefix="nf1prov-catalog-") as tmp:
+        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        if head_sha(root) is not None:
+            _git_bytes(root, "read-tree", "HEAD", env=env)
+        _git_bytes(root, "update-index", "--add", "--cacheinfo",
+                   f"{mode},{validate_sha(sha)},{_repo_path(path)}", env=env)
+        _git_bytes(root, "commit", "--quiet", "--file", "-", input=message.encode(), env=env)
+    new = head_sha(root)
+    assert new is not None
+    return new

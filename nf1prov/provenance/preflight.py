@@ -12,7 +12,7 @@ from pathlib import Path
 from nf1prov import tracking
 from nf1prov.config import load_config
 from nf1prov.errors import UserError
-from nf1prov.provenance import commit, git
+from nf1prov.provenance import code_snapshot, commit, git, secret_files
 
 CACHE_DIR = ".nf1prov/cache"
 
@@ -46,10 +46,70 @@ def check_identity(root: Path) -> None:
 
 
 def check_repo_state(root: Path) -> None:
+    """No conflicts and no operation in progress: the model commit would conclude a merge under
+    the model's message, or swallow the commit a rebase is replaying."""
     unmerged = git.unmerged_paths(root)
     if unmerged:
         raise UserError(f"{root} has unresolved merge conflicts ({', '.join(unmerged[:5])}): "
                         "resolve and commit them before training a model.")
+    operation = git.operation_in_progress(root)
+    if operation:
+        what, finish = operation
+        raise UserError(f"{root} is in the middle of {what}: a model commit now would become "
+                        f"part of it. Finish it first ({finish}), then train again (or train "
+                        "with --no-commit, which commits nothing).")
+
+
+def check_model_tags_possible(root: Path) -> None:
+    """A ref that clashes with ``model/<codename>`` (e.g. a plain tag ``model``) would fail the
+    tag after the run exists: refuse it now."""
+    probe = "refs/tags/" + git.model_tag("preflight-check-0")
+    clashes = git.refs_clashing_with(root, probe)
+    if clashes:
+        raise UserError(commit.refs_clash_message(root, probe, clashes))
+
+
+def check_nothing_unsafe_to_commit(root: Path) -> None:
+    """Nothing that looks like a secret and no embedded repository among the new files."""
+    found = secret_files.secrets_among(root, git.new_paths(root))
+    if found:
+        listing = "; ".join(f"{path} ({why})" for path, why in found[:10])
+        lines = "".join(f"\n  {path}" for path, _ in found[:10])
+        raise UserError(
+            f"The model commit would include files that look like secrets: {listing}. Nothing "
+            f"was created. Add them to {root / '.gitignore'}:{lines}\nIf one is not a secret "
+            "(e.g. a .env.example of placeholders), commit it yourself once (`git add PATH && "
+            "git commit`); files already committed are never refused."
+        )
+    embedded = git.embedded_repositories(root)
+    if embedded:
+        raise UserError(
+            f"{', '.join(embedded[:5])} inside {root} is a git repository or worktree of its "
+            "own: the model commit would record it as a bare gitlink, not its files. Move it "
+            f"out of the repository, or add '/{embedded[0]}/' to {root / '.gitignore'}."
+        )
+
+
+def check_data_not_committed(root: Path, data_root: Path) -> None:
+    """A data root inside the repository must be git-ignored: the dataset never goes into a
+    model commit."""
+    try:
+        rel = data_root.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return  # outside the repository
+    if rel == ".":
+        raise UserError(f"The data root {data_root} is the repository itself: keep the data in "
+                        "a folder of its own (git-ignored) or outside the repository.")
+    exposed = git.paths_under(root, rel)
+    if exposed:
+        tracked = git.tracked_paths_under(root, rel)
+        untrack = (f" and stop tracking it (`git rm -r --cached {rel}`)" if tracked else "")
+        raise UserError(
+            f"The data root {rel}/ lies inside the repository {root} and is not git-ignored "
+            f"({len(exposed)} files, e.g. {exposed[0]}), so the model commit would hold the "
+            f"dataset. Add the line '/{rel}/' to {root / '.gitignore'}{untrack}, or keep the "
+            "data outside the repository."
+        )
 
 
 def check_runtime_files_ignored(root: Path, tracking_uri: str) -> None:
@@ -103,14 +163,24 @@ def resolve_data_root(root: Path, config: dict, data_root: str | None) -> Path:
 
 
 def check_data(config: dict, data_root: Path) -> list:
-    from nf1prov.data.layout import discover_fields, validate_fields
+    """Validate every stack under the data root, the holdout patients' too (`evaluate` reads
+    them later); returns the fields of view training will use."""
+    from nf1prov.data.layout import discover_fields, is_held_out, select_fields, validate_fields
 
-    fields = discover_fields(data_root, config["data"]["holdout_patients"])
+    holdout = config["data"]["holdout_patients"]
+    every_field = discover_fields(data_root, ())
+    fields = select_fields([f for f in every_field if not is_held_out(f.patient, holdout)],
+                           config["data"]["fields"], data_root)
     if not fields:
-        raise UserError(f"No fields of view found under {data_root}: expected "
-                        "<patient>/zstack_images/<well>-<site>/<well>-<site>_TRANS.tif "
-                        "(DESIGN 3.5). Check --data-root / data.root.")
-    validate_fields(fields, config["data"]["input_slices"], config["data"]["crop_size"])
+        raise UserError(f"No fields of view found under {data_root}"
+                        + (f" once the holdout patients {', '.join(holdout)} are left out"
+                           if every_field else "")
+                        + ": expected <patient>/zstack_images/<well>-<site>/<well>-<site>"
+                        "_TRANS.tif (DESIGN 3.5). Check --data-root / data.root and "
+                        "data.holdout_patients.")
+    if config["data"]["fields"]:  # a chosen subset (reproduce): not the fields left out
+        every_field = fields + [f for f in every_field if is_held_out(f.patient, holdout)]
+    validate_fields(every_field, config["data"]["input_slices"], config["data"]["crop_size"])
     return fields
 
 
@@ -133,12 +203,16 @@ def preflight(*, config_path: str | Path, overrides=(), data_root: str | None = 
     if not no_commit:
         check_identity(root)
         check_repo_state(root)
+        check_model_tags_possible(root)
+    code_snapshot.check_tree_holds_code(root)
     config = load_config(config_path, tuple(overrides))
     uri = tracking.resolve_tracking_uri(tracking_uri, root)
     check_runtime_files_ignored(root, uri)
     data_path = resolve_data_root(root, config, data_root)
+    check_data_not_committed(root, data_path)
     fields = check_data(config, data_path)
     if not no_commit:
+        check_nothing_unsafe_to_commit(root)
         limit = max_file_mb if max_file_mb is not None else config["experiment"][
             "max_commit_file_mb"]
         check_file_sizes(root, limit)

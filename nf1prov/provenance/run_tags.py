@@ -86,11 +86,13 @@ def log_text(client, run_id: str, text: str, artifact_file: str) -> None:
     client.log_text(run_id, text, artifact_file)
 
 
-def log_environment(client, run_id: str) -> None:
+def log_environment(client, run_id: str, argv: list[str] | None = None) -> None:
+    """Environment tags, `pip freeze` and the command line (``argv``: default this process's)."""
     for key, value in environment_tags().items():
         client.set_tag(run_id, key, value)
     log_text(client, run_id, pip_freeze(), PIP_FREEZE_ARTIFACT)
-    client.set_tag(run_id, "nf1prov.env.argv", json.dumps(sys.argv[1:])[:5000])
+    argv = sys.argv[1:] if argv is None else argv
+    client.set_tag(run_id, "nf1prov.env.argv", json.dumps(argv)[:5000])
 
 
 def failure_line(text: str) -> str:

@@ -3,11 +3,13 @@
 1. `preflight` (caller): every check, nothing created.
 2. The MLflow run is created (or the run `mlflow run` started is adopted) with the description,
    kind, host, pid and a first heartbeat; its generated name becomes the codename, made unique.
-3. Under the commit lock: the codename is checked again, every change git does not ignore is
-   staged and committed with the contract message, and `model/<codename>` is tagged.
-4. The run gets the git tags (the commit SHA overwrites anything MLflow guessed) and the
-   environment (tags + `environment/pip-freeze.txt`).
-5. Training runs inside the run with a heartbeat thread; the run ends FINISHED.
+3. Under the commit lock, with Ctrl-C and SIGTERM held back: the codename is checked again,
+   every change git does not ignore is committed with the contract message and tagged
+   `model/<codename>` in one step (`commit.ModelCommit`), and the run gets the git tags (the
+   commit SHA overwrites anything MLflow guessed). If tagging the run fails, the commit is
+   taken back: there is either nothing, or a commit, its tag and a run that names it.
+4. The training process (`worker`) trains inside the run from a copy of the commit's own code
+   (`code_snapshot`), records the environment, and ends the run FINISHED, FAILED or KILLED.
 
 From step 2 on, any exception ends the run FAILED (Ctrl-C or SIGTERM: KILLED) with a one-line
 `nf1prov.failure`, and is re-raised. A commit that fails (a pre-commit hook, a locked index)
@@ -18,34 +20,32 @@ training that fails after the commit keeps the commit and tag (that code did run
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from nf1prov import tracking
 from nf1prov.config import load_config
-from nf1prov.errors import UserError
+from nf1prov.errors import Nf1provError, UserError
+from nf1prov.provenance import code_snapshot, git, liveness, preflight, run_tags, signals, worker
 from nf1prov.provenance import codename as codenames
 from nf1prov.provenance import commit as model_commit
-from nf1prov.provenance import git, liveness, preflight, run_tags
-from nf1prov.provenance.heartbeat import Heartbeat
+from nf1prov.provenance.run_end import end_run, run_guard
 
-RESUMED_AT = "nf1prov.resumed_at"  # unix seconds of each resume, JSON array
+RESUMED_AT = worker.RESUMED_AT
+Interrupted = signals.Interrupted
+sigterm_as_exception = signals.sigterm_as_exception
 
 
-class Interrupted(BaseException):
-    """Raised in the main thread by SIGTERM (like KeyboardInterrupt for Ctrl-C)."""
+class TrainingFailed(Nf1provError):
+    """Training failed after the run was created: the run is FAILED; exit 1."""
 
-    def __init__(self, reason: str, exit_code: int):
-        super().__init__(reason)
-        self.reason, self.exit_code = reason, exit_code
+    exit_code = 1
 
 
 @dataclass
@@ -59,85 +59,15 @@ class Outcome:
     resumed: bool = False
 
 
-# Set once SIGTERM arrived: the Interrupted raised by the handler may surface wrapped in another
-# exception (e.g. when it lands inside MLflow's or SQLAlchemy's code), and must still mean KILLED.
-_sigterm_received = False
+@dataclass
+class Progress:
+    """What exists so far, filled in as the flow goes: after an interrupt or a failure the
+    command tells the user exactly what there is and what can be done with it."""
 
-
-@contextlib.contextmanager
-def sigterm_as_exception() -> Iterator[None]:
-    """Turn SIGTERM into `Interrupted` in the main thread for the duration (no-op elsewhere)."""
-    global _sigterm_received
-    _sigterm_received = False  # a new training: an earlier one's SIGTERM does not count
-
-    def handler(signum, frame):
-        global _sigterm_received
-        _sigterm_received = True
-        raise Interrupted("killed by SIGTERM", 128 + signal.SIGTERM)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _trainer():
-    """`train_model`, imported only when training starts (torch is slow to import)."""
-    from nf1prov.train.trainer import train_model
-
-    return train_model
-
-
-def end_run(client, run_id: str, status: str, reason: str | None = None) -> None:
-    """Record the failure reason (if any), then end the run with ``status``."""
-    import mlflow
-
-    if reason:
-        client.set_tag(run_id, tracking.FAILURE, run_tags.failure_line(reason))
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        mlflow.end_run(status=status)
-    else:
-        client.set_terminated(run_id, status=status)
-
-
-def end_run_or_warn(client, run_id: str, status: str, reason: str, attempts: int = 3) -> None:
-    """`end_run`, retried (a busy sqlite store, a flaky server); if it still fails, warn and
-    return, so that the exception being handled, not this one, decides the exit code. The run
-    then stays RUNNING until `nf1prov list --reap` sees its process gone."""
-    for attempt in range(attempts):
-        try:
-            end_run(client, run_id, status, reason)
-            return
-        except Exception as exc:  # noqa: BLE001 - any store error
-            error = exc
-            time.sleep(0.5 * (attempt + 1))
-    print(f"nf1prov: warning: could not mark run {run_id} {status} ({reason}): {error}. "
-          "`nf1prov list --reap` marks it FAILED once this process has ended.", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def run_guard(client, run_id: str) -> Iterator[None]:
-    """End the run KILLED or FAILED with a reason on any exception, then re-raise it."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        end_run_or_warn(client, run_id, "KILLED", "interrupted by Ctrl-C (SIGINT)")
-        raise
-    except Interrupted as exc:
-        end_run_or_warn(client, run_id, "KILLED", exc.reason)
-        raise
-    except BaseException as exc:
-        if _sigterm_received:
-            end_run_or_warn(client, run_id, "KILLED", "killed by SIGTERM")
-            raise Interrupted("killed by SIGTERM", 128 + signal.SIGTERM) from exc
-        end_run_or_warn(client, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
-        raise
+    run_id: str | None = None
+    codename: str | None = None
+    sha: str | None = None  # the model commit (or, with --no-commit, HEAD)
+    resumable: bool = False  # the run has a commit whose code `--resume` can run again
 
 
 def create_or_adopt_run(plan: preflight.Plan, kind: str) -> tuple[str, str]:
@@ -148,36 +78,88 @@ def create_or_adopt_run(plan: preflight.Plan, kind: str) -> tuple[str, str]:
         run = client.get_run(plan.adopt_run_id)
         for key, value in tags.items():
             client.set_tag(run.info.run_id, key, value)
+        if tracking.GIT_COMMIT in run.data.tags:  # MLflow's guess of HEAD, not a model commit
+            client.delete_tag(run.info.run_id, tracking.GIT_COMMIT)
         return run.info.run_id, run.info.experiment_id
     experiment_id = tracking.ensure_experiment(client, plan.experiment_name, plan.tracking_uri)
     run = client.create_run(experiment_id, tags=tags)  # MLflow generates the run name
     return run.info.run_id, experiment_id
 
 
-def record_code(plan: preflight.Plan, run_id: str, experiment_id: str) -> tuple[str, str | None]:
+def tag_run(client, run_id: str, tags: dict[str, str], sha: str) -> None:
+    """The git tags of DESIGN 3.3 in one write, so the store never holds half of them."""
+    from mlflow.entities import RunTag
+
+    tags = {**tags, tracking.GIT_COMMIT: sha}
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+
+
+def untag_run(client, run_id: str) -> None:
+    """Best effort: the commit was taken back, so the run must not name it (a store write may
+    have landed before its error reached us)."""
+    for key in (tracking.GIT_COMMIT, tracking.GIT_TAG):
+        with contextlib.suppress(Exception):
+            client.delete_tag(run_id, key)
+
+
+def settle_interrupted_commit(root: Path) -> None:
+    """Finish the model commit a killed training left between its ref transaction and its run
+    tags (see `commit.recover`); warn and leave the journal if its store cannot be reached."""
+    transaction = model_commit.recover(root)
+    if transaction is None:
+        return
+    try:
+        client = tracking.client(transaction.tracking_uri)
+        tag_run(client, transaction.run_id, transaction.run_tags, transaction.sha)
+    except Exception as exc:  # noqa: BLE001 - this training must not fail for an older one
+        print(f"nf1prov: warning: model {transaction.codename} (commit {transaction.sha[:12]}) "
+              f"was committed by a training that was killed, and its run {transaction.run_id} "
+              f"could not be tagged with the commit ({exc}); the next training retries.",
+              file=sys.stderr)
+        return
+    transaction.finish()
+    print(f"nf1prov: note: recorded commit {transaction.sha[:12]} on run "
+          f"{transaction.run_id} of model {transaction.codename}, whose training was killed "
+          "right after committing.", file=sys.stderr)
+
+
+def record_code(plan: preflight.Plan, run_id: str, experiment_id: str,
+                progress: Progress) -> None:
     """Make the codename unique and (unless --no-commit) the model commit and tag; set the git
-    tags. Returns (codename, SHA or None)."""
+    tags. Fills in ``progress`` as each thing comes to exist."""
     client, root = plan.client, plan.root
-    name = codenames.make_unique(client, run_id, root)
+    progress.codename = codenames.make_unique(client, run_id, root)
     if plan.no_commit:
         sha = git.head_sha(root)
         dirty = git.is_dirty(root)
         if dirty:
             run_tags.log_text(client, run_id, uncommitted_diff(root),
                               run_tags.UNCOMMITTED_DIFF_ARTIFACT)
-        tags = run_tags.git_tags(root, sha, dirty, codename=None)
-    else:
-        with model_commit.commit_lock(root):
-            name = codenames.make_unique(client, run_id, root)  # again, now that we hold the lock
-            message = model_commit.render_message(
-                root, codename=name, run_id=run_id, experiment_id=experiment_id,
-                experiment_name=plan.experiment_name, config=plan.config,
-                config_path=plan.config_path, overrides=plan.overrides)
-            sha = model_commit.commit_and_tag(root, message, name)
-        tags = run_tags.git_tags(root, sha, dirty=False, codename=name)
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
-    return name, sha
+        for key, value in run_tags.git_tags(root, sha, dirty, codename=None).items():
+            client.set_tag(run_id, key, value)
+        progress.sha, progress.resumable = sha, sha is not None and not dirty
+        return
+    with model_commit.commit_lock(root):
+        settle_interrupted_commit(root)
+        name = codenames.make_unique(client, run_id, root)  # again, now that we hold the lock
+        progress.codename = name
+        message = model_commit.render_message(
+            root, codename=name, run_id=run_id, experiment_id=experiment_id,
+            experiment_name=plan.experiment_name, config=plan.config,
+            config_path=plan.config_path, overrides=plan.overrides)
+        tags = run_tags.git_tags(root, None, dirty=False, codename=name)
+        transaction = model_commit.ModelCommit(root, name, run_id, plan.tracking_uri, tags)
+        with signals.deferred():  # an interrupt waits until commit, tag and run tags agree
+            try:
+                sha = transaction.commit(message)
+                tag_run(client, run_id, tags, sha)
+            except BaseException:
+                if transaction.refs_moved:
+                    transaction.undo()
+                    untag_run(client, run_id)
+                raise
+            transaction.finish()
+            progress.sha, progress.resumable = sha, True
 
 
 def uncommitted_diff(root: Path) -> str:
@@ -187,23 +169,50 @@ def uncommitted_diff(root: Path) -> str:
     return header + git.diff_head(root)
 
 
-def train(plan: preflight.Plan, echo: Callable[[str], None] = print) -> Outcome:
-    """Steps 2-5 of the module docstring for a new model (or a --no-commit scratch run)."""
-    import mlflow
+def training_spec(plan: preflight.Plan, run_id: str, code_root: Path,
+                  resume_from: Path | None = None) -> worker.Spec:
+    return worker.Spec(run_id=run_id, tracking_uri=plan.tracking_uri, config=plan.config,
+                       data_root=str(plan.data_root), cache_dir=str(plan.cache_dir),
+                       code_root=str(code_root), argv=sys.argv[1:], parent_pid=os.getpid(),
+                       resume_from=str(resume_from) if resume_from else None)
 
+
+def run_training(plan: preflight.Plan, run_id: str, code_sha: str | None,
+                 resume_from: Path | None = None) -> None:
+    """Train in the training process, from a snapshot of commit ``code_sha`` (None: the work
+    tree itself, for --no-commit); raise Interrupted or TrainingFailed as it ended."""
+    client = plan.client
+    with contextlib.ExitStack() as stack:
+        with run_guard(client, run_id):
+            code_root = plan.root if code_sha is None else stack.enter_context(
+                code_snapshot.snapshot(plan.root, code_sha))
+            spec = training_spec(plan, run_id, code_root, resume_from)
+        returncode = worker.launch(spec, client)
+    if returncode == 0:
+        return
+    run = client.get_run(run_id)
+    failure = run.data.tags.get(tracking.FAILURE, "no reason recorded")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if returncode in (128 + signum, -signum):
+            raise Interrupted(failure, 128 + signum)
+    raise TrainingFailed(f"training failed: {failure}. The run is marked {run.info.status} "
+                         f"(nf1prov.failure); `nf1prov show {run.info.run_name}` has the "
+                         "details.")
+
+
+def train(plan: preflight.Plan, echo: Callable[[str], None] = print,
+          progress: Progress | None = None) -> Outcome:
+    """Steps 2-4 of the module docstring for a new model (or a --no-commit scratch run)."""
+    progress = progress if progress is not None else Progress()
     kind = tracking.KIND_SCRATCH if plan.no_commit else tracking.KIND_MODEL
     client = plan.client
     run_id, experiment_id = create_or_adopt_run(plan, kind)
+    progress.run_id = run_id
     with run_guard(client, run_id):
-        name, sha = record_code(plan, run_id, experiment_id)
+        record_code(plan, run_id, experiment_id, progress)
+        name, sha = progress.codename, progress.sha
         echo(f"Model {name} (run {run_id}) at commit {sha or '(none)'}: training...")
-        run_tags.log_environment(client, run_id)
-        train_model = _trainer()
-        mlflow.set_tracking_uri(plan.tracking_uri)
-        with mlflow.start_run(run_id=run_id), Heartbeat(client, run_id) as beat:
-            train_model(plan.config, plan.data_root, cache_dir=plan.cache_dir,
-                        resume_from=None, on_epoch=lambda *_: beat.beat())
-        # leaving start_run's block ended the run FINISHED
+    run_training(plan, run_id, None if plan.no_commit else sha)
     return Outcome(name, run_id, experiment_id, sha, kind, plan.tracking_uri)
 
 
@@ -233,13 +242,18 @@ def check_resumable(root: Path, run) -> str | None:
     if not sha or not git.SHA_RE.match(sha) or not git.commit_exists(root, sha):
         raise UserError(f"Model {name}'s commit {sha or '(none)'} is not in the repository "
                         f"{root}: fetch it (git fetch --tags) and retry.")
-    differing = git.paths_differing_from(root, sha)
-    if differing:
-        shown = ", ".join(differing[:10]) + (" ..." if len(differing) > 10 else "")
-        raise UserError(f"The working tree differs from model {name}'s commit {sha[:12]} in: "
-                        f"{shown}. Resuming must run the same code: `git checkout {sha[:12]}` "
-                        f"(or `nf1prov checkout {name}`), or undo those changes, then retry.")
+    # The training runs from a snapshot of that commit, whatever the work tree holds now.
+    code_snapshot.check_commit_holds_code(root, sha, name)
     return sha
+
+
+def has_checkpoint(client, run_id: str) -> bool:
+    """True when the run logged checkpoints/last.pt (what `--resume` continues from)."""
+    try:
+        return any(info.path.endswith("last.pt")
+                   for info in client.list_artifacts(run_id, "checkpoints"))
+    except Exception:  # noqa: BLE001 - the store may be what failed
+        return False
 
 
 def download(client, run_id: str, artifact: str, dest: Path) -> Path | None:
@@ -287,26 +301,19 @@ def prepare_resume(*, name: str, config_path: str | None, overrides=(), data_roo
 
 
 def resume(plan: preflight.Plan, run, checkpoint: Path,
-           echo: Callable[[str], None] = print) -> Outcome:
-    """Continue ``run`` from ``checkpoint`` in the same run (status back to RUNNING)."""
-    import mlflow
-
-    client, run_id = plan.client, run.info.run_id
-    train_model = _trainer()
-    mlflow.set_tracking_uri(plan.tracking_uri)
-    with run_guard(client, run_id):
-        if tracking.FAILURE in run.data.tags:
-            client.delete_tag(run_id, tracking.FAILURE)
-        resumed = json.loads(run.data.tags.get(RESUMED_AT, "[]")) + [round(time.time(), 3)]
-        client.set_tag(run_id, RESUMED_AT, json.dumps(resumed))
-        run_tags.log_environment(client, run_id)
-        echo(f"Resuming model {run.info.run_name} (run {run_id}) from its last checkpoint...")
-        with mlflow.start_run(run_id=run_id), Heartbeat(client, run_id) as beat:  # RUNNING again
-            train_model(plan.config, plan.data_root, cache_dir=plan.cache_dir,
-                        resume_from=checkpoint, on_epoch=lambda *_: beat.beat())
-    return Outcome(run.info.run_name, run_id, run.info.experiment_id,
-                   run.data.tags.get(tracking.GIT_COMMIT), run.data.tags.get(tracking.KIND),
-                   plan.tracking_uri, resumed=True)
+           echo: Callable[[str], None] = print, progress: Progress | None = None) -> Outcome:
+    """Continue ``run`` from ``checkpoint`` in the same run (status back to RUNNING), with the
+    code of the run's own commit."""
+    progress = progress if progress is not None else Progress()
+    run_id, tags = run.info.run_id, run.data.tags
+    sha = tags.get(tracking.GIT_COMMIT)
+    progress.run_id, progress.codename, progress.sha = run_id, run.info.run_name, sha
+    progress.resumable = True
+    echo(f"Resuming model {run.info.run_name} (run {run_id}) from its last checkpoint, with "
+         f"the code of commit {sha[:12]}...")
+    run_training(plan, run_id, sha, resume_from=checkpoint)
+    return Outcome(run.info.run_name, run_id, run.info.experiment_id, sha,
+                   tags.get(tracking.KIND), plan.tracking_uri, resumed=True)
 
 
 def fail_adopted_run(run_id: str, tracking_uri: str | None, reason: str) -> None:

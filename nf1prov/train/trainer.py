@@ -120,12 +120,13 @@ def train_model(config: dict, data_root: Path, *, cache_dir: Path,
 # --------------------------------------------------------------------------------------------
 
 def prepare_data(config: dict, data_root: Path, cache_dir: Path) -> PreparedData:
-    """Discover and validate fields of view, split them, build the train/val crop datasets."""
+    """Discover and validate fields of view (only those of ``data.fields`` when it lists any),
+    split them, build the train/val crop datasets."""
     from nf1prov.data import layout, manifest, splits
     from nf1prov.data.dataset import CropDataset
 
     d = config["data"]
-    fields = layout.discover_fields(data_root, holdout_patients=tuple(d["holdout_patients"]))
+    fields = layout.discover_training_fields(data_root, d)  # data.fields narrows it
     layout.validate_fields(fields, d["input_slices"], d["crop_size"])
     by_split = splits.split_fields(fields, d["split_fractions"])
 
@@ -373,6 +374,8 @@ def log_run_inputs(config: dict, data: PreparedData, resumed: bool = False) -> N
     """
     import mlflow
 
+    from nf1prov.tracking import DATA_SPLITS
+
     run = mlflow.active_run()
     existing = mlflow.get_run(run.info.run_id).data.params
     params = {k: param_value(v) for k, v in flatten(config).items()}
@@ -400,15 +403,34 @@ def log_run_inputs(config: dict, data: PreparedData, resumed: bool = False) -> N
         mlflow.log_input(dataset, context="training")
     tags = description_tags(config["description"])
     tags[NOTE_CONTENT] = description_markdown(config["description"])
+    tags[DATA_SPLITS] = data_splits_tag(data.splits)
     mlflow.set_tags(tags)
+
+
+DATA_SPLITS_MAX_CHARS = 6000  # MLflow refuses tag values over 8000 characters
+
+
+def data_splits_tag(splits: dict[str, list], limit: int = DATA_SPLITS_MAX_CHARS) -> str:
+    """What each split trained on, for the catalogue: JSON ``{split: {"fields": n, "patients":
+    [sorted patient folder names]}}``. Past ``limit`` characters (MLflow caps tag values) the
+    names are replaced by ``"patient_count"``."""
+    summary = {split: {"fields": len(fovs), "patients": sorted({f.patient for f in fovs})}
+               for split, fovs in splits.items()}
+    text = json.dumps(summary)
+    if len(text) <= limit:
+        return text
+    return json.dumps({split: {"fields": s["fields"], "patient_count": len(s["patients"])}
+                       for split, s in summary.items()})
 
 
 def log_best(result: TrainResult, prefix: str = "best_") -> None:
     """`best_epoch`, `best_val_loss` and `best_val_dice_<class>` (and `_total`) of the kept
-    model, into the active run."""
+    model, and `epochs_run` (epochs trained in all, early stopping and resumes included), into
+    the active run."""
     import mlflow
 
-    best = {f"{prefix}epoch": float(result.best_epoch), f"{prefix}val_loss": result.best_val_loss}
+    best = {f"{prefix}epoch": float(result.best_epoch), f"{prefix}val_loss": result.best_val_loss,
+            "epochs_run": float(result.epochs_run)}
     best |= {f"{prefix}val_dice_{c}": result.best_metrics[f"val_dice_{c}"]
              for c in (*CLASS_NAMES, "total")}
     mlflow.log_metrics(best)

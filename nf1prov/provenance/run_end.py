@@ -1,0 +1,81 @@
+"""Ending a run: no run is ever left RUNNING by an exception, an interrupt or a dead process.
+
+`run_guard` ends the run FAILED (an exception) or KILLED (Ctrl-C, SIGTERM) with a one-line
+`nf1prov.failure`, then re-raises. `end_if_running` is for the process that waited on another
+one: whatever that process managed to record, the run ends with a status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Iterator
+
+from nf1prov import tracking
+from nf1prov.provenance import run_tags, signals
+
+
+def end_run(client, run_id: str, status: str, reason: str | None = None) -> None:
+    """Record the failure reason (if any), then end the run with ``status``."""
+    import mlflow
+
+    if reason:
+        client.set_tag(run_id, tracking.FAILURE, run_tags.failure_line(reason))
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        mlflow.end_run(status=status)
+    else:
+        client.set_terminated(run_id, status=status)
+
+
+def end_run_or_warn(client, run_id: str, status: str, reason: str, attempts: int = 3) -> None:
+    """`end_run`, retried (a busy sqlite store, a flaky server); if it still fails, warn and
+    return, so that the exception being handled, not this one, decides the exit code. The run
+    then stays RUNNING until `nf1prov list --reap` sees its process gone."""
+    for attempt in range(attempts):
+        try:
+            end_run(client, run_id, status, reason)
+            return
+        except Exception as exc:  # noqa: BLE001 - any store error
+            error = exc
+            time.sleep(0.5 * (attempt + 1))
+    print(f"nf1prov: warning: could not mark run {run_id} {status} ({reason}): {error}. "
+          "`nf1prov list --reap` marks it FAILED once this process has ended.", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def run_guard(client, run_id: str) -> Iterator[None]:
+    """End the run KILLED or FAILED with a reason on any exception, then re-raise it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        end_run_or_warn(client, run_id, "KILLED", "interrupted by Ctrl-C (SIGINT)")
+        raise
+    except signals.Interrupted as exc:
+        end_run_or_warn(client, run_id, "KILLED", exc.reason)
+        raise
+    except BaseException as exc:
+        if signals.sigterm_received():
+            reason = signals.sigterm_reason()
+            end_run_or_warn(client, run_id, "KILLED", reason)
+            raise signals.Interrupted(reason, 128 + signal.SIGTERM) from exc
+        end_run_or_warn(client, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def end_if_running(client, run_id: str, returncode: int | None, what: str) -> None:
+    """End the run if the process ``what`` (which should have ended it) left it RUNNING:
+    KILLED when it was interrupted or we were (``returncode`` None), else FAILED."""
+    if client.get_run(run_id).info.status != "RUNNING":
+        return
+    if returncode is None:
+        end_run_or_warn(client, run_id, "KILLED", f"interrupted while waiting for {what}")
+    elif returncode < 0:
+        name = signal.Signals(-returncode).name
+        status = "KILLED" if -returncode in (signal.SIGINT, signal.SIGTERM) else "FAILED"
+        end_run_or_warn(client, run_id, status, f"{what} was killed by {name}")
+    else:
+        end_run_or_warn(client, run_id, "FAILED",
+                        f"{what} ended (exit {returncode}) without ending its run")

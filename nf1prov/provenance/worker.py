@@ -1,0 +1,159 @@
+"""The training process: `python -m nf1prov.provenance.worker`, its `Spec` as JSON on stdin.
+
+`nf1prov train` (the parent) does preflight, the run, the commit and its tags; then it starts
+this module with the model commit's code first on `sys.path` (see `code_snapshot`) and waits.
+This process checks where its code came from, records the environment it trains in, trains
+inside the run, and ends the run itself: FINISHED, FAILED or KILLED with `nf1prov.failure`.
+The parent forwards Ctrl-C and SIGTERM to it; if the parent dies, it stops the training.
+
+Exit codes: 0 trained; 1 the training failed; 2 a user error (the code check); 130/143
+interrupted by SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SPEC_VERSION = 1
+PARENT_CHECK_S = 1.0
+RESUMED_AT = "nf1prov.resumed_at"  # unix seconds of each resume, JSON array
+
+
+@dataclass
+class Spec:
+    """Everything the training process needs, as plain JSON data."""
+
+    run_id: str
+    tracking_uri: str
+    config: dict
+    data_root: str
+    cache_dir: str
+    code_root: str
+    resume_from: str | None = None
+    argv: list[str] = field(default_factory=list)
+    parent_pid: int = 0
+    version: int = SPEC_VERSION
+
+
+def child_environment(spec: Spec) -> dict[str, str]:
+    from nf1prov import tracking
+
+    env = tracking.child_environment(spec.tracking_uri)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [spec.code_root, env.get("PYTHONPATH")]))
+    return env
+
+
+def launch(spec: Spec, client) -> int:
+    """Run the training process for ``spec`` and wait; returns its exit code (negative: killed
+    by that signal). Ctrl-C and SIGTERM are forwarded to it; no run is left RUNNING."""
+    from nf1prov.provenance import run_end, signals
+
+    command = [sys.executable, "-m", "nf1prov.provenance.worker"]
+    returncode = None
+    try:
+        with signals.Forwarder() as forwarder:
+            # Its own session: a Ctrl-C at the terminal reaches it once, through this process.
+            process = subprocess.Popen(command, cwd=spec.code_root, env=child_environment(spec),
+                                       stdin=subprocess.PIPE, start_new_session=True, text=True)
+            forwarder.attach(process)
+            with contextlib.suppress(BrokenPipeError):  # it died before reading: wait says how
+                process.stdin.write(json.dumps(asdict(spec)))
+                process.stdin.close()
+            returncode = process.wait()
+    finally:
+        run_end.end_if_running(client, spec.run_id, returncode, "the training process")
+    return returncode
+
+
+# --- inside the training process --------------------------------------------------------------
+
+
+def watch_parent(parent_pid: int) -> None:
+    """Stop the training (as on SIGTERM) when the `nf1prov train` process that waits for it
+    is gone: nobody would report its outcome."""
+    from nf1prov.provenance import signals
+
+    def loop():
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)
+        signals.interrupt_main("the nf1prov train process that started this training died")
+
+    if parent_pid:
+        threading.Thread(target=loop, name="nf1prov-parent-watch", daemon=True).start()
+
+
+def train_in_run(spec: Spec) -> None:
+    import mlflow
+
+    from nf1prov import tracking
+    from nf1prov.provenance import code_snapshot, run_end, run_tags
+    from nf1prov.provenance.heartbeat import Heartbeat
+
+    client = tracking.client(spec.tracking_uri)
+    code_root = Path(spec.code_root)
+    with run_end.run_guard(client, spec.run_id):
+        from nf1prov.train.trainer import train_model  # noqa: I001 - imported here: slow
+        import models  # noqa: F401 - checked below with everything else
+
+        code_snapshot.check_modules_from(code_root)
+        run_tags.log_environment(client, spec.run_id, spec.argv)
+        if spec.resume_from:
+            record_resume(client, spec.run_id)
+        mlflow.set_tracking_uri(spec.tracking_uri)
+        with mlflow.start_run(run_id=spec.run_id), Heartbeat(client, spec.run_id) as beat:
+            train_model(spec.config, Path(spec.data_root), cache_dir=Path(spec.cache_dir),
+                        resume_from=Path(spec.resume_from) if spec.resume_from else None,
+                        on_epoch=lambda *_: beat.beat())
+            # Modules imported late (or by a search trial) must be the commit's too, before
+            # the run may end FINISHED.
+            code_snapshot.check_modules_from(code_root)
+
+
+def record_resume(client, run_id: str) -> None:
+    from nf1prov import tracking
+
+    run = client.get_run(run_id)
+    if tracking.FAILURE in run.data.tags:
+        client.delete_tag(run_id, tracking.FAILURE)
+    resumed = json.loads(run.data.tags.get(RESUMED_AT, "[]")) + [round(time.time(), 3)]
+    client.set_tag(run_id, RESUMED_AT, json.dumps(resumed))
+
+
+def main() -> int:
+    from nf1prov.errors import Nf1provError
+    from nf1prov.provenance import signals
+
+    spec_data = json.loads(sys.stdin.read())
+    if spec_data.get("version") != SPEC_VERSION:
+        print(f"nf1prov: error: training spec version {spec_data.get('version')} is not "
+              f"{SPEC_VERSION}: this commit's nf1prov cannot run it.", file=sys.stderr)
+        return 2
+    spec = Spec(**spec_data)
+    watch_parent(spec.parent_pid)
+    try:
+        with signals.sigterm_as_exception():
+            train_in_run(spec)
+    except KeyboardInterrupt:
+        return 130
+    except signals.Interrupted as exc:
+        return exc.exit_code
+    except Nf1provError as exc:
+        print(f"nf1prov: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception:  # noqa: BLE001 - the run says FAILED; the parent reports it
+        traceback.print_exc(file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The README's own loop, in a copy of this very repository (its real README.md, .gitignore and
+configs), run with the installed `nf1prov` command, which comes from another checkout (this
+one): demo-data -> train -> catalog -> catalog --check -> catalog --commit."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from nf1prov import tracking
+from nf1prov.catalog import BEGIN_MARKER, END_MARKER
+from tests.conftest import REPO_ROOT, run_git
+from tests.test_provenance_flow import BIN, subprocess_env
+
+TINY = ["train.epochs=1", "model.base_width=4", "data.crop_size=32", "data.crop_stride=16",
+        "train.max_batches_per_epoch=2", "train.weight_samples=4", "train.overlay_crops=1"]
+
+
+def clone_of_this_repository(destination: Path) -> Path:
+    """This repository's files as a new clone would have them (the work tree's versions of
+    every file git tracks or would track), committed in a fresh repository."""
+    files = run_git(REPO_ROOT, "ls-files", "--cached", "--others", "--exclude-standard")
+    for rel in files.splitlines():
+        source = REPO_ROOT / rel
+        if source.is_file():
+            (destination / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / rel)
+    run_git(destination, "init", "--quiet", "--initial-branch=main")
+    run_git(destination, "add", "--all")
+    run_git(destination, "commit", "--quiet", "-m", "clone")
+    return destination
+
+
+def outside_markers(text: str) -> tuple[str, str]:
+    lines = text.splitlines(keepends=True)
+    begin, end = lines.index(BEGIN_MARKER + "\n"), lines.index(END_MARKER + "\n")
+    return "".join(lines[:begin]), "".join(lines[end:])
+
+
+def test_the_readme_loop_in_a_clone_of_this_repository(tmp_path, tracking_uri, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the README's default: <repo>/mlflow.db
+    repo = clone_of_this_repository(tmp_path / "nf1prov")
+    env = subprocess_env(tracking_uri)
+    del env["MLFLOW_TRACKING_URI"]
+
+    def nf1prov(*args, expect=0):
+        proc = subprocess.run([str(BIN / "nf1prov"), *args], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == expect, (args, proc.stdout[-2000:], proc.stderr[-3000:])
+        return proc
+
+    readme_before = (repo / "README.md").read_text()
+    nf1prov("demo-data", "demo-data", "--patients", "3", "--sites", "2", "--slices", "5",
+            "--height", "48", "--width", "48")
+    overrides = [arg for item in TINY for arg in ("--set", item)]
+    nf1prov("train", "--config", "configs/demo.toml", *overrides)
+    sha = run_git(repo, "rev-parse", "HEAD")
+    committed = run_git(repo, "show", "--name-only", "--format=", sha).splitlines()
+    assert not [path for path in committed if path.startswith("demo-data/")]
+    assert git_status(repo) == []
+
+    nf1prov("catalog", "--check", expect=1)  # a new model: the README is stale
+    nf1prov("catalog")
+    readme = (repo / "README.md").read_text()
+    assert outside_markers(readme) == outside_markers(readme_before)
+    client = tracking.client(tracking.default_tracking_uri(repo))
+    (run,) = tracking.model_runs(client)
+    assert f"**Codename:** {run.info.run_name}" in readme and sha in readme
+    nf1prov("catalog", "--check")
+    assert git_status(repo) == [" M README.md"]
+    nf1prov("catalog", "--commit")
+    nf1prov("catalog", "--check")
+    assert git_status(repo) == []
+
+
+def git_status(repo: Path) -> list[str]:
+    out = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
+                         text=True, check=True).stdout
+    return [line for line in out.splitlines() if line]

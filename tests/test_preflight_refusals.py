@@ -1,0 +1,233 @@
+"""What `nf1prov train` refuses before anything exists (exit 2, no run, no commit, no tag, index
+and work tree untouched): repository states a model commit would corrupt, files that must
+never be committed, data that would be, holdout stacks that are broken. Also the allowed
+cases, checked with `preflight` itself (no training needed)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from nf1prov import tracking
+from nf1prov.cli import cli
+from nf1prov.errors import UserError
+from nf1prov.provenance import git, preflight
+from tests.conftest import run_git
+
+
+def train(*args, expect=2):
+    result = CliRunner().invoke(cli, ["train", "--config", "configs/tiny.toml", *args])
+    assert result.exit_code == expect, (result.output, result.exception)
+    return result
+
+
+def state(repo: Path, client):
+    index = git.index_path(repo)
+    return (git.head_sha(repo), index.read_bytes() if index.exists() else None,
+            git.status_porcelain(repo), run_git(repo, "tag"),
+            [r.info.run_id for r in tracking.search_runs_all(client)])
+
+
+@pytest.fixture
+def committed(project):
+    git.stage_all(project)
+    git.commit(project, "base\n")
+    return project
+
+
+def refused(repo, tracking_uri, *args) -> str:
+    client = tracking.client(tracking_uri)
+    before = state(repo, client)
+    result = train(*args)
+    assert state(repo, client) == before
+    return result.output
+
+
+# --- operations in progress -------------------------------------------------------------------
+
+
+def _conflict(repo: Path) -> str:
+    """Two branches changing the same line; returns the other branch's name."""
+    (repo / "shared.txt").write_text("base\n")
+    run_git(repo, "add", "shared.txt")
+    run_git(repo, "commit", "-qm", "shared")
+    run_git(repo, "checkout", "-qb", "other")
+    (repo / "shared.txt").write_text("other\n")
+    run_git(repo, "commit", "-qam", "other side")
+    run_git(repo, "checkout", "-q", "main")
+    (repo / "shared.txt").write_text("main\n")
+    run_git(repo, "commit", "-qam", "main side")
+    return "other"
+
+
+def _resolve(repo: Path) -> None:
+    (repo / "shared.txt").write_text("resolved\n")
+    run_git(repo, "add", "shared.txt")
+
+
+def _merge(repo):
+    git.git("merge", _conflict(repo), cwd=repo, check=False)
+    _resolve(repo)
+    return "a merge", "git merge --continue"
+
+
+def _rebase(repo):
+    other = _conflict(repo)
+    git.git("rebase", other, cwd=repo, check=False)
+    _resolve(repo)
+    return "a rebase", "git rebase --continue"
+
+
+def _cherry_pick(repo):
+    other = _conflict(repo)
+    git.git("cherry-pick", other, cwd=repo, check=False)
+    _resolve(repo)
+    return "a cherry-pick", "git cherry-pick --continue"
+
+
+def _revert(repo):
+    (repo / "shared.txt").write_text("one\n")
+    run_git(repo, "add", "shared.txt")
+    run_git(repo, "commit", "-qm", "one")
+    (repo / "shared.txt").write_text("two\n")
+    run_git(repo, "commit", "-qam", "two")
+    git.git("revert", "--no-edit", "HEAD~1", cwd=repo, check=False)
+    _resolve(repo)
+    return "a revert", "git revert --continue"
+
+
+def _bisect(repo):
+    run_git(repo, "commit", "-q", "--allow-empty", "-m", "second")
+    run_git(repo, "bisect", "start", "HEAD", "HEAD~1")
+    return "a bisect", "git bisect reset"
+
+
+@pytest.mark.parametrize("operation", [_merge, _rebase, _cherry_pick, _revert, _bisect])
+def test_operation_in_progress_is_refused(committed, tracking_uri, operation):
+    what, finish = operation(committed)
+    output = refused(committed, tracking_uri)
+    assert f"in the middle of {what}" in output and finish in output
+
+
+# --- files that must never be committed -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,content", [
+    (".env", "TOKEN=abc\n"),
+    ("config/.env.production", "TOKEN=abc\n"),
+    ("id_rsa", "key\n"),
+    ("deploy/server.pem", "cert\n"),
+    ("credentials.json", "{}\n"),
+    ("notes/key-backup.txt", "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n"
+                             "-----END OPENSSH PRIVATE KEY-----\n"),
+])
+def test_files_that_look_like_secrets_are_refused(committed, tracking_uri, name, content):
+    path = committed / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    output = refused(committed, tracking_uri)
+    assert name in output and "look like secrets" in output and ".gitignore" in output
+
+
+def test_a_committed_lookalike_is_allowed_and_so_is_an_ignored_secret(committed,
+                                                                     tracking_uri):
+    (committed / ".env.example").write_text("TOKEN=<your token>\n")
+    output = refused(committed, tracking_uri)
+    assert ".env.example" in output and "commit it yourself once" in output
+    # What the message says to do: commit the false positive once; ignore the real secret.
+    run_git(committed, "add", ".env.example")
+    run_git(committed, "commit", "-qm", "example env")
+    (committed / ".env.example").write_text("TOKEN=<your token>\nOTHER=<x>\n")
+    (committed / ".env").write_text("TOKEN=real\n")
+    with (committed / ".gitignore").open("a") as handle:
+        handle.write(".env\n")
+    plan = preflight.preflight(config_path="configs/tiny.toml", tracking_uri=tracking_uri)
+    assert plan.root == committed
+
+
+def test_an_embedded_repository_is_refused(committed, tracking_uri, tmp_path):
+    run_git(committed, "worktree", "add", "-q", "--detach", str(committed / "inner"))
+    output = refused(committed, tracking_uri)
+    assert "inner" in output and "gitlink" in output
+
+
+# --- the data root ----------------------------------------------------------------------------
+
+
+def test_a_data_root_inside_the_repository_must_be_ignored(committed, tracking_uri, data_root):
+    shutil.copytree(data_root, committed / "demo-data")
+    output = refused(committed, tracking_uri, "--data-root", "demo-data")
+    assert "'/demo-data/'" in output and ".gitignore" in output
+    with (committed / ".gitignore").open("a") as handle:
+        handle.write("/demo-data/\n")
+    plan = preflight.preflight(config_path="configs/tiny.toml", tracking_uri=tracking_uri,
+                               data_root="demo-data")
+    assert plan.data_root == (committed / "demo-data").resolve()
+    assert "demo-data" not in str(git.status_porcelain(committed))
+
+
+def test_tracked_data_must_also_leave_the_index(committed, tracking_uri, data_root):
+    shutil.copytree(data_root, committed / "data")
+    run_git(committed, "add", "data")
+    run_git(committed, "commit", "-qm", "oops, the data")
+    output = refused(committed, tracking_uri, "--data-root", "data")
+    assert "git rm -r --cached data" in output
+
+
+# --- every stack is checked, the holdout patients' too ----------------------------------------
+
+
+@pytest.fixture
+def own_data(data_root, tmp_path) -> Path:
+    copy = tmp_path / "own-data"
+    shutil.copytree(data_root, copy)
+    return copy
+
+
+def test_a_missing_holdout_mask_is_refused(committed, tracking_uri, own_data):
+    (own_data / "NF0014_T1" / "segmentation_masks" / "C4-1" / "cell_mask.tiff").unlink()
+    output = refused(committed, tracking_uri, "--data-root", str(own_data),
+                     "--set", 'data.holdout_patients=["NF0014"]')
+    assert "NF0014_T1" in output and "C4-1" in output
+
+
+def test_a_truncated_holdout_stack_is_refused(committed, tracking_uri, own_data):
+    image = own_data / "NF0014_T1" / "zstack_images" / "D2-2" / "D2-2_TRANS.tif"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    output = refused(committed, tracking_uri, "--data-root", str(own_data),
+                     "--set", 'data.holdout_patients=["NF0014"]')
+    assert "D2-2_TRANS.tif" in output
+
+
+def test_only_holdout_patients_is_an_error_that_says_so(committed, tracking_uri, own_data):
+    output = refused(committed, tracking_uri, "--data-root", str(own_data), "--set",
+                     'data.holdout_patients=["NF0014", "NF0016", "NF0018"]')
+    assert "once the holdout patients" in output
+
+
+# --- the code must be in the repository -------------------------------------------------------
+
+
+def test_a_repository_without_the_training_code_is_refused(committed, tracking_uri):
+    run_git(committed, "rm", "-rq", "nf1prov")
+    run_git(committed, "commit", "-qm", "no toolkit")
+    output = refused(committed, tracking_uri)
+    assert "nf1prov/__init__.py" in output and "clone of the nf1prov repository" in output
+
+
+def test_git_ignored_training_code_is_refused(committed, tracking_uri):
+    """An unanchored `data/` line ignores nf1prov/data/ too: the commit would lack it."""
+    with (committed / ".gitignore").open("a") as handle:
+        handle.write("data/\n")
+    run_git(committed, "rm", "-rq", "--cached", "nf1prov/data")
+    output = refused(committed, tracking_uri)
+    assert "nf1prov/data/" in output and ".gitignore:" in output and "'/data/'" in output
+
+
+def test_preflight_error_names_the_fix_for_a_refusal(committed, tracking_uri):
+    with pytest.raises(UserError, match="--no-commit"):
+        _merge(committed)
+        preflight.preflight(config_path="configs/tiny.toml", tracking_uri=tracking_uri)
