@@ -74,6 +74,42 @@ def test_the_readme_loop_in_a_clone_of_this_repository(tmp_path, tracking_uri, m
     assert git_status(repo) == []
 
 
+def test_the_documented_pre_commit_hook_checks_commits_but_lets_models_through(
+        tmp_path, tracking_uri, monkeypatch):
+    """README: `nf1prov catalog --check` as a pre-commit hook. A model commit cannot hold its
+    own catalogue entry, so the hook lets it through; any other commit with a stale catalogue
+    is refused until `catalog --commit` (itself checked by the hook) brings it up to date."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    repo = clone_of_this_repository(tmp_path / "nf1prov")
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "entry: nf1prov catalog --check" in readme  # what the README documents
+    env = subprocess_env(tracking_uri)
+    del env["MLFLOW_TRACKING_URI"]
+    hook = repo / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\nexec nf1prov catalog --check\n")
+    hook.chmod(0o755)
+
+    def run(*args, expect=0):
+        proc = subprocess.run(list(args), cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == expect, (args, proc.stdout[-2000:], proc.stderr[-3000:])
+        return proc
+
+    run(str(BIN / "nf1prov"), "demo-data", "demo-data", "--patients", "3", "--sites", "2",
+        "--slices", "5", "--height", "48", "--width", "48")
+    overrides = [arg for item in TINY for arg in ("--set", item)]
+    for _ in range(2):  # the second one's catalogue is stale: still a model commit
+        run(str(BIN / "nf1prov"), "train", "--config", "configs/demo.toml", *overrides)
+    assert len(run("git", "tag", "--list", "model/*").stdout.split()) == 2
+    (repo / "notes.txt").write_text("an ordinary change\n")
+    run("git", "add", "notes.txt")
+    refused = run("git", "commit", "-m", "notes", expect=1)
+    assert "out of date" in refused.stderr
+    run(str(BIN / "nf1prov"), "catalog", "--commit")
+    run("git", "commit", "-m", "notes")
+    assert git_status(repo) == []
+
+
 def git_status(repo: Path) -> list[str]:
     out = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
                          text=True, check=True).stdout

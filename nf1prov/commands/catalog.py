@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -59,6 +60,14 @@ def command(readme, check, do_commit, force, template_dir, import_history, track
     if check and (do_commit or import_history or force):
         raise UserError("--check only reads: use it without --commit, --force and "
                         "--import-history.")
+    from nf1prov.provenance.commit import MODEL_COMMIT_ENV
+
+    model_commit = os.environ.get(MODEL_COMMIT_ENV)
+    if check and model_commit:
+        # A model commit cannot hold its own catalogue entry (the entry names the commit), so
+        # the documented pre-commit hook must not refuse it; every other commit is checked.
+        click.echo(f"nf1prov catalog --check: skipped for the model commit of {model_commit}.")
+        return
     path, root = _readme_and_root(readme)
     _, uri, client = open_store(tracking_uri, path.parent)
     if import_history:

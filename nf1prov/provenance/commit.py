@@ -33,6 +33,7 @@ TEMPLATE_NAME = "commit_message.txt.j2"
 PACKAGE_TEMPLATES = shipped_dir("templates")
 LOCK_NAME = "nf1prov-commit.lock"
 LOCK_TIMEOUT_S = 300.0
+MODEL_COMMIT_ENV = "NF1PROV_MODEL_COMMIT"  # in the hooks' environment: the model's codename
 
 
 def subject(codename: str, run_id: str, experiment_id: str) -> str:
@@ -146,7 +147,9 @@ class ModelCommit:
         caller must `undo` (or `finish`)."""
         self.check_refs()
         self.parent = git.head_sha(self.root)
-        env = {"GIT_INDEX_FILE": str(self.staged)}
+        # Hooks see the staged copy of the index, and know a model commit is being made
+        # (`catalog --check` as a pre-commit hook lets it through: it cannot list itself).
+        env = {"GIT_INDEX_FILE": str(self.staged), MODEL_COMMIT_ENV: self.codename}
         try:
             if self.index.exists():
                 shutil.copy2(self.index, self.staged)
