@@ -8,6 +8,7 @@ beside it and renamed into place, so a failure leaves no half folder.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import tempfile
@@ -157,7 +158,7 @@ def checkout_model(root: Path, client, model: ResolvedModel, worktree: Path | No
             ignore_models_dir(root)  # the model commit's .gitignore may predate .nf1prov/
         return CheckedOut(root, destination, files)
 
-    worktree = Path(worktree).absolute()
+    worktree = Path(os.path.normpath(Path(worktree).absolute()))
     inside = worktree.resolve() == Path(root).resolve() or Path(root).resolve() in \
         worktree.resolve().parents
     if inside and not git.is_ignored(root, worktree, directory=True):

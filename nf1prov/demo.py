@@ -30,6 +30,7 @@ MARKER = ".nf1prov-demo"
 CONFIG = "configs/demo.toml"
 DATA = "data"
 GITIGNORE = ["mlflow.db", "mlruns/", "mlartifacts/", ".nf1prov/", "/data/", "/checkouts/",
+             "/predictions/",
              "__pycache__/", f"/{MARKER}"]
 DEMO_IDENTITY = ("nf1prov demo", "demo@nf1prov.invalid")
 

@@ -37,8 +37,8 @@ def test_check_passes_on_fresh_readme_and_fails_after_a_new_model(repo, client, 
     model_run(client, exp, "first-fox-1", start_time=1_000)
     monkeypatch.chdir(repo)
     code, out, _ = nf1prov(capsys, "catalog")
-    assert code == 0 and "1 models, written" in out
-    assert nf1prov(capsys, "catalog")[:2] == (0, f"{repo / 'README.md'}: 1 models, unchanged.\n")
+    assert code == 0 and "1 model, written" in out
+    assert nf1prov(capsys, "catalog")[:2] == (0, f"{repo / 'README.md'}: 1 model, unchanged.\n")
     assert nf1prov(capsys, "catalog", "--check")[0] == 0
 
     model_run(client, exp, "second-seal-2", start_time=2_000)

@@ -132,6 +132,36 @@ def test_files_that_look_like_secrets_are_refused(committed, tracking_uri, name,
     assert name in output and "look like secrets" in output and ".gitignore" in output
 
 
+@pytest.mark.parametrize("name", ["mydata/NF0001_T1/zstack_images/A1-1/A1-1_TRANS.tif",
+                                  "predictions/NF0014_T1/C4-1_labels.ome.tiff",
+                                  "weights/best.pt", "cache/stack.npy", "export.zip"])
+def test_new_files_that_look_like_data_are_refused_anywhere(committed, tracking_uri, name):
+    """Not only the data root: a copy of the dataset, predictions, weights, arrays."""
+    path = committed / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 64)
+    output = refused(committed, tracking_uri)
+    assert name in output and "look like data or weights" in output
+
+
+def test_a_staged_secret_is_told_to_leave_the_index(committed, tracking_uri):
+    (committed / ".env").write_text("TOKEN=abc\n")
+    run_git(committed, "add", ".env")
+    with (committed / ".gitignore").open("a") as handle:
+        handle.write(".env\n")
+    output = refused(committed, tracking_uri)
+    assert "git rm --cached -- .env" in output
+
+
+def test_a_holdout_patient_with_no_folder_is_reported_not_refused(committed, tracking_uri,
+                                                                  capsys):
+    plan = preflight.preflight(config_path="configs/tiny.toml", tracking_uri=tracking_uri,
+                               overrides=['data.holdout_patients=["NF9999", "NF0014"]'])
+    assert plan.fields and all(not f.patient.startswith("NF0014") for f in plan.fields)
+    err = capsys.readouterr().err
+    assert "NF9999" in err and "NF0014" not in err.split("NF9999")[1].split("\n")[0]
+
+
 def test_a_committed_lookalike_is_allowed_and_so_is_an_ignored_secret(committed,
                                                                      tracking_uri):
     (committed / ".env.example").write_text("TOKEN=<your token>\n")

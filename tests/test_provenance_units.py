@@ -309,3 +309,21 @@ def test_file_size_limit(git_repo):
     preflight.check_file_sizes(git_repo, 3.0)
     (git_repo / ".gitignore").write_text("*.pt\n")
     preflight.check_file_sizes(git_repo, 2.0)
+
+
+@pytest.mark.parametrize("returncode,status,reason", [
+    (130, "KILLED", "interrupted by Ctrl-C (SIGINT)"),
+    (-15, "KILLED", "killed by SIGTERM"),
+    (143, "KILLED", "killed by SIGTERM"),
+    (-9, "FAILED", "the training process was killed by SIGKILL"),
+    (1, "FAILED", "the training process ended (exit 1) without ending its run"),
+])
+def test_a_run_its_process_left_running_is_ended(client, experiment_id, returncode, status,
+                                                 reason):
+    """A training process interrupted before it could end its run (the first second of it)."""
+    from nf1prov.provenance import run_end
+
+    run_id = new_run(client, experiment_id)
+    run_end.end_if_running(client, run_id, returncode, "the training process")
+    run = client.get_run(run_id)
+    assert run.info.status == status and run.data.tags[tracking.FAILURE] == reason

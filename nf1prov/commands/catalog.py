@@ -11,6 +11,10 @@ from nf1prov.commands.common import tracking_uri_option
 from nf1prov.errors import CheckFailed, UserError
 
 
+def _models(count: int) -> str:
+    return f"{count} model" + ("" if count == 1 else "s")
+
+
 def _readme_and_root(readme: str | None) -> tuple[Path, Path | None]:
     """(README path, git repo root or None); the default README is <repo root>/README.md."""
     from nf1prov.provenance import git
@@ -84,9 +88,9 @@ def command(readme, check, do_commit, force, template_dir, import_history, track
     if check:
         if result.changed:
             click.echo(catalog.unified_diff(result.old, result.new, path.name), nl=False)
-            raise CheckFailed(f"{path} is out of date with MLflow ({result.model_count} models): "
+            raise CheckFailed(f"{path} is out of date with MLflow ({_models(result.model_count)}): "
                               "run `nf1prov catalog` and commit README.md.")
-        click.echo(f"{path}: catalogue up to date ({result.model_count} models).")
+        click.echo(f"{path}: catalogue up to date ({_models(result.model_count)}).")
         return
     if not force:
         catalog_git.refuse_hand_edits(result, root)
@@ -95,7 +99,7 @@ def command(readme, check, do_commit, force, template_dir, import_history, track
     if result.changed:
         catalog.write_atomic(path, result.new)
         catalog_git.remember_written(root, path, result.new_block)
-    click.echo(f"{path}: {result.model_count} models, "
+    click.echo(f"{path}: {_models(result.model_count)}, "
                f"{'written' if result.changed else 'unchanged'}.")
     if do_commit:
         sha = catalog_git.commit_catalogue(root, result)

@@ -6,13 +6,14 @@ a `Plan`: everything the rest of the flow needs, resolved once.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nf1prov import tracking
 from nf1prov.config import load_config
 from nf1prov.errors import UserError
-from nf1prov.provenance import code_snapshot, commit, git, secret_files
+from nf1prov.provenance import code_snapshot, commit, git, uncommittable
 
 CACHE_DIR = ".nf1prov/cache"
 
@@ -66,21 +67,17 @@ def check_model_tags_possible(root: Path) -> None:
     probe = "refs/tags/" + git.model_tag("preflight-check-0")
     clashes = git.refs_clashing_with(root, probe)
     if clashes:
-        raise UserError(commit.refs_clash_message(root, probe, clashes))
+        raise UserError(commit.refs_clash_message(root, "refs/tags/model/<codename>", clashes))
 
 
 def check_nothing_unsafe_to_commit(root: Path) -> None:
-    """Nothing that looks like a secret and no embedded repository among the new files."""
-    found = secret_files.secrets_among(root, git.new_paths(root))
-    if found:
-        listing = "; ".join(f"{path} ({why})" for path, why in found[:10])
-        lines = "".join(f"\n  {path}" for path, _ in found[:10])
-        raise UserError(
-            f"The model commit would include files that look like secrets: {listing}. Nothing "
-            f"was created. Add them to {root / '.gitignore'}:{lines}\nIf one is not a secret "
-            "(e.g. a .env.example of placeholders), commit it yourself once (`git add PATH && "
-            "git commit`); files already committed are never refused."
-        )
+    """No new file that looks like a secret or like data, and no embedded repository."""
+    new = git.new_paths(root)
+    staged = {path for code, path in git.status_porcelain(root) if code[0] in "ACR"}
+    for found, what in ((uncommittable.secrets_among(root, new), "look like secrets"),
+                        (uncommittable.data_among(new), "look like data or weights")):
+        if found:
+            raise UserError(refusal_message(root, found, what, staged))
     embedded = git.embedded_repositories(root)
     if embedded:
         raise UserError(
@@ -88,6 +85,21 @@ def check_nothing_unsafe_to_commit(root: Path) -> None:
             "own: the model commit would record it as a bare gitlink, not its files. Move it "
             f"out of the repository, or add '/{embedded[0]}/' to {root / '.gitignore'}."
         )
+
+
+def refusal_message(root: Path, found: list[tuple[str, str]], what: str,
+                    staged: set[str]) -> str:
+    listing = "; ".join(f"{path} ({why})" for path, why in found[:10])
+    more = f" and {len(found) - 10} more" if len(found) > 10 else ""
+    lines = "".join(f"\n  {path}" for path, _ in found[:10])
+    unstage = [path for path, _ in found if path in staged]
+    unstage_text = (f" They are staged, so also unstage them: git rm --cached -- "
+                    f"{' '.join(unstage[:10])}." if unstage else "")
+    return (f"The model commit would include new files that {what}: {listing}{more}. Nothing "
+            f"was created. Add them (or their folder) to {root / '.gitignore'}:{lines}\n"
+            f"{unstage_text} If one belongs in git (e.g. a .env.example of placeholders, a "
+            "small test image), commit it yourself once (`git add PATH && git commit`): files "
+            "already committed are never refused.")
 
 
 def check_data_not_committed(root: Path, data_root: Path) -> None:
@@ -178,6 +190,12 @@ def check_data(config: dict, data_root: Path) -> list:
                         + ": expected <patient>/zstack_images/<well>-<site>/<well>-<site>"
                         "_TRANS.tif (DESIGN 3.5). Check --data-root / data.root and "
                         "data.holdout_patients.")
+    patients = {f.patient for f in every_field}
+    absent = [p for p in holdout if not any(is_held_out(patient, [p]) for patient in patients)]
+    if absent:  # allowed (labs keep holdout data elsewhere), but never silently
+        print(f"nf1prov: note: holdout patient(s) {', '.join(absent)} have no folder under "
+              f"{data_root}: nothing is held out for them here. Check data.holdout_patients "
+              "if that is a typo.", file=sys.stderr)
     if config["data"]["fields"]:  # a chosen subset (reproduce): not the fields left out
         every_field = fields + [f for f in every_field if is_held_out(f.patient, holdout)]
     validate_fields(every_field, config["data"]["input_slices"], config["data"]["crop_size"])

@@ -65,6 +65,12 @@ def run_guard(client, run_id: str) -> Iterator[None]:
         raise
 
 
+# Exit codes of a process stopped by Ctrl-C or SIGTERM (its own 128+n, or killed by the signal).
+INTERRUPT_EXITS = {128 + signal.SIGINT: "interrupted by Ctrl-C (SIGINT)",
+                   -signal.SIGINT: "interrupted by Ctrl-C (SIGINT)",
+                   128 + signal.SIGTERM: "killed by SIGTERM", -signal.SIGTERM: "killed by SIGTERM"}
+
+
 def end_if_running(client, run_id: str, returncode: int | None, what: str) -> None:
     """End the run if the process ``what`` (which should have ended it) left it RUNNING:
     KILLED when it was interrupted or we were (``returncode`` None), else FAILED."""
@@ -72,6 +78,8 @@ def end_if_running(client, run_id: str, returncode: int | None, what: str) -> No
         return
     if returncode is None:
         end_run_or_warn(client, run_id, "KILLED", f"interrupted while waiting for {what}")
+    elif returncode in INTERRUPT_EXITS:  # interrupted before it could end the run itself
+        end_run_or_warn(client, run_id, "KILLED", INTERRUPT_EXITS[returncode])
     elif returncode < 0:
         name = signal.Signals(-returncode).name
         status = "KILLED" if -returncode in (signal.SIGINT, signal.SIGTERM) else "FAILED"

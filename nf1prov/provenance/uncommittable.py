@@ -1,9 +1,10 @@
-"""Files that look like secrets, which a model commit must never take in (DESIGN 3.2).
+"""New files a model commit must never take in (DESIGN 3.2): secrets and data.
 
-Judged by name (`.env`, private keys, credential and password files) and, for small files, by a
-private key block in the content. Files already in HEAD are never refused: committing one was
-the user's decision, and that is also how a false positive is allowed (commit it yourself once,
-e.g. a `.env.example` of placeholders).
+Secrets are judged by name (`.env`, private keys, credential and password files) and, for small
+files, by a private key block in the content; data by extension (microscopy stacks, arrays,
+weights, archives), wherever it lies, not only under the data root. Files already in HEAD are
+never refused: committing one was the user's decision, and that is also how a false positive is
+allowed (commit it yourself once, e.g. a `.env.example` of placeholders or a small test image).
 """
 
 from __future__ import annotations
@@ -41,6 +42,29 @@ def secret_reason(path: Path, rel: str) -> str | None:
     except OSError:
         return None
     return None
+
+
+# Lower-case suffixes of data, weights and archives: they belong in a data root, an artifact
+# store or .nf1prov/, never in the code commit.
+DATA_SUFFIXES = (
+    ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".czi", ".nd2", ".lif", ".lsm", ".ims", ".zarr",
+    ".npy", ".npz", ".h5", ".hdf5", ".mat", ".pt", ".pth", ".ckpt", ".onnx", ".safetensors",
+    ".pkl", ".pickle", ".joblib", ".zip", ".tar", ".gz", ".tgz", ".7z",
+)
+
+
+def data_reason(rel: str) -> str | None:
+    """Why ``rel`` looks like data or weights (its suffix), or None."""
+    name = PurePosixPath(rel).name.lower()
+    for suffix in DATA_SUFFIXES:
+        if name.endswith(suffix):
+            return f"a {suffix} file"
+    return None
+
+
+def data_among(rels: list[str]) -> list[tuple[str, str]]:
+    """[(path, reason)] for those of ``rels`` (new files to commit) that look like data."""
+    return [(rel, reason) for rel in rels if (reason := data_reason(rel))]
 
 
 def secrets_among(root: Path, rels: list[str]) -> list[tuple[str, str]]:
