@@ -38,6 +38,20 @@ def outside_markers(text: str) -> tuple[str, str]:
     return "".join(lines[:begin]), "".join(lines[end:])
 
 
+def test_a_fresh_clone_with_an_empty_store_passes_catalog_check(tmp_path, tracking_uri,
+                                                                 monkeypatch):
+    """What CI and the documented pre-commit hook see before anyone trains: this README's
+    committed catalogue is the one an empty store renders."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    repo = clone_of_this_repository(tmp_path / "nf1prov")
+    env = subprocess_env(tracking_uri)
+    del env["MLFLOW_TRACKING_URI"]
+    proc = subprocess.run([str(BIN / "nf1prov"), "catalog", "--check"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "catalogue up to date (0 models)" in proc.stdout
+
+
 def test_the_readme_loop_in_a_clone_of_this_repository(tmp_path, tracking_uri, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the README's default: <repo>/mlflow.db
     repo = clone_of_this_repository(tmp_path / "nf1prov")
