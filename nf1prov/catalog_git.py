@@ -59,9 +59,7 @@ def state_file(root: Path) -> Path:
     """<git dir>/nf1prov-catalog.json (per worktree): {repository path: last block written}."""
     from nf1prov.provenance import git
 
-    out = git.git("rev-parse", "--git-path", STATE_NAME, cwd=root).stdout.strip()
-    path = Path(out)
-    return path if path.is_absolute() else Path(root).resolve() / path
+    return git.git_path(root, STATE_NAME)
 
 
 def last_written(root: Path) -> dict[str, str]:

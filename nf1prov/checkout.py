@@ -133,8 +133,7 @@ def ignore_models_dir(tree: Path) -> None:
     """Make sure .nf1prov/ is ignored in ``tree`` (old commits may lack the .gitignore line)."""
     if git.is_ignored(tree, MODELS_DIR / "x", directory=False):
         return
-    exclude = Path(git.git("rev-parse", "--git-path", "info/exclude", cwd=tree).stdout.strip())
-    exclude = exclude if exclude.is_absolute() else tree / exclude
+    exclude = git.git_path(tree, "info/exclude")
     exclude.parent.mkdir(parents=True, exist_ok=True)
     with open(exclude, "a", encoding="utf-8") as handle:
         handle.write("\n# nf1prov: downloaded models and caches\n/.nf1prov/\n")

@@ -59,9 +59,10 @@ def model_tag(codename: str) -> str:
     return MODEL_TAG_PREFIX + validate_codename(codename)
 
 
-def git(*args: str, cwd: Path | str, check: bool = True, input: str | None = None,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``git <args>`` in ``cwd`` and return the completed process (text mode).
+def git(*args: str, cwd: Path | str, check: bool = True, input: str | bytes | None = None,
+        env: dict[str, str] | None = None, text: bool = True) -> subprocess.CompletedProcess:
+    """Run ``git <args>`` in ``cwd`` and return the completed process (text mode, or bytes in
+    and out with ``text=False``: text mode turns CRLF into LF).
 
     Raises GitError with git's stderr when ``check`` and git exits non-zero.
     """
@@ -70,11 +71,13 @@ def git(*args: str, cwd: Path | str, check: bool = True, input: str | None = Non
     if env:
         full_env.update(env)
     proc = subprocess.run(
-        ["git", *map(str, args)], cwd=str(cwd), capture_output=True, text=True,
+        ["git", *map(str, args)], cwd=str(cwd), capture_output=True, text=text,
         input=input, env=full_env,
     )
     if check and proc.returncode != 0:
-        output = proc.stderr.strip() or proc.stdout.strip()
+        stderr, stdout = (proc.stderr, proc.stdout) if text else (
+            proc.stderr.decode("utf-8", "replace"), proc.stdout.decode("utf-8", "replace"))
+        output = stderr.strip() or stdout.strip()
         raise GitError(f"git {' '.join(args[:2])} failed in {cwd}: {output}")
     return proc
 
@@ -328,9 +331,7 @@ def common_dir(root: Path) -> Path:
 
 def index_path(root: Path) -> Path:
     """This work tree's index file (per worktree; may not exist before the first `git add`)."""
-    out = git("rev-parse", "--git-path", "index", cwd=root).stdout.strip()
-    path = Path(out)
-    return path if path.is_absolute() else (Path(root) / path).resolve()
+    return git_path(root, "index")
 
 
 def is_ignored(root: Path, path: Path | str, directory: bool = False) -> bool:
@@ -526,13 +527,7 @@ def symbolic_head(root: Path) -> str | None:
 def _git_bytes(root: Path, *args: str, input: bytes | None = None,
                env: dict[str, str] | None = None) -> bytes:
     """``git <args>`` in ``root`` with bytes in and out; GitError with git's stderr on failure."""
-    full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", **(env or {})}
-    proc = subprocess.run(["git", *args], cwd=str(root), capture_output=True, input=input,
-                          env=full_env)
-    if proc.returncode != 0:
-        output = proc.stderr.decode("utf-8", "replace").strip()
-        raise GitError(f"git {' '.join(args[:2])} failed in {root}: {output}")
-    return proc.stdout
+    return git(*args, cwd=root, input=input, env=env, text=False).stdout
 
 
 def _repo_path(path: str) -> str:

@@ -65,10 +65,10 @@ def run_guard(client, run_id: str) -> Iterator[None]:
         raise
 
 
+INTERRUPTS = {signal.SIGINT: "interrupted by Ctrl-C (SIGINT)",
+              signal.SIGTERM: "killed by SIGTERM"}
 # Exit codes of a process stopped by Ctrl-C or SIGTERM (its own 128+n, or killed by the signal).
-INTERRUPT_EXITS = {128 + signal.SIGINT: "interrupted by Ctrl-C (SIGINT)",
-                   -signal.SIGINT: "interrupted by Ctrl-C (SIGINT)",
-                   128 + signal.SIGTERM: "killed by SIGTERM", -signal.SIGTERM: "killed by SIGTERM"}
+INTERRUPT_EXITS = {code: signum for signum in INTERRUPTS for code in (128 + signum, -signum)}
 
 
 def end_if_running(client, run_id: str, returncode: int | None, what: str) -> None:
@@ -79,7 +79,7 @@ def end_if_running(client, run_id: str, returncode: int | None, what: str) -> No
     if returncode is None:
         end_run_or_warn(client, run_id, "KILLED", f"interrupted while waiting for {what}")
     elif returncode in INTERRUPT_EXITS:  # interrupted before it could end the run itself
-        end_run_or_warn(client, run_id, "KILLED", INTERRUPT_EXITS[returncode])
+        end_run_or_warn(client, run_id, "KILLED", INTERRUPTS[INTERRUPT_EXITS[returncode]])
     elif returncode < 0:
         name = signal.Signals(-returncode).name
         status = "KILLED" if -returncode in (signal.SIGINT, signal.SIGTERM) else "FAILED"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -32,7 +31,16 @@ from pathlib import Path
 from nf1prov import tracking
 from nf1prov.config import load_config
 from nf1prov.errors import Nf1provError, UserError
-from nf1prov.provenance import code_snapshot, git, liveness, preflight, run_tags, signals, worker
+from nf1prov.provenance import (
+    code_snapshot,
+    git,
+    liveness,
+    preflight,
+    run_end,
+    run_tags,
+    signals,
+    worker,
+)
 from nf1prov.provenance import codename as codenames
 from nf1prov.provenance import commit as model_commit
 from nf1prov.provenance.run_end import end_run, run_guard
@@ -192,9 +200,8 @@ def run_training(plan: preflight.Plan, run_id: str, code_sha: str | None,
         return
     run = client.get_run(run_id)
     failure = run.data.tags.get(tracking.FAILURE, "no reason recorded")
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if returncode in (128 + signum, -signum):
-            raise Interrupted(failure, 128 + signum)
+    if returncode in run_end.INTERRUPT_EXITS:
+        raise Interrupted(failure, 128 + run_end.INTERRUPT_EXITS[returncode])
     raise TrainingFailed(f"training failed: {failure}. The run is marked {run.info.status} "
                          f"(nf1prov.failure); `nf1prov show {run.info.run_name}` has the "
                          "details.")
