@@ -2,7 +2,8 @@
 
 Per slice of a brightfield z-stack:
 
-1. normalise by the dtype maximum and smooth with a Gaussian (``sigma`` pixels);
+1. normalise each slice by its percentiles (any dtype; Otsu does not depend on the scale) and
+   smooth with a Gaussian (``sigma`` pixels);
 2. threshold with Otsu's method; which side is foreground (``foreground``): ``"dark"``,
    ``"bright"``, or ``"auto"``, the side that covers fewer pixels (cells are the minority of a
    field of view; brightfield cells can be darker or brighter than the medium);
@@ -20,14 +21,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from nf1prov.inference import normalise
+from nf1prov.data.inputs import normalise
 
 
 def segment_baseline(stack: np.ndarray, *, sigma: float = 2.0, min_size: int = 10,
                      min_distance: int = 5, foreground: str = "auto") -> np.ndarray:
     """Instance labels of a brightfield stack by smoothing, Otsu and distance watershed.
 
-    ``stack``: (Z, H, W) or (H, W) unsigned integers. Returns labels of the same shape, each
+    ``stack``: (Z, H, W) or (H, W), any real dtype. Returns labels of the same shape, each
     slice labelled on its own (labels unique across the stack), uint16 (uint32 above 65535).
     """
     from scipy import ndimage
@@ -39,7 +40,7 @@ def segment_baseline(stack: np.ndarray, *, sigma: float = 2.0, min_size: int = 1
     if foreground not in ("auto", "dark", "bright"):
         raise ValueError(f"foreground must be auto, dark or bright, not {foreground!r}")
     squeeze = stack.ndim == 2
-    image = normalise(stack[None] if squeeze else stack)
+    image = normalise(stack[None] if squeeze else stack, "percentile")
     smooth = ndimage.gaussian_filter(image, sigma=(0, sigma, sigma))
     labels = np.zeros(image.shape, np.int64)
     offset = 0

@@ -1,5 +1,5 @@
 """Training configuration: TOML files with sections [experiment] [data] [model] [train]
-[description], as plain nested dicts.
+[augment] [postprocess] [description], as plain nested dicts.
 
 `SCHEMA` below holds every key with its default value; its type is the key's type. A config
 file may leave keys out (the default applies) but may not add unknown ones, and `--set KEY=VALUE`
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nf1prov.data.inputs import METHODS as NORMALISATIONS
 from nf1prov.errors import UserError
 
 SCHEMA: dict[str, dict[str, Any]] = {
@@ -39,6 +40,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "crop_margin": 2,  # target pixels trimmed at each crop edge
         "boundary_thickness": 2,
         "split_fractions": [0.8, 0.1, 0.1],  # train / val / test, by field of view
+        # How each slice is scaled (nf1prov.data.inputs): "dtype_max" (upstream) divides by
+        # the dtype's maximum; "percentile" maps the slice's 1st..99.8th percentiles to 0..1.
+        "normalisation": "dtype_max",
+        # Centre slices whose input window leaves the stack: "skip" them (upstream), or "clamp"
+        # the window (repeat the first/last slice, as prediction does), so that every slice is
+        # trained on and a stack of fewer slices than input_slices (a 2-D image) can be used.
+        "edge_slices": "skip",
         # Train on these fields of view only ("<patient>/<well>-<site>" ids, e.g. "NF0017/C4-2");
         # empty = every field under the data root (less the holdout patients). `nf1prov
         # reproduce` sets it to the original's fields when the data root has gained new ones;
@@ -64,6 +72,20 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "search_learning_rate": [1e-5, 1e-2],  # Optuna: log-uniform range
         "overlay_crops": 3,  # validation crops drawn as PNG overlays each epoch
         "max_batches_per_epoch": 0,  # 0 = all; a cap for quick runs
+    },
+    # Random transforms of each training batch (nf1prov.train.augment); all off = upstream.
+    "augment": {
+        "flip": False,  # mirror left-right with probability 1/2
+        "rotate90": False,  # rotate by 0, 90, 180 or 270 degrees, equally likely
+        "intensity_scale": 0.0,  # multiply the normalised input by 1 + U(-s, s)
+        "intensity_offset": 0.0,  # then add U(-o, o)
+    },
+    # Instance labels from probabilities (nf1prov.instances).
+    "postprocess": {
+        "tune": True,  # choose the three values below on the validation split after training
+        "seed_threshold": 0.5,  # used as given when tune = false
+        "foreground_threshold": 0.5,
+        "min_size": 10,
     },
     "description": {
         # Catalogue fields (DESIGN 3.3): a string, or a list of items where a list inside the list
@@ -202,6 +224,7 @@ Rule = tuple[Callable[[Any, dict], bool], str]
 SEED_MAX = 2**32 - 1  # NumPy's seed range
 SPLIT_TOLERANCE = 1e-6
 FIELDS_PARAM_MAX = 500  # characters of data.fields logged as a param (MLflow's oldest limit)
+
 FIELD_ID_RE = re.compile(r"^[^/\s]+/[^/\s-]+-[^/\s]+$")
 
 
@@ -254,6 +277,15 @@ RANGES: dict[str, Rule] = {
     "train.overlay_crops": (_at_least(0), "an integer >= 0 (0 = no overlays)"),
     "train.max_batches_per_epoch": (_at_least(0), "an integer >= 0 (0 = all batches)"),
     "train.device": (lambda v, _: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    "data.normalisation": (lambda v, _: v in NORMALISATIONS, " or ".join(NORMALISATIONS)),
+    "data.edge_slices": (lambda v, _: v in ("skip", "clamp"), "skip or clamp"),
+    "augment.intensity_scale": (lambda v, _: 0 <= v < 1,
+                                "a number in [0, 1) (0 = no intensity scaling)"),
+    "augment.intensity_offset": (lambda v, _: 0 <= v <= 1,
+                                 "a number in [0, 1] (0 = no intensity offset)"),
+    "postprocess.seed_threshold": (lambda v, _: 0 < v < 1, "a probability in (0, 1)"),
+    "postprocess.foreground_threshold": (lambda v, _: 0 < v < 1, "a probability in (0, 1)"),
+    "postprocess.min_size": (_at_least(0), "an integer >= 0 (pixels)"),
     "data.fields": (lambda v, _: all(FIELD_ID_RE.match(f) for f in v) and len(set(v)) == len(v),
                     'a list of distinct field-of-view ids "<patient>/<well>-<site>" such as '
                     '"NF0017/C4-2" (empty: all fields)'),

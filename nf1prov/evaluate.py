@@ -214,9 +214,9 @@ def score_stack(mask: np.ndarray, prob: np.ndarray, labels: np.ndarray,
 def holdout_fields(data_root: Path, patients: Sequence[str]) -> list:
     """The fields of view of ``patients`` under ``data_root``.
 
-    `layout.discover_fields` leaves holdout patients out, so every field is discovered and those
-    that ``discover_fields(root, holdout_patients=patients)`` leaves out are kept: the holdout
-    rule is the one training used, by construction ('NF0014' also matches NF0014_T1 ...).
+    Every field is discovered and those `layout.is_held_out` assigns to ``patients`` are kept:
+    the holdout rule training used ('NF0014' also matches NF0014_T1 ...). The data root may hold
+    the holdout patients alone, as labs often keep them.
     """
     from nf1prov.data import layout
 
@@ -228,8 +228,7 @@ def holdout_fields(data_root: Path, patients: Sequence[str]) -> list:
         raise UserError("No holdout patients to evaluate on: the run's data.holdout_patients is "
                         "empty. Name them with --patients NF0014 ...")
     fields = layout.discover_fields(data_root, holdout_patients=())
-    kept = set(layout.discover_fields(data_root, holdout_patients=tuple(patients)))
-    chosen = [f for f in fields if f not in kept]
+    chosen = [f for f in fields if layout.is_held_out(f.patient, patients)]
     if not chosen:
         found = sorted({f.patient for f in fields})
         raise UserError(f"No fields of view of patients {', '.join(patients)} under {data_root} "
@@ -264,28 +263,31 @@ class Evaluation:
         return self.table.loc[(method, "all")].to_dict()
 
 
-def evaluate(loaded, fields: Sequence, *, baseline: bool = False, min_size: int = 10,
-             batch_size: int = 8, progress: bool = True) -> Evaluation:
+def evaluate(loaded, fields: Sequence, *, baseline: bool = False, postprocess=None,
+             baseline_min_size: int = 10, batch_size: int = 8,
+             progress: bool = True) -> Evaluation:
     """Predict every field of view with ``loaded`` (a `nf1prov.inference.LoadedModel`) and
-    score it; with ``baseline`` the classical pipeline is scored on the same stacks."""
+    score it; with ``baseline`` the classical pipeline is scored on the same stacks.
+
+    ``postprocess``: the model's instance parameters (`nf1prov.instances.PostProcess`;
+    default ``loaded.postprocess``); ``baseline_min_size``: the baseline's smallest object."""
     import pandas as pd
     from tqdm.auto import tqdm
 
     from nf1prov.baseline import labels_to_probabilities, segment_baseline
-    from nf1prov.inference import predict_stack, probabilities_to_instances, read_stack
+    from nf1prov.inference import read_stack
 
+    postprocess = postprocess or loaded.postprocess
     methods = ("model", "baseline") if baseline else ("model",)
     tallies: dict[tuple[str, str], _Tally] = {}
     thickness = loaded.boundary_thickness
     for fov in tqdm(fields, desc="evaluate", unit="stack", disable=not progress):
-        stack = read_stack(Path(fov.image_path))
+        stack = read_stack(Path(fov.image_path), loaded.normalisation)
         mask = _read_mask(Path(fov.mask_path), stack.shape)
-        prob = predict_stack(loaded.model, stack, input_slices=loaded.input_slices,
-                             tile_size=loaded.tile_size, batch_size=batch_size,
-                             device=loaded.device)
-        results = {"model": (prob, probabilities_to_instances(prob, min_size))}
+        prob = loaded.predict(stack, batch_size=batch_size)
+        results = {"model": (prob, postprocess.segment(prob))}
         if baseline:
-            labels = segment_baseline(stack, min_size=min_size)
+            labels = segment_baseline(stack, min_size=baseline_min_size)
             results["baseline"] = (labels_to_probabilities(labels, thickness), labels)
         for method, (p, labels) in results.items():
             tally = score_stack(mask, p, labels, thickness)

@@ -1,15 +1,15 @@
-"""Whole-stack prediction with a trained segmenter, and instance labels from class probabilities.
+"""Whole-stack prediction with a trained segmenter, and loading a model with its settings.
 
 Array functions (NumPy in, NumPy out; shapes and dtypes in each docstring):
 
-- `normalise(stack)` -- unsigned integer (Z, H, W) -> float32 in [0, 1], divided by the dtype's
-  maximum, as in training (DESIGN 4).
-- `slice_windows(z, depth, input_slices)` -- the input slices of each centre slice. Edge slices
-  use **clamped** windows: a slice index outside the stack is replaced by the nearest slice (the
-  first or last), so a stack of any depth Z >= 1 can be predicted, a single 2-D image included.
+- `normalise(stack, method)` -- (Z, H, W) -> float32, each slice normalised as in training
+  (`nf1prov.data.inputs`: ``dtype_max``, upstream's, or ``percentile``).
+- `slice_windows(depth, input_slices)` (from `nf1prov.data.inputs`) -- the input slices of each
+  centre slice. Edge slices use **clamped** windows: a slice index outside the stack is replaced
+  by the nearest slice (the first or last), so a stack of any depth Z >= 1 can be predicted, a
+  single 2-D image included.
 - `blend_window(tile_size)` -- the separable raised-cosine (Hann) weight of one tile.
 - `predict_stack(model, stack, ...)` -- float32 (3, Z, H, W) per-class probabilities.
-- `probabilities_to_instances(prob, min_size)` -- uint16/uint32 instance labels.
 
 Tiling. Each slice is reflect-padded by ``overlap // 2`` on every side (so that image borders get
 real context) and then at the bottom/right up to a whole tile grid of stride
@@ -27,6 +27,7 @@ DESIGN 4), so the three channels need not sum to 1; the class map is their argma
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from collections.abc import Iterable, Iterator
@@ -35,45 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
+from nf1prov.data.inputs import normalise, slice_windows
 from nf1prov.errors import UserError
+from nf1prov.instances import PARAM_PREFIX, POSTPROCESS_ARTIFACT, PostProcess
 
 CLASS_NAMES = ("background", "inner-cell", "cell-boundary")
-BACKGROUND, INNER, BOUNDARY = 0, 1, 2
 
 
 # ---------------------------------------------------------------------------------------------
 # Array functions
 # ---------------------------------------------------------------------------------------------
-
-def normalise(stack: np.ndarray) -> np.ndarray:
-    """Divide an unsigned-integer array by its dtype's maximum (training's normalisation).
-
-    ``stack``: any shape, unsigned integer (or bool) dtype. Returns float32 in [0, 1].
-    Raises UserError for float or signed input, whose scale the model cannot know.
-    """
-    if stack.dtype == bool:
-        return stack.astype(np.float32)
-    if not np.issubdtype(stack.dtype, np.unsignedinteger):
-        raise UserError(
-            f"input dtype {stack.dtype} is not an unsigned integer type: the model was trained "
-            "on images divided by their dtype's maximum (uint8/uint16), which a "
-            f"{stack.dtype} image does not have. Convert the image to uint8 or uint16 first."
-        )
-    return stack.astype(np.float32) / np.float32(np.iinfo(stack.dtype).max)
-
-
-def slice_windows(depth: int, input_slices: int) -> np.ndarray:
-    """Indices of the input slices of every centre slice: int64 (depth, input_slices).
-
-    Row ``z`` is ``z - k .. z + k`` (``k = input_slices // 2``) clamped to ``[0, depth - 1]``:
-    edge slices repeat the first/last slice.
-    """
-    if input_slices < 1 or input_slices % 2 == 0:
-        raise ValueError(f"input_slices must be odd and >= 1, not {input_slices}")
-    half = input_slices // 2
-    offsets = np.arange(-half, half + 1)
-    return np.clip(np.arange(depth)[:, None] + offsets[None, :], 0, depth - 1)
-
 
 def blend_window(tile_size: int) -> np.ndarray:
     """Separable raised-cosine tile weight: float32 (T, T), ``w(i) w(j)`` with
@@ -126,18 +98,22 @@ def predict_stack(
     overlap: int | None = None,
     batch_size: int = 8,
     device=None,
+    normalisation: str = "dtype_max",
+    slices: Iterable[int] | None = None,
     progress: bool = False,
     description: str = "",
 ) -> np.ndarray:
     """Per-class probabilities of every slice of a z-stack.
 
     ``model``: a torch module mapping float32 (N, input_slices, h, w) with h, w multiples of 16
-    to (N, 3, h, w) logits; it is put in eval mode. ``stack``: (Z, H, W) or (H, W) unsigned
-    integers, normalised by the dtype maximum. ``tile_size``: the training crop size (a multiple
+    to (N, 3, h, w) logits; it is put in eval mode. ``stack``: (Z, H, W) or (H, W) image,
+    normalised slice by slice with ``normalisation`` (the model's ``data.normalisation``:
+    ``dtype_max`` needs unsigned integers). ``tile_size``: the training crop size (a multiple
     of 16), or None for one pass per whole slice. ``overlap``: tile overlap in pixels (default
     ``tile_size // 2``). ``batch_size``: tiles per forward pass. ``device``: a torch device (default
-    the model's; CUDA runs under autocast, as training does). Returns float32 (3, Z, H, W)
-    sigmoid probabilities.
+    the model's; CUDA runs under autocast, as training does). ``slices``: the centre slices to
+    predict (default all; their input windows still come from the whole stack). Returns float32
+    (3, Z, H, W) sigmoid probabilities (Z = the number of ``slices``).
     """
     import torch
 
@@ -146,8 +122,11 @@ def predict_stack(
     if stack.ndim != 3:
         raise ValueError(f"stack must be (Z, H, W) or (H, W), not shape {stack.shape}")
     depth, height, width = stack.shape
-    image = normalise(stack)
+    image = normalise(stack, normalisation)
     windows = slice_windows(depth, input_slices)
+    if slices is not None:
+        windows = windows[np.asarray(list(slices), dtype=np.int64)]
+        depth = len(windows)
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
@@ -200,53 +179,6 @@ def predict_stack(
     return np.ascontiguousarray(acc[:, :, top:top + height, left:left + width])
 
 
-def probabilities_to_instances(prob: np.ndarray, min_size: int = 0) -> np.ndarray:
-    """Instance labels from 3-class probabilities (or a one-hot class map).
-
-    ``prob``: float (3, H, W) or (3, Z, H, W), channels background / inner-cell / cell-boundary.
-    The class map is the argmax; each connected inner-cell component (4-connected, within a
-    slice) is a seed, grown through the foreground (inner-cell or boundary pixels) by a watershed
-    on the boundary probability, so touching cells are separated where the boundary is likely.
-    Foreground pixels that no seed reaches (a boundary-only blob) become background.
-
-    ``min_size`` (pixels per slice): an object smaller than this is dropped as a seed and the
-    watershed is run again, so its pixels are **merged** into the neighbouring cell that floods
-    them, or **removed** (background) when it touches no other cell.
-
-    Slices are labelled independently (the model is 2-D): a label never spans two slices, and
-    labels are unique across the whole stack. Returns (H, W) or (Z, H, W) labels numbered 1..N,
-    uint16, or uint32 when N > 65535.
-    """
-    from scipy import ndimage
-    from skimage.segmentation import relabel_sequential, watershed
-
-    prob = np.asarray(prob)
-    if prob.ndim not in (3, 4) or prob.shape[0] != 3:
-        raise ValueError(f"prob must be (3, H, W) or (3, Z, H, W), not shape {prob.shape}")
-    squeeze = prob.ndim == 3
-    if squeeze:
-        prob = prob[:, None]
-    classes = np.argmax(prob, axis=0)
-    foreground = classes != BACKGROUND
-    # In-plane 4-connectivity only: no links between slices.
-    structure = np.zeros((3, 3, 3), bool)
-    structure[1] = ndimage.generate_binary_structure(2, 1)
-    markers, _ = ndimage.label(classes == INNER, structure=structure)
-    elevation = prob[BOUNDARY].astype(np.float32)
-    labels = watershed(elevation, markers, connectivity=structure, mask=foreground)
-    if min_size > 1 and labels.max() > 0:
-        sizes = np.bincount(labels.ravel())
-        small = sizes < min_size
-        small[0] = False
-        if small.any():
-            labels[small[labels]] = 0
-            labels = watershed(elevation, labels, connectivity=structure, mask=foreground)
-    labels = relabel_sequential(labels)[0]
-    dtype = np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.uint32
-    labels = labels.astype(dtype)
-    return labels[0] if squeeze else labels
-
-
 def class_map(prob: np.ndarray) -> np.ndarray:
     """uint8 argmax class map of (3, ...) probabilities: shape (...)."""
     return np.argmax(prob, axis=0).astype(np.uint8)
@@ -269,6 +201,8 @@ class LoadedModel:
 
     ``config`` is the run's resolved training config (``config/config.toml``) as a nested dict;
     ``run_id``/``codename`` are None for a local folder that is not tied to a run.
+    ``postprocess``: the instance parameters the model was given at the end of training
+    (`nf1prov.instances`), what `predict` and `evaluate` use unless told otherwise.
     """
 
     model: object
@@ -278,6 +212,7 @@ class LoadedModel:
     run_id: str | None = None
     codename: str | None = None
     sha: str | None = None
+    postprocess: PostProcess = field(default_factory=PostProcess)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -289,12 +224,23 @@ class LoadedModel:
         return int(self.config["data"]["crop_size"])
 
     @property
+    def normalisation(self) -> str:
+        return str(self.config["data"].get("normalisation", "dtype_max"))
+
+    @property
     def boundary_thickness(self) -> int:
         return int(self.config["data"]["boundary_thickness"])
 
     @property
     def label(self) -> str:
         return self.codename or self.run_id or self.source
+
+    def predict(self, stack: np.ndarray, **options) -> np.ndarray:
+        """`predict_stack` of ``stack`` the way the model was trained (input slices, tile size,
+        normalisation) on its device; ``options``: overlap, batch_size, progress..."""
+        return predict_stack(self.model, stack, input_slices=self.input_slices,
+                             tile_size=self.tile_size, device=self.device,
+                             normalisation=self.normalisation, **options)
 
 
 def pick_device(name: str | None = "auto"):
@@ -365,9 +311,12 @@ def load_model(ref: str, *, client=None, tracking_uri: str | None = None,
             raise UserError(f"{path} is not an MLflow model folder (no MLmodel file inside). "
                             "Pass the folder that holds MLmodel (e.g. .nf1prov/models/<codename>/"
                             "model), a codename or a run ID.")
-        config = read_config_file(find_local_config(path))
+        config_path = find_local_config(path)
+        config = read_config_file(config_path)
         model = _load_torch(mlflow.pytorch, str(path), torch_device, ref)
-        loaded = LoadedModel(model, config, str(path), torch_device)
+        chosen = config_path.parent / Path(POSTPROCESS_ARTIFACT).name
+        loaded = LoadedModel(model, config, str(path), torch_device,
+                             postprocess=model_postprocess(config, chosen_file=chosen))
     else:
         if client is None:
             raise UserError(f"{ref!r} is not a local model folder, and no MLflow tracking store "
@@ -392,13 +341,31 @@ def load_model(ref: str, *, client=None, tracking_uri: str | None = None,
             config = read_config_file(Path(config_path))
         model = _load_torch(mlflow.pytorch, f"runs:/{run_id}/model", torch_device, ref)
         loaded = LoadedModel(model, config, ref, torch_device, run_id=run_id,
-                             codename=resolved.codename, sha=resolved.sha)
+                             codename=resolved.codename, sha=resolved.sha,
+                             postprocess=model_postprocess(config, params=resolved.run.data.params))
     in_channels = getattr(loaded.model, "in_channels", None)
     if in_channels is not None and in_channels != loaded.input_slices:
         raise UserError(f"Model {ref!r} takes {in_channels} input channels but its config says "
                         f"data.input_slices = {loaded.input_slices}; the config artifact does not "
                         "belong to this model.")
     return loaded
+
+
+def model_postprocess(config: dict, *, params: dict | None = None,
+                      chosen_file: Path | None = None) -> PostProcess:
+    """The instance parameters a model uses: those chosen at the end of its training (run params
+    ``instances.*``, or the ``config/instances.json`` artifact beside a local model folder), else
+    its config's ``[postprocess]`` values, else the argmax rule of models trained before."""
+    chosen = PostProcess.from_mapping(params or {}, prefix=PARAM_PREFIX)
+    if chosen is None and chosen_file is not None and chosen_file.is_file():
+        try:
+            chosen = PostProcess.from_mapping(json.loads(chosen_file.read_text("utf-8")))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"Cannot read the model's instance parameters {chosen_file}: {exc}. "
+                            "Delete the file to use the config's [postprocess] values.") from None
+    if chosen is None:
+        chosen = PostProcess.from_mapping(config.get("postprocess", {}))
+    return chosen or PostProcess()
 
 
 def _load_torch(mlflow_pytorch, uri: str, device, ref: str):
@@ -454,11 +421,13 @@ def expand_inputs(inputs: Iterable[str]) -> list[tuple[Path, Path]]:
     return unique
 
 
-def check_stack(path: Path, shape: tuple[int, ...], dtype, axes: str) -> tuple[int, int, int]:
+def check_stack(path: Path, shape: tuple[int, ...], dtype, axes: str,
+                normalisation: str = "dtype_max") -> tuple[int, int, int]:
     """The (Z, H, W) shape a file of this ``shape``/``dtype``/``axes`` is predicted as.
 
     Raises UserError naming the file for RGB/multi-channel images, more than three non-singleton
-    dimensions, empty images, and dtypes other than unsigned integers.
+    dimensions, empty images, and dtypes the model's ``normalisation`` cannot scale (only
+    unsigned integers have a dtype maximum; ``percentile`` takes any real dtype).
     """
     dtype = np.dtype(dtype)
     # Interleaved samples (axes ending in S: Y, X, RGB) are colour. A planar 'SYX' file is what
@@ -475,10 +444,13 @@ def check_stack(path: Path, shape: tuple[int, ...], dtype, axes: str) -> tuple[i
                         "(Z, H, W) z-stack or a 2-D (H, W) image.")
     if min(squeezed) < 1:
         raise UserError(f"{path} is empty (shape {tuple(shape)}).")
-    if dtype.kind != "b" and not np.issubdtype(dtype, np.unsignedinteger):
+    if normalisation == "dtype_max" and dtype.kind != "b" and \
+            not np.issubdtype(dtype, np.unsignedinteger):
         raise UserError(f"{path} has dtype {dtype}; the model was trained on unsigned integer "
                         "images normalised by their dtype maximum (uint8/uint16). Convert the "
                         "file to uint8 or uint16.")
+    if dtype.kind not in "biuf":
+        raise UserError(f"{path} has dtype {dtype}, which is not a real-valued image type.")
     return squeezed
 
 
@@ -493,13 +465,14 @@ def _open_series(path: Path, read: bool):
         raise UserError(f"Cannot read {path} as a TIFF image: {exc}.") from None
 
 
-def read_stack(path: Path) -> np.ndarray:
-    """A brightfield image file as (Z, H, W) unsigned integers; a 2-D image becomes Z = 1.
+def read_stack(path: Path, normalisation: str = "dtype_max") -> np.ndarray:
+    """A brightfield image file as a (Z, H, W) array; a 2-D image becomes Z = 1.
 
-    Raises UserError naming the file when the model cannot take it (see `check_stack`).
+    Raises UserError naming the file when a model normalising with ``normalisation`` cannot
+    take it (see `check_stack`).
     """
     shape, dtype, axes, data = _open_series(path, read=True)
-    return data.reshape(check_stack(path, shape, dtype, axes))
+    return data.reshape(check_stack(path, shape, dtype, axes, normalisation))
 
 
 def output_stem(path: Path) -> str:
@@ -549,27 +522,27 @@ def write_outputs(outdir: Path, stem: str, prob: np.ndarray, labels: np.ndarray,
 
 
 def predict_files(loaded: LoadedModel, inputs: Iterable[str], outdir: Path, *,
-                  min_size: int = 10, batch_size: int = 8, overlap: int | None = None,
-                  probabilities_dtype: str = "float16",
+                  postprocess: PostProcess | None = None, batch_size: int = 8,
+                  overlap: int | None = None, probabilities_dtype: str = "float16",
                   progress: bool = True) -> Iterator[tuple[Path, PredictionFiles]]:
     """Predict every input file and write its outputs; yields (input, PredictionFiles).
 
+    ``postprocess``: instance parameters (default: the model's, ``loaded.postprocess``).
     Outputs mirror each input's location relative to the folder it was found in, so
     same-named stacks of different patients do not overwrite each other.
     """
     if probabilities_dtype not in ("float16", "float32"):
         raise UserError(f"--probabilities-dtype must be float16 or float32, "
                         f"not {probabilities_dtype!r}.")
+    postprocess = postprocess or loaded.postprocess
     pairs = expand_inputs(inputs)
     for path, _ in pairs:  # check every header before predicting any: a bad file fails fast
-        check_stack(path, *_open_series(path, read=False)[:3])
+        check_stack(path, *_open_series(path, read=False)[:3], loaded.normalisation)
     outdir = Path(outdir)
     for path, base in pairs:
-        stack = read_stack(path)
+        stack = read_stack(path, loaded.normalisation)
         rel = path.parent.relative_to(base)
-        prob = predict_stack(loaded.model, stack, input_slices=loaded.input_slices,
-                             tile_size=loaded.tile_size, overlap=overlap, batch_size=batch_size,
-                             device=loaded.device, progress=progress, description=path.name)
-        labels = probabilities_to_instances(prob, min_size)
-        yield path, write_outputs(outdir / rel, output_stem(path), prob, labels,
-                                  probabilities_dtype)
+        prob = loaded.predict(stack, overlap=overlap, batch_size=batch_size, progress=progress,
+                              description=path.name)
+        yield path, write_outputs(outdir / rel, output_stem(path), prob,
+                                  postprocess.segment(prob), probabilities_dtype)

@@ -148,6 +148,14 @@ BAD_VALUES = [
     ("train.overlay_crops=-1", "an integer >= 0"),
     ("train.max_batches_per_epoch=-1", "an integer >= 0"),
     ("train.device=gpu", "auto, cpu or cuda"),
+    ("data.normalisation=minmax", "dtype_max or percentile"),
+    ("data.edge_slices=wrap", "skip or clamp"),
+    ("augment.intensity_scale=1", "a number in [0, 1)"),
+    ("augment.intensity_scale=-0.1", "a number in [0, 1)"),
+    ("augment.intensity_offset=2", "a number in [0, 1]"),
+    ("postprocess.seed_threshold=1", "a probability in (0, 1)"),
+    ("postprocess.foreground_threshold=0", "a probability in (0, 1)"),
+    ("postprocess.min_size=-1", "an integer >= 0"),
 ]
 
 
@@ -163,7 +171,8 @@ def test_out_of_range_values_are_refused_naming_key_and_range(tmp_path, override
 
     # The same value in the config file names the file and the key.
     section, name = key.split(".")
-    value = f'"{text}"' if text == "gpu" else text  # a bare word is a string to --set only
+    # a bare word is a string to --set only
+    value = f'"{text}"' if text in ("gpu", "minmax", "wrap") else text
     path = write(tmp_path, f"[{section}]\n{name} = {value}\n")
     with pytest.raises(UserError, match=rf"^{path}: {key} must be .*Change it in {path}"):
         load_config(path)

@@ -128,3 +128,69 @@ def git_status(repo: Path) -> list[str]:
     out = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
                          text=True, check=True).stdout
     return [line for line in out.splitlines() if line]
+
+
+def write_2d_field(root: Path, patient: str, fov: str, seed: int) -> None:
+    """A real camera's kind of image: one slice, uint16 values in a narrow band (100..400), a
+    few bright discs as the hand-labelled cells."""
+    import numpy as np
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:64, :64]
+    mask = np.zeros((1, 64, 64), np.uint16)
+    for label, (cy, cx) in enumerate(rng.integers(8, 56, size=(6, 2)), start=1):
+        mask[0][(yy - cy) ** 2 + (xx - cx) ** 2 <= 20] = label
+    image = (np.where(mask > 0, 350, 150) + rng.normal(0, 20, mask.shape)).astype(np.uint16)
+    for folder, name, array in (("zstack_images", f"{fov}_TRANS.tif", image),
+                                ("segmentation_masks", "cell_mask.tiff", mask)):
+        (root / patient / folder / fov).mkdir(parents=True)
+        tifffile.imwrite(root / patient / folder / fov / name, array)
+
+
+def test_cpu_config_on_2d_images_with_the_holdout_kept_elsewhere(tmp_path, tracking_uri,
+                                                                 monkeypatch):
+    """configs/cpu.toml as shipped, on one-slice uint16 images far below the dtype maximum,
+    the holdout patient in a folder of its own (as labs keep it): train, then evaluate and
+    predict with the instance parameters chosen at the end of training."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    repo = clone_of_this_repository(tmp_path / "nf1prov")
+    env = subprocess_env(tracking_uri)
+    del env["MLFLOW_TRACKING_URI"]
+    scans, holdout = tmp_path / "scans", tmp_path / "holdout"
+    for i, (patient, fov) in enumerate([("P1", "A1-1"), ("P1", "A1-2"), ("P2", "B1-1"),
+                                        ("P2", "B1-2"), ("P3", "C1-1")]):
+        write_2d_field(scans, patient, fov, seed=i)
+    write_2d_field(holdout, "HOLD", "D1-1", seed=9)
+
+    def nf1prov(*args, expect=0):
+        proc = subprocess.run([str(BIN / "nf1prov"), *args], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == expect, (args, proc.stdout[-2000:], proc.stderr[-3000:])
+        return proc
+
+    overrides = [arg for item in [*TINY, 'data.holdout_patients=["HOLD"]']
+                 for arg in ("--set", item)]
+    trained = nf1prov("train", "--config", "configs/cpu.toml", "--data-root", str(scans),
+                      *overrides)
+    assert "HOLD have no folder" in trained.stderr  # said, not refused
+    client = tracking.client(tracking.default_tracking_uri(repo))
+    (run,) = tracking.model_runs(client)
+    params = run.data.params
+    assert params["data.normalisation"] == "percentile" and params["augment.flip"] == "True"
+    used = (f"seed threshold {float(params['instances.seed_threshold']):g}, foreground threshold "
+            f"{float(params['instances.foreground_threshold']):g}, min size "
+            f"{params['instances.min_size']} px")
+
+    evaluated = nf1prov("evaluate", run.info.run_name, "--data-root", str(holdout),
+                        "--baseline", "--no-progress")
+    assert used in evaluated.stdout and "HOLD (1 stack)" in evaluated.stdout
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert 0 <= metrics["holdout_instance_f1"] <= 1
+    assert metrics["holdout_baseline_instance_f1"] > 0.5  # the bright discs are easy to find
+
+    predicted = nf1prov("predict", run.info.run_name, str(holdout), "-o", str(tmp_path / "out"),
+                        "--no-progress")
+    assert used in predicted.stdout
+    assert (tmp_path / "out" / "HOLD" / "zstack_images" / "D1-1"
+            / "D1-1_TRANS_labels.ome.tif").is_file()

@@ -18,11 +18,11 @@ from nf1prov.inference import (
     blend_window,
     normalise,
     predict_stack,
-    probabilities_to_instances,
     read_stack,
     slice_windows,
     tile_grid,
 )
+from nf1prov.instances import probabilities_to_instances
 
 
 def smooth_stack(shape, seed=0, dtype=np.uint16):
@@ -179,8 +179,8 @@ def test_prediction_uses_window_and_dtype_maximum(k, expected_source):
 
 
 def test_normalise_by_dtype_maximum_and_rejects_float():
-    np.testing.assert_allclose(normalise(np.array([0, 65535], np.uint16)), [0, 1])
-    np.testing.assert_allclose(normalise(np.array([0, 51, 255], np.uint8)), [0, 0.2, 1])
+    np.testing.assert_allclose(normalise(np.array([[0, 65535]], np.uint16)), [[0, 1]])
+    np.testing.assert_allclose(normalise(np.array([[0, 51, 255]], np.uint8)), [[0, 0.2, 1]])
     with pytest.raises(UserError, match="float32"):
         normalise(np.zeros((2, 2), np.float32))
 
@@ -296,7 +296,10 @@ def test_predict_cli_writes_ome_tiffs(tmp_path):
                                  input_slices=3, tile_size=32)
         np.testing.assert_allclose(prob, expected, atol=1e-3)
         assert (classes == np.argmax(prob, axis=0)).mean() > 0.99
-        np.testing.assert_array_equal(labels, probabilities_to_instances(prob.astype(np.float32)))
+        # the config's [postprocess] values (the file has no chosen ones), --min-size overriding
+        expected_labels = probabilities_to_instances(expected, 0,
+                                                     seed_threshold=0.5, foreground_threshold=0.5)
+        np.testing.assert_array_equal(labels, expected_labels)
 
 
 def test_predict_cli_float32_option_and_glob(tmp_path):

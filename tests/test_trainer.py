@@ -47,8 +47,9 @@ def train_in_run(config: dict, data_root: Path, cache_dir: Path, **kwargs
 
 def metric_history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} for every per-epoch metric of a run."""
+    once = ("epochs_run", "val_instance_f1", "val_instance_ap")  # once per training
     names = [k for k in client.get_run(run_id).data.metrics
-             if not k.startswith("best_") and k != "epochs_run"]  # once per training, not epoch
+             if not k.startswith("best_") and k not in once]
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
             for k in names}
 
@@ -95,7 +96,8 @@ def test_training_logs_everything_into_the_active_run(tracking_uri, data_root, t
 
     # artifacts
     paths = artifact_paths(client, run_id)
-    expected = {"config/config.toml", "manifest/split_manifest.csv", "checkpoints/last.pt"}
+    expected = {"config/config.toml", "manifest/split_manifest.csv", "checkpoints/last.pt",
+                "config/instances.json"}
     assert expected <= set(paths)
     for epoch in (1, 2):
         pngs = [p for p in paths if p.startswith(f"overlays/epoch_{epoch:03d}/")]
@@ -138,17 +140,23 @@ def test_same_config_same_data_gives_identical_metrics(tracking_uri, data_root, 
         assert torch.equal(a, b)
 
 
-def test_resume_continues_the_run_exactly(tracking_uri, data_root, tmp_path):
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augmented"])
+def test_resume_continues_the_run_exactly(tracking_uri, data_root, tmp_path, augment):
     cache = tmp_path / "cache"
-    straight_id, straight = train_in_run(tiny_config(epochs=2), data_root, cache)
+
+    def config(epochs):
+        c = tiny_config(epochs=epochs)
+        c["augment"].update(flip=augment, rotate90=augment, intensity_scale=0.2 * augment)
+        return c
+
+    straight_id, straight = train_in_run(config(2), data_root, cache)
 
     with mlflow.start_run() as run:  # interrupted after epoch 1 ...
-        train_model(tiny_config(epochs=1), data_root, cache_dir=cache)
+        train_model(config(1), data_root, cache_dir=cache)
     checkpoint = Path(mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="checkpoints/last.pt", dst_path=str(tmp_path)))
     with mlflow.start_run(run_id=run.info.run_id):  # ... and resumed in the same run
-        resumed = train_model(tiny_config(epochs=2), data_root, cache_dir=cache,
-                              resume_from=checkpoint)
+        resumed = train_model(config(2), data_root, cache_dir=cache, resume_from=checkpoint)
 
     assert resumed.epochs_run == 2
     assert resumed.history == straight.history

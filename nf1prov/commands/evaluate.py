@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from nf1prov.commands.common import tracking_uri_option
-from nf1prov.commands.predict import run_id_option
+from nf1prov.commands.predict import postprocess_options, run_id_option
 
 
 @click.command("evaluate")
@@ -21,8 +21,7 @@ from nf1prov.commands.predict import run_id_option
 @click.option("--baseline", is_flag=True,
               help="Also score the classical baseline (Gaussian, Otsu, distance watershed) on "
                    "the same stacks and show the difference.")
-@click.option("--min-size", default=10, show_default=True, type=click.IntRange(min=0),
-              help="Minimum object size in pixels (model instances and baseline).")
+@postprocess_options
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
@@ -30,8 +29,8 @@ from nf1prov.commands.predict import run_id_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @run_id_option
 @tracking_uri_option
-def command(model_ref, patients, data_root, baseline, min_size, batch_size, device, no_log,
-            no_progress, run_id, tracking_uri) -> None:
+def command(model_ref, patients, data_root, baseline, seed_threshold, foreground_threshold,
+            min_size, batch_size, device, no_log, no_progress, run_id, tracking_uri) -> None:
     """Evaluate a model on holdout patients against a classical baseline.
 
     Prints per-class Dice/IoU and instance precision/recall/F1 (IoU 0.5) and average precision
@@ -39,7 +38,7 @@ def command(model_ref, patients, data_root, baseline, min_size, batch_size, devi
     holdout_<metric>_<class>, holdout_instance_* (holdout_baseline_* with --baseline), with the
     per-patient table as the artifact evaluation/holdout_metrics.csv.
     """
-    from nf1prov.commands.predict import load_for_command
+    from nf1prov.commands.predict import chosen_postprocess, load_for_command
     from nf1prov.errors import UserError
     from nf1prov.evaluate import evaluate, format_report, holdout_fields, log_to_run
     from nf1prov.provenance import git
@@ -56,9 +55,11 @@ def command(model_ref, patients, data_root, baseline, min_size, batch_size, devi
                 root = Path.cwd() / root
         data_root = root
     fields = holdout_fields(data_root, patients)
+    postprocess = chosen_postprocess(loaded, seed_threshold, foreground_threshold, min_size)
     click.echo(f"Evaluating {loaded.label} on {len(fields)} stack(s) of "
-               f"{', '.join(patients)} under {data_root}.")
-    evaluation = evaluate(loaded, fields, baseline=baseline, min_size=min_size,
+               f"{', '.join(patients)} under {data_root}; instances: {postprocess.describe()}.")
+    evaluation = evaluate(loaded, fields, baseline=baseline, postprocess=postprocess,
+                          baseline_min_size=10 if min_size is None else min_size,
                           batch_size=batch_size, progress=not no_progress)
     click.echo(format_report(evaluation, loaded.label))
     if no_log:

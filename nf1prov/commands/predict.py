@@ -12,6 +12,32 @@ run_id_option = click.option("--run-id", default=None, metavar="RUN_ID",
                              help="The run to use when a codename names several runs.")
 
 
+def postprocess_options(command):
+    """--seed-threshold, --foreground-threshold, --min-size: override the instance parameters
+    chosen for the model at the end of its training (`nf1prov.instances`)."""
+    threshold = click.FloatRange(0, 1, min_open=True, max_open=True)
+    for option in reversed([
+        click.option("--seed-threshold", type=threshold, default=None,
+                     help="Inner-cell probability above which a pixel seeds a cell. Default: "
+                          "the model's (chosen on its validation data)."),
+        click.option("--foreground-threshold", type=threshold, default=None,
+                     help="1 - background probability above which a pixel belongs to a cell. "
+                          "Default: the model's."),
+        click.option("--min-size", type=click.IntRange(min=0), default=None,
+                     help="Objects smaller than this many pixels (per slice) are merged into "
+                          "the cell they touch, or removed. Default: the model's."),
+    ]):
+        command = option(command)
+    return command
+
+
+def chosen_postprocess(loaded, seed_threshold, foreground_threshold, min_size):
+    """The model's instance parameters with the command line's overrides."""
+    return loaded.postprocess.replace(seed_threshold=seed_threshold,
+                                      foreground_threshold=foreground_threshold,
+                                      min_size=min_size)
+
+
 def load_for_command(model_ref: str, tracking_uri: str | None, device: str,
                      run_id: str | None = None):
     """(LoadedModel, MlflowClient or None) from a local folder (no store needed) or a codename /
@@ -36,9 +62,7 @@ def load_for_command(model_ref: str, tracking_uri: str | None, device: str,
 @click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=Path),
               help="Folder for the outputs (created; mirrors the inputs' sub-folders).")
-@click.option("--min-size", default=10, show_default=True, type=click.IntRange(min=0),
-              help="Objects smaller than this many pixels (per slice) are merged into the cell "
-                   "they touch, or removed.")
+@postprocess_options
 @click.option("--probabilities-dtype", type=click.Choice(["float16", "float32"]),
               default="float16", show_default=True)
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
@@ -50,8 +74,9 @@ def load_for_command(model_ref: str, tracking_uri: str | None, device: str,
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @run_id_option
 @tracking_uri_option
-def command(model_ref, inputs, outdir, min_size, probabilities_dtype, batch_size, overlap,
-            device, no_progress, run_id, tracking_uri) -> None:
+def command(model_ref, inputs, outdir, seed_threshold, foreground_threshold, min_size,
+            probabilities_dtype, batch_size, overlap, device, no_progress, run_id,
+            tracking_uri) -> None:
     """Segment z-stacks with a trained model.
 
     MODEL is a codename, a run ID, or a local MLflow model folder (e.g.
@@ -70,10 +95,12 @@ def command(model_ref, inputs, outdir, min_size, probabilities_dtype, batch_size
     if overlap is not None and overlap >= loaded.tile_size:
         raise UserError(f"--overlap {overlap} must be smaller than the model's tile size "
                         f"{loaded.tile_size} (its training crop size).")
+    postprocess = chosen_postprocess(loaded, seed_threshold, foreground_threshold, min_size)
     click.echo(f"Model {loaded.label}: {loaded.input_slices} input slices, tiles of "
-               f"{loaded.tile_size} px, device {loaded.device}.")
+               f"{loaded.tile_size} px, {loaded.normalisation} normalisation, device "
+               f"{loaded.device}; instances: {postprocess.describe()}.")
     n = 0
-    for path, files in predict_files(loaded, inputs, outdir, min_size=min_size,
+    for path, files in predict_files(loaded, inputs, outdir, postprocess=postprocess,
                                      batch_size=batch_size, overlap=overlap,
                                      probabilities_dtype=probabilities_dtype,
                                      progress=not no_progress):

@@ -1,8 +1,9 @@
 """Decoded stacks cached as .npy memory maps, so each TIFF is decoded once, not once per crop.
 
 Entries are keyed by the file's resolved path, size and mtime (and the boundary thickness for
-targets): editing or replacing a TIFF makes a new entry. Writes go to a temp file and are
-renamed into place, so two trainings sharing a cache never read a half-written entry.
+targets, the method for per-slice normalisation ranges): editing or replacing a TIFF makes a
+new entry. Writes go to a temp file and are renamed into place, so two trainings sharing a
+cache never read a half-written entry.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nf1prov.data.inputs import slice_ranges
 from nf1prov.data.semantic import instance_to_semantic
 
 
@@ -80,6 +82,17 @@ class StackCache:
         if request not in self._requests:  # stat the file once per process, not once per crop
             entry = self.cache_dir / "images" / f"{file_key(path)}.npy"
             self._requests[request] = self._load(entry, lambda: self._decode(path))
+        return self._requests[request]
+
+    def ranges(self, path: Path, normalisation: str) -> np.ndarray:
+        """float32 (2, Z): offset and scale of each slice of the stack at ``path``
+        (`nf1prov.data.inputs.slice_ranges`), cached beside the stack."""
+        path = Path(path)
+        request = ("ranges", path, normalisation)
+        if request not in self._requests:
+            entry = self.cache_dir / "ranges" / f"{file_key(path, normalisation)}.npy"
+            self._requests[request] = self._load(
+                entry, lambda: np.stack(slice_ranges(self.image(path), normalisation)))
         return self._requests[request]
 
     def semantic(self, mask_path: Path, boundary_thickness: float) -> np.ndarray:

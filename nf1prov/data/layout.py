@@ -204,22 +204,30 @@ def _data_end(tif, series) -> int:
     return end
 
 
-def validate_fields(fields: Sequence[FieldOfView], input_slices: int, crop_size: int) -> None:
-    """Check every field can produce training crops; raise DataError naming the first bad file."""
+def validate_fields(fields: Sequence[FieldOfView], input_slices: int, crop_size: int, *,
+                    normalisation: str = "dtype_max", edge_slices: str = "skip") -> None:
+    """Check every field can produce training crops; raise DataError naming the first bad file.
+
+    ``normalisation`` and ``edge_slices`` are the config's ``data`` values: ``dtype_max`` needs
+    unsigned integer images; ``skip`` needs at least ``input_slices`` slices."""
     for field in fields:
         image, mask = read_header(field.image_path), read_header(field.mask_path)
         for path, header in ((field.image_path, image), (field.mask_path, mask)):
             if len(header.shape) != 3:
                 raise DataError(f"{path} has shape {header.shape}; expected a (Z, H, W) "
                                 "single-channel z-stack. Save one channel, one slice per page.")
-        if not np.issubdtype(image.dtype, np.unsignedinteger):
+        if normalisation == "dtype_max" and not np.issubdtype(image.dtype, np.unsignedinteger):
             # Inputs are divided by their dtype's maximum (DESIGN 4), which only unsigned
             # integer images have.
             raise DataError(
-                f"{field.image_path} has dtype {image.dtype}; brightfield stacks must be unsigned "
-                "integers (uint8/uint16), which are divided by their dtype's maximum. Convert "
-                "the stack to uint16."
+                f"{field.image_path} has dtype {image.dtype}; with data.normalisation = "
+                "'dtype_max' brightfield stacks must be unsigned integers (uint8/uint16), which "
+                "are divided by their dtype's maximum. Convert the stack to uint16, or set "
+                "data.normalisation = 'percentile'."
             )
+        if image.dtype.kind not in "buif":
+            raise DataError(f"{field.image_path} has dtype {image.dtype}, not a real-valued "
+                            "image type. Convert the stack to uint16.")
         if image.shape != mask.shape:
             raise DataError(
                 f"Shape mismatch: image {field.image_path} is {image.shape} but mask "
@@ -230,10 +238,11 @@ def validate_fields(fields: Sequence[FieldOfView], input_slices: int, crop_size:
                 f"Mask {field.mask_path} has dtype {mask.dtype}; instance masks must hold integer "
                 "labels (0 = background). Re-export it as uint16/uint32."
             )
-        if image.shape[0] < input_slices:
+        if edge_slices == "skip" and image.shape[0] < input_slices:
             raise DataError(
                 f"{field.image_path} has {image.shape[0]} slices, fewer than the input window of "
-                f"{input_slices} (data.input_slices). Lower data.input_slices or drop this stack."
+                f"{input_slices} (data.input_slices). Lower data.input_slices, set "
+                "data.edge_slices = 'clamp' (repeat edge slices), or drop this stack."
             )
         if min(image.shape[1:]) < crop_size:
             raise DataError(

@@ -198,7 +198,9 @@ def check_data(config: dict, data_root: Path) -> list:
               "if that is a typo.", file=sys.stderr)
     if config["data"]["fields"]:  # a chosen subset (reproduce): not the fields left out
         every_field = fields + [f for f in every_field if is_held_out(f.patient, holdout)]
-    validate_fields(every_field, config["data"]["input_slices"], config["data"]["crop_size"])
+    d = config["data"]
+    validate_fields(every_field, d["input_slices"], d["crop_size"],
+                    normalisation=d["normalisation"], edge_slices=d["edge_slices"])
     return fields
 
 

@@ -24,6 +24,7 @@ from nf1prov.train.trainer import (
     fit,
     log_best,
     log_model,
+    log_postprocess,
     log_run_inputs,
     param_value,
     prepare_data,
@@ -87,6 +88,7 @@ def run_search(config: dict, data_root: Path, *, cache_dir: Path,
     for epoch, scores in enumerate(best.history, start=1):
         mlflow.log_metrics(scores, step=epoch)
     log_best(best)
+    log_postprocess(config, data, best.model)
     log_model(best.model, data)
     return best
 

@@ -111,6 +111,7 @@ def train_model(config: dict, data_root: Path, *, cache_dir: Path,
     log_run_inputs(config, data, resumed=resume_from is not None)
     result = fit(config, data, resume_from=resume_from, on_epoch=on_epoch, checkpoint=True)
     log_best(result)
+    log_postprocess(config, data, result.model)
     log_model(result.model, data)
     return result
 
@@ -127,13 +128,15 @@ def prepare_data(config: dict, data_root: Path, cache_dir: Path) -> PreparedData
 
     d = config["data"]
     fields = layout.discover_training_fields(data_root, d)  # data.fields narrows it
-    layout.validate_fields(fields, d["input_slices"], d["crop_size"])
+    layout.validate_fields(fields, d["input_slices"], d["crop_size"],
+                           normalisation=d["normalisation"], edge_slices=d["edge_slices"])
     by_split = splits.split_fields(fields, d["split_fractions"])
 
     def crops(split: str) -> CropDataset:
         return CropDataset(by_split[split], input_slices=d["input_slices"],
                            crop_size=d["crop_size"], crop_stride=d["crop_stride"],
-                           boundary_thickness=d["boundary_thickness"], cache_dir=cache_dir)
+                           boundary_thickness=d["boundary_thickness"], cache_dir=cache_dir,
+                           normalisation=d["normalisation"], edge_slices=d["edge_slices"])
 
     train, val = crops("train"), crops("val")
     for name, ds in (("training", train), ("validation", val)):
@@ -163,6 +166,8 @@ def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
     try:
         seed_everything(t["seed"])
         log.info("seed %d (torch, numpy, random, DataLoader generator)", t["seed"])
+        # each epoch's crop transforms come from (seed, epoch): resumable by construction
+        data.train.augment(config["augment"], t["seed"])
 
         # model, optimiser, loss
         from models import ARCHITECTURES
@@ -204,6 +209,7 @@ def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
             if state["bad_epochs"] >= t["patience"]:
                 break  # a resumed run that had already stopped early
             label = f"epoch {epoch}/{t['epochs']}"
+            data.train.set_epoch(epoch)
             scores = run_epoch("train", model, train_loader, criterion, device, use_amp,
                                d["crop_margin"], t["max_batches_per_epoch"], label,
                                optimizer=optimizer, scaler=scaler)
@@ -467,6 +473,57 @@ def log_model(model: nn.Module, data: PreparedData) -> None:
                                  serialization_format="pickle")
     finally:
         mlflow_pytorch_log.setLevel(level)
+
+
+MAX_TUNE_PIXELS = 16_000_000  # validation pixels segmented per candidate when choosing
+
+
+def log_postprocess(config: dict, data: PreparedData, model: nn.Module) -> None:
+    """Choose the instance parameters of ``model`` (`nf1prov.instances.tune`) on the validation
+    split, or take the config's when ``postprocess.tune`` is false, and log them to the active
+    run: params ``instances.*``, the artifact ``config/instances.json`` and, when chosen, the
+    metrics ``val_instance_f1`` and ``val_instance_ap`` they reach.
+
+    Validation stacks are predicted whole, as `predict` does; past `MAX_TUNE_PIXELS` the centre
+    slices are an evenly spaced subset, so that the search stays seconds on a large split."""
+    import mlflow
+
+    from nf1prov.data.cache import read_tiff
+    from nf1prov.inference import predict_stack
+    from nf1prov.instances import POSTPROCESS_ARTIFACT, PostProcess, tune
+
+    d, p = config["data"], config["postprocess"]
+    start = PostProcess(p["seed_threshold"], p["foreground_threshold"], p["min_size"])
+    chosen, scores = start, None
+    if p["tune"]:
+        cache, fields = data.val.cache, data.val.fields
+        slices = [(i, z) for i, f in enumerate(fields)
+                  for z in range(cache.image(f.image_path).shape[0])]
+        height, width = cache.image(fields[0].image_path).shape[1:]
+        budget = max(1, MAX_TUNE_PIXELS // (height * width))
+        if len(slices) > budget:
+            slices = [slices[int(k)] for k in np.linspace(0, len(slices) - 1, budget).round()]
+        device = resolve_device(config["train"]["device"])
+        model = model.to(device)
+        pairs = []
+        for i, field in enumerate(fields):
+            zs = [z for j, z in slices if j == i]
+            if not zs:
+                continue
+            prob = predict_stack(model, np.asarray(cache.image(field.image_path)),
+                                 input_slices=d["input_slices"], tile_size=d["crop_size"],
+                                 device=device, normalisation=d["normalisation"], slices=zs)
+            pairs.append((prob, read_tiff(field.mask_path)[zs]))
+        model.to("cpu")
+        chosen, scores = tune(pairs, start)
+        log.info("instance parameters chosen on validation data: %s (F1 %.3f, AP %.3f)",
+                 chosen.describe(), scores["instance_f1"], scores["instance_ap"])
+        mlflow.log_metrics({"val_instance_f1": scores["instance_f1"],
+                            "val_instance_ap": scores["instance_ap"]})
+    run_id = mlflow.active_run().info.run_id
+    logged = mlflow.get_run(run_id).data.params  # a resumed run may hold them already
+    mlflow.log_params({k: v for k, v in chosen.params().items() if k not in logged})
+    mlflow.log_text(chosen.to_json(), POSTPROCESS_ARTIFACT)
 
 
 def pick_overlay_crops(n: int, count: int) -> list[int]:
