@@ -6,6 +6,7 @@ these constants.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -73,24 +74,123 @@ def resolve_tracking_uri(cli_value: str | None, repo_root: Path | None) -> str:
     return default_tracking_uri(repo_root)
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (query string dropped), else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def store_lock_path(db: Path) -> str:
+    """The lock file that serialises creating the sqlite store ``db``: in the temp folder (keyed
+    by the database's path), never beside it, where a repository's model commit would pick it up."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(str(db.resolve()).encode()).hexdigest()[:16]
+    return str(Path(tempfile.gettempdir()) / f"nf1prov-store-{key}.lock")
+
+
+def retry_on_conflict(action, attempts: int = 5, pause: float = 0.2):
+    """``action()``, tried again when it raises: for get-or-create steps (MLflow's dataset
+    inputs) whose insert can lose a race with another process's identical insert, after which
+    the retry finds the row and links to it. The last failure is raised."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(pause * (attempt + 1))
+
+
+# A store that does not answer must say so in seconds, not after MLflow's minutes of retries.
+# Only the first contact uses these (a training's own logging keeps MLflow's patient retries),
+# and a user's own setting of any of them wins.
+PROBE_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "8"}
+
+
+@contextlib.contextmanager
+def _impatient_http():
+    added = [k for k in PROBE_HTTP_SETTINGS if k not in os.environ]
+    os.environ.update({k: PROBE_HTTP_SETTINGS[k] for k in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def client(tracking_uri: str):
     """An MlflowClient on ``tracking_uri`` that has been checked to answer.
 
-    Raises UserError naming the URI when the store cannot be reached.
+    A sqlite store is created (tables and migrations) under a file lock, so that several
+    processes starting on a brand-new store create it once instead of racing each other into a
+    half-created database. A server gets one quick try (about 20 seconds at most). Raises
+    UserError (`store_problem`) naming the store and the fix when it cannot be used.
     """
     import mlflow
+    from filelock import FileLock
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri)
-    c = MlflowClient(tracking_uri=tracking_uri)
+    db = sqlite_path(tracking_uri)
+    if db is not None and not _writable(db):  # reads would work; the first write would not
+        raise UserError(store_problem(tracking_uri, PermissionError("read-only")))
+    lock = FileLock(store_lock_path(db)) if db is not None else contextlib.nullcontext()
     try:
-        c.search_experiments(max_results=1)
+        with lock, _impatient_http():  # MlflowClient() creates and migrates a new sqlite store
+            c = MlflowClient(tracking_uri=tracking_uri)
+            c.search_experiments(max_results=1)
     except Exception as exc:  # any failure here means the store is unusable
-        raise UserError(
-            f"Cannot reach the MLflow tracking store {tracking_uri!r}: {exc}. Check the URI "
-            "(--tracking-uri or MLFLOW_TRACKING_URI) and that the server is running."
-        ) from exc
+        raise UserError(store_problem(tracking_uri, exc)) from exc
     return c
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def store_problem(tracking_uri: str, exc: BaseException) -> str:
+    """One paragraph for a store that failed: what is wrong with it, and the fix."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    text = str(exc).lower()
+    db = sqlite_path(tracking_uri)
+    where = "(--tracking-uri or MLFLOW_TRACKING_URI)"
+    if db is not None:
+        if db.is_file() and db.stat().st_size and db.read_bytes()[:16] != SQLITE_HEADER:
+            return (f"The MLflow store {db} is not an SQLite database (damaged, or another kind "
+                    "of file): restore it from a backup, or move it away to start an empty "
+                    f"store there. Or point at another store {where}.")
+        if "readonly" in text or "read-only" in text or not _writable(db):
+            return (f"The MLflow store {db} is read-only for this user: make it and its folder "
+                    f"writable (chmod u+w), or point at a store you can write {where}.")
+        if any(word in text for word in ("migration", "alembic", "revision", "no such table")):
+            return (f"The MLflow store {db} is half-created or was made by another MLflow "
+                    f"version ({first}). Upgrade it with `mlflow db upgrade {tracking_uri}`, or, "
+                    "if it holds nothing you need, move it away to start an empty store.")
+        return f"Cannot open the MLflow store {db}: {first}. Check the file {where}."
+    if tracking_uri.startswith(("http://", "https://")):
+        if any(code in text for code in ("401", "403", "unauthorized", "forbidden",
+                                         "permission_denied", "unauthenticated")):
+            return (f"The MLflow server {tracking_uri} refused our credentials ({first}): set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                    "MLFLOW_TRACKING_TOKEN) to an account of that server.")
+        return (f"The MLflow server {tracking_uri} does not answer ({first}). Check that the "
+                f"server is running and the URI is right {where}; a lab's server is started "
+                "with `mlflow server` (README, \"A shared MLflow server for the lab\").")
+    return (f"Cannot reach the MLflow tracking store {tracking_uri!r}: {first}. Check the URI "
+            f"{where} and that the server is running.")
+
+
+def _writable(db: Path) -> bool:
+    """Whether this user can write the database (sqlite also writes a journal beside it)."""
+    if db.exists():
+        return os.access(db, os.W_OK) and os.access(db.parent, os.W_OK)
+    return not db.parent.exists() or os.access(db.parent, os.W_OK)
 
 
 def ensure_experiment(c, name: str, tracking_uri: str) -> str:
@@ -106,10 +206,18 @@ def ensure_experiment(c, name: str, tracking_uri: str) -> str:
                             "or choose another name with --experiment.")
         return experiment.experiment_id
     artifact_location = None
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
+    db = sqlite_path(tracking_uri)
+    if db is not None:
         artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
-    return c.create_experiment(name, artifact_location=artifact_location)
+    try:
+        return c.create_experiment(name, artifact_location=artifact_location)
+    except Exception:
+        # Another process created it between our lookup and our create (its unique name
+        # constraint refused ours): use theirs. Anything else is re-raised.
+        experiment = c.get_experiment_by_name(name)
+        if experiment is None or experiment.lifecycle_stage == "deleted":
+            raise
+        return experiment.experiment_id
 
 
 def search_runs_all(c, filter_string: str = "", order_by: list[str] | None = None) -> list:

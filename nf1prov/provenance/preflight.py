@@ -128,8 +128,8 @@ def check_runtime_files_ignored(root: Path, tracking_uri: str) -> None:
     """Files nf1prov itself writes inside the repository must be git-ignored, or the next model
     commit would swallow a database or a cache."""
     candidates = [(root / ".nf1prov", True)]
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
+    db = tracking.sqlite_path(tracking_uri)
+    if db is not None:
         candidates += [(db, False), (db.parent / "mlartifacts", True)]
     for path, directory in candidates:
         try:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from nf1prov import tracking
 from nf1prov.config import flatten, to_toml
 from nf1prov.errors import UserError
 from nf1prov.tracking import NOTE_CONTENT
@@ -406,7 +407,8 @@ def log_run_inputs(config: dict, data: PreparedData, resumed: bool = False) -> N
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(data.manifest, source=data.source,
                                           name="split_manifest")
-        mlflow.log_input(dataset, context="training")
+        # two trainings logging the same manifest at once race on its unique row: retry
+        tracking.retry_on_conflict(lambda: mlflow.log_input(dataset, context="training"))
     tags = description_tags(config["description"])
     tags[NOTE_CONTENT] = description_markdown(config["description"])
     tags[DATA_SPLITS] = data_splits_tag(data.splits)
