@@ -355,3 +355,6 @@ def test_mlflow_run_adopts_the_projects_run(project, tracking_uri):
     sha = run.data.tags[tracking.GIT_COMMIT]
     assert run_git(project, "show", f"{sha}:models/note.py") == "CHANGED = True"
     assert f"codename:   {name}" in proc.stdout
+    assert "best epoch: 1 of 1; val Dice inner-cell" in proc.stdout
+    chosen = run.data.params["instances.seed_threshold"]
+    assert f"instances:  seed threshold {chosen}," in proc.stdout

@@ -101,6 +101,7 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     print_outcome(outcome)
+    print_result(plan.client, outcome.run_id)
 
 
 def after_stop(progress, client) -> str:
@@ -136,3 +137,25 @@ def print_outcome(outcome) -> None:
     else:
         click.echo("kind:       scratch (--no-commit: not a catalogued model)")
     click.echo(f"MLflow UI:  mlflow ui --backend-store-uri {outcome.tracking_uri}")
+
+
+def print_result(client, run_id: str) -> None:
+    """The best epoch's validation Dice and the instance parameters chosen for the model, read
+    back from its run (nothing when the store cannot say: the run holds them all the same)."""
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        return
+    metrics, params = run.data.metrics, run.data.params
+    if "best_epoch" in metrics:
+        dice = ", ".join(f"{name} {metrics[f'best_val_dice_{name}']:.3f}"
+                         for name in ("inner-cell", "cell-boundary")
+                         if f"best_val_dice_{name}" in metrics)
+        click.echo(f"best epoch: {int(metrics['best_epoch'])} of "
+                   f"{int(metrics.get('epochs_run', metrics['best_epoch']))}; val Dice {dice}")
+    if "instances.seed_threshold" in params:
+        scored = (f" (val instance F1 {metrics['val_instance_f1']:.3f})"
+                  if "val_instance_f1" in metrics else "")
+        click.echo(f"instances:  seed threshold {params['instances.seed_threshold']}, foreground "
+                   f"threshold {params['instances.foreground_threshold']}, min size "
+                   f"{params['instances.min_size']} px{scored}")
