@@ -84,7 +84,8 @@ def _run_by_codename(client, codename: str):
 
 
 def _with_local_commit(resolved: ResolvedModel, root: Path) -> ResolvedModel:
-    """Check the model's commit is in ``root``; fall back to the model/<codename> tag."""
+    """Check the model's commit is in ``root``; fall back to the model/<codename> tag, fetched
+    from the remotes when the repository lacks it."""
     tag_name = git.model_tag(resolved.codename) if git.CODENAME_RE.match(resolved.codename) \
         else None
     if resolved.sha and git.SHA_RE.match(resolved.sha) and git.commit_exists(root, resolved.sha):
@@ -96,6 +97,10 @@ def _with_local_commit(resolved: ResolvedModel, root: Path) -> ResolvedModel:
     if resolved.sha is None:
         raise UserError(f"Model {resolved.codename} (run {resolved.run_id}) records no git "
                         "commit, so its code cannot be checked out.")
+    if tag_name and not tagged:  # trained elsewhere and pushed (train --push): fetch its tag
+        fetched = git.fetch_model_tag(root, resolved.codename)
+        if fetched == resolved.sha:
+            return resolved
     remote = git.remote_url(root)
     where = f" from {remote}" if remote else ""
     raise UserError(

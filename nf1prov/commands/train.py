@@ -37,9 +37,15 @@ from nf1prov.errors import Nf1provError, UserError
 @click.option("--max-file-mb", type=float, default=None, metavar="N",
               help="Refuse to commit files larger than N MB (default: config "
                    "experiment.max_commit_file_mb, 10).")
+@click.option("--push", is_flag=True,
+              help="After training, push the model's tag model/<codename> (and so its commit) "
+                   "to a git remote, so that collaborators can check it out.")
+@click.option("--remote", default=None, metavar="NAME",
+              help="The remote --push sends to (default: the branch's upstream remote, else "
+                   "origin, else the only remote).")
 @tracking_uri_option
 def command(config_path, data_root, experiment, overrides, no_commit, resume_name, max_file_mb,
-            tracking_uri) -> None:
+            push, remote, tracking_uri) -> None:
     """Train a model, commit its code and tag its MLflow run.
 
     Every change git does not ignore is committed as the model's one commit (subject
@@ -50,6 +56,15 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
 
     data_root = data_root or None  # MLproject passes '' for "not given"
     experiment = experiment or None
+    if remote and not push:
+        raise UserError("--remote names where --push sends the model: add --push.")
+    if push:  # refused before anything exists, like every other preflight problem
+        if no_commit:
+            raise UserError("--push sends the model commit's tag, and --no-commit makes none: "
+                            "drop one of the two.")
+        from nf1prov.provenance import git
+
+        remote = git.push_remote(git.repo_root("."), remote)
     adopt = train_flow.adopted_run_id()
     tmp = None
     if resume_name:
@@ -102,6 +117,25 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
             shutil.rmtree(tmp, ignore_errors=True)
     print_outcome(outcome)
     print_result(plan.client, outcome.run_id)
+    if push:
+        push_model(outcome, remote)
+
+
+def push_model(outcome, remote: str) -> None:
+    """Push the model's tag; a failure leaves the model as it is and says how to push later
+    (exit 1: the command did not do all it was asked)."""
+    from nf1prov.provenance import git
+
+    root = git.repo_root(".")
+    try:
+        git.push_model_tag(root, remote, outcome.codename)
+    except git.GitError as exc:
+        click.echo(f"nf1prov: the model {outcome.codename} is trained, committed and tagged "
+                   f"here, but pushing its tag to {remote} failed: {exc}. Push it later with "
+                   f"`git push {remote} model/{outcome.codename}`.", err=True)
+        sys.exit(1)
+    click.echo(f"pushed:     model/{outcome.codename} to {remote} "
+               f"({git.remote_url(root, remote)})")
 
 
 def after_stop(progress, client) -> str:

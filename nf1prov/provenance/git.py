@@ -116,6 +116,54 @@ def remote_url(root: Path, name: str = "origin") -> str | None:
     return (proc.stdout.strip() or None) if proc.returncode == 0 else None
 
 
+def remotes(root: Path) -> list[str]:
+    """The repository's remote names, in git's order."""
+    return git("remote", cwd=root).stdout.split()
+
+
+def push_remote(root: Path, name: str | None = None) -> str:
+    """The remote ``--push`` sends model tags to: ``name`` when given (it must exist), else
+    the current branch's upstream remote, else ``origin``, else the only remote. Raises
+    UserError naming the remotes there are when none fits."""
+    names = remotes(root)
+    if name is not None:
+        if name not in names:
+            raise UserError(f"No git remote {name!r} in {root} (remotes: "
+                            f"{', '.join(names) or 'none'}). Add it with `git remote add {name} "
+                            "URL`, or pass --remote with one of those.")
+        return name
+    branch = current_branch(root)
+    if branch:
+        upstream = git("config", f"branch.{branch}.remote", cwd=root, check=False).stdout.strip()
+        if upstream in names:
+            return upstream
+    if "origin" in names:
+        return "origin"
+    if len(names) == 1:
+        return names[0]
+    raise UserError(f"--push needs a git remote to send the model's tag to, and {root} has "
+                    + (f"several ({', '.join(names)}): pass --remote NAME." if names else
+                       "none: add one with `git remote add origin URL`."))
+
+
+def push_model_tag(root: Path, remote: str, codename: str) -> None:
+    """Push ``model/<codename>`` (and so its commit) to ``remote``; GitError on failure."""
+    ref = f"refs/tags/{model_tag(codename)}"
+    git("push", "--quiet", remote, f"{ref}:{ref}", cwd=root)
+
+
+def fetch_model_tag(root: Path, codename: str) -> str | None:
+    """Fetch ``model/<codename>`` (and its commit) from the first remote that has it; the
+    commit's SHA, or None when no remote has it (or none answers)."""
+    ref = f"refs/tags/{model_tag(codename)}"
+    for remote in remotes(root):
+        proc = git("fetch", "--quiet", "--no-tags", remote, f"{ref}:{ref}", cwd=root,
+                   check=False)
+        if proc.returncode == 0:
+            return tag_sha(root, model_tag(codename))
+    return None
+
+
 def identity(root: Path) -> tuple[str, str] | None:
     """(name, email) git would commit with, or None when no identity is configured."""
     proc = git("var", "GIT_COMMITTER_IDENT", cwd=root, check=False)

@@ -1,0 +1,82 @@
+"""Sharing a model's commit: `train --push` sends model/<codename> to a git remote, and a
+collaborator's `checkout` fetches a tag its clone lacks."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from nf1prov import tracking
+from tests.conftest import run_git
+from tests.test_provenance_flow import BIN, subprocess_env
+
+
+def nf1prov(cwd, tracking_uri, *args, expect=0):
+    proc = subprocess.run([str(BIN / "nf1prov"), *args], cwd=cwd, env=subprocess_env(tracking_uri),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == expect, (args, proc.stdout[-2000:], proc.stderr[-3000:])
+    return proc
+
+
+@pytest.fixture
+def shared(project, tmp_path):
+    """The project pushed to a bare 'lab' remote, and a collaborator's clone made now (so it
+    has none of the model tags made later)."""
+    run_git(project, "add", "--all")
+    run_git(project, "commit", "--quiet", "-m", "project")
+    lab = tmp_path / "lab.git"
+    run_git(tmp_path, "init", "--quiet", "--bare", str(lab))
+    run_git(project, "remote", "add", "origin", str(lab))
+    run_git(project, "push", "--quiet", "-u", "origin", "HEAD:main")
+    colleague = tmp_path / "colleague"
+    run_git(tmp_path, "clone", "--quiet", str(lab), str(colleague))
+    return project, lab, colleague
+
+
+def test_push_then_a_collaborator_checks_the_model_out(shared, tracking_uri):
+    project, lab, colleague = shared
+    out = nf1prov(project, tracking_uri, "train", "--config", "configs/tiny.toml", "--push").stdout
+    client = tracking.client(tracking_uri)
+    (run,) = tracking.model_runs(client)
+    codename, sha = run.info.run_name, run.data.tags[tracking.GIT_COMMIT]
+    assert f"pushed:     model/{codename} to origin" in out
+    assert run_git(lab, "rev-parse", f"refs/tags/model/{codename}^{{commit}}") == sha
+
+    assert run_git(colleague, "tag", "--list") == ""  # cloned before: no tag, no commit
+    checked = nf1prov(colleague, tracking_uri, "checkout", codename, "--worktree",
+                      str(colleague.parent / "wt")).stdout
+    assert sha in checked
+    assert run_git(colleague.parent / "wt", "rev-parse", "HEAD") == sha
+    assert run_git(colleague, "tag", "--list") == f"model/{codename}"
+
+
+def test_push_refusals_come_before_anything_exists(project, tracking_uri):
+    run_git(project, "add", "--all")
+    run_git(project, "commit", "--quiet", "-m", "project")
+    head = run_git(project, "rev-parse", "HEAD")
+    err = nf1prov(project, tracking_uri, "train", "--config", "configs/tiny.toml", "--push",
+                  expect=2).stderr
+    assert "has none: add one with `git remote add origin URL`" in err
+    err = nf1prov(project, tracking_uri, "train", "--config", "configs/tiny.toml", "--push",
+                  "--no-commit", expect=2).stderr
+    assert "--no-commit makes none" in err
+    run_git(project, "remote", "add", "lab", "/nonexistent/lab.git")
+    err = nf1prov(project, tracking_uri, "train", "--config", "configs/tiny.toml", "--push",
+                  "--remote", "origin", expect=2).stderr
+    assert "No git remote 'origin'" in err and "lab" in err
+    assert run_git(project, "rev-parse", "HEAD") == head
+    assert tracking.model_runs(tracking.client(tracking_uri)) == []
+
+
+def test_a_push_that_fails_keeps_the_model_and_says_how_to_push(project, tracking_uri):
+    run_git(project, "add", "--all")
+    run_git(project, "commit", "--quiet", "-m", "project")
+    run_git(project, "remote", "add", "lab", str(project.parent / "no-such-remote.git"))
+    proc = nf1prov(project, tracking_uri, "train", "--config", "configs/tiny.toml", "--push",
+                   expect=1)
+    (run,) = tracking.model_runs(tracking.client(tracking_uri))
+    assert run.info.status == "FINISHED"
+    codename = run.info.run_name
+    assert f"git push lab model/{codename}" in proc.stderr
+    assert run_git(project, "tag", "--list") == f"model/{codename}"
