@@ -312,7 +312,7 @@ def validate(config: dict, source: str, origins: dict[str, str] | None = None) -
         if _finite(value) and test(value, config):
             continue
         where = origins.get(dotted, source)
-        fix = ("Pass a value in that range to --set." if dotted in origins
+        fix = ("Pass such a value to --set." if dotted in origins
                else f"Change it in {source} (or override it with --set {dotted}=VALUE).")
         raise UserError(f"{where}: {dotted} must be {allowed.format(**words)}, not "
                         f"{_toml_value(value)}. {fix}")

@@ -319,7 +319,7 @@ def format_report(evaluation: Evaluation, title: str) -> str:
         sub = table.loc[method, SUMMARY_METRICS].T
         sub.columns = [f"{p} ({int(n)} stack{'s' if n != 1 else ''})"
                        for p, n in zip(sub.columns, table.loc[method, "stacks"], strict=True)]
-        parts.append(f"{title} -- {method}, holdout patients:\n"
+        parts.append(f"{title} -- {method}, per patient:\n"
                      f"{sub.to_string(float_format=lambda v: f'{v:.4f}')}")
     if "baseline" in evaluation.methods:
         comparison = pd.DataFrame({

@@ -383,6 +383,9 @@ def _load_torch(mlflow_pytorch, uri: str, device, ref: str):
 # ---------------------------------------------------------------------------------------------
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+# What `write_outputs` names its files: a folder of earlier predictions is not an input.
+OUTPUT_ENDINGS = ("_probabilities.tif", "_probabilities.ome.tif", "_classes.ome.tif",
+                  "_labels.ome.tif")
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[tuple[Path, Path]]:
@@ -390,7 +393,8 @@ def expand_inputs(inputs: Iterable[str]) -> list[tuple[Path, Path]]:
     outputs mirror the file's relative location from.
 
     A folder contributes the ``*_TRANS.tif`` files under it (recursively), or, when it has none,
-    every .tif/.tiff under it. Raises UserError for an input that matches nothing.
+    every .tif/.tiff under it except the outputs of an earlier `predict` (`OUTPUT_ENDINGS`).
+    Raises UserError for an input that matches nothing.
     """
     import glob
 
@@ -401,9 +405,11 @@ def expand_inputs(inputs: Iterable[str]) -> list[tuple[Path, Path]]:
             files = sorted(path.rglob("*_TRANS.tif"))
             if not files:
                 files = sorted(p for p in path.rglob("*")
-                               if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES)
+                               if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES
+                               and not p.name.endswith(OUTPUT_ENDINGS))
             if not files:
-                raise UserError(f"Input folder {path} holds no *_TRANS.tif or .tif/.tiff files.")
+                raise UserError(f"Input folder {path} holds no *_TRANS.tif or .tif/.tiff files "
+                                "(other than the outputs of an earlier `nf1prov predict`).")
             found.extend((f, path) for f in files)
         elif path.is_file():
             found.append((path, path.parent))

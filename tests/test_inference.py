@@ -349,3 +349,24 @@ def test_model_folder_without_config_is_a_user_error(tmp_path):
                               pip_requirements=["torch"])
     with pytest.raises(UserError, match="config.toml"):
         load_model(str(tmp_path / "m"), device="cpu")
+
+
+def test_a_folder_of_earlier_predictions_is_not_an_input(tmp_path):
+    model_dir, _ = save_local_model(tmp_path)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    tifffile.imwrite(scans / "a.tif", smooth_stack((1, 32, 32)))
+    out = tmp_path / "out"
+    args = [str(model_dir), "--no-progress", "-o"]
+    assert CliRunner().invoke(cli, ["predict", *args[:2], str(scans), args[2], str(out)]
+                              ).exit_code == 0
+    again = CliRunner().invoke(cli, ["predict", str(model_dir), str(out), "-o",
+                                     str(tmp_path / "again"), "--no-progress"])
+    assert again.exit_code == 2
+    assert "other than the outputs of an earlier" in again.output + str(again.exception)
+    # beside a real image, earlier outputs are skipped, not segmented
+    tifffile.imwrite(out / "b.tif", smooth_stack((1, 32, 32)))
+    mixed = CliRunner().invoke(cli, ["predict", str(model_dir), str(out), "-o",
+                                     str(tmp_path / "mixed"), "--no-progress"])
+    assert mixed.exit_code == 0, mixed.output
+    assert "predictions of 1 stack(s)" in mixed.output
