@@ -156,8 +156,8 @@ def tune(pairs: Sequence[tuple[np.ndarray, np.ndarray]], start: PostProcess = Po
     ``pairs``: (prob (3, Z, H, W) float, mask (Z, H, W) instance labels) of validation stacks.
     The thresholds are searched together on a grid (`SEED_THRESHOLDS` x
     `FOREGROUND_THRESHOLDS`) at ``start.min_size``, then ``min_size`` over `MIN_SIZES` at the
-    best thresholds: 41 segmentations of the validation data. Returns the parameters and their
-    scores.
+    best thresholds: at most 41 segmentations of the validation data. Returns the parameters
+    and their scores.
     """
     def objective(params: PostProcess, scores: dict) -> tuple:
         distance = sum(abs((a or 0.5) - (b or 0.5)) for a, b in (
@@ -166,15 +166,16 @@ def tune(pairs: Sequence[tuple[np.ndarray, np.ndarray]], start: PostProcess = Po
         return (scores["instance_f1"], scores["instance_ap"], -distance,
                 -abs(params.min_size - start.min_size))
 
-    best, best_scores = start, score(start, pairs)
-    candidates = [start.replace(seed_threshold=s, foreground_threshold=f)
-                  for s, f in itertools.product(SEED_THRESHOLDS, FOREGROUND_THRESHOLDS)]
-    for stage in (candidates, "min_size"):
-        if stage == "min_size":
-            stage = [PostProcess(best.seed_threshold, best.foreground_threshold, m)
-                     for m in MIN_SIZES]
-        for params in stage:
-            scores = score(params, pairs)
-            if objective(params, scores) > objective(best, best_scores):
-                best, best_scores = params, scores
-    return best, best_scores
+    scored: dict[PostProcess, dict] = {}  # each setting segmented once
+
+    def pick(current: PostProcess, candidates: list[PostProcess]) -> PostProcess:
+        options = [current, *candidates]  # on ties the current setting stays
+        for params in options:
+            if params not in scored:
+                scored[params] = score(params, pairs)
+        return max(options, key=lambda p: objective(p, scored[p]))
+
+    best = pick(start, [start.replace(seed_threshold=s, foreground_threshold=f)
+                        for s, f in itertools.product(SEED_THRESHOLDS, FOREGROUND_THRESHOLDS)])
+    best = pick(best, [best.replace(min_size=m) for m in MIN_SIZES])
+    return best, scored[best]

@@ -176,6 +176,8 @@ def print_outcome(outcome) -> None:
 def print_result(client, run_id: str) -> None:
     """The best epoch's validation Dice and the instance parameters chosen for the model, read
     back from its run (nothing when the store cannot say: the run holds them all the same)."""
+    from nf1prov.instances import PARAM_PREFIX, PostProcess
+
     try:
         run = client.get_run(run_id)
     except Exception:
@@ -187,9 +189,8 @@ def print_result(client, run_id: str) -> None:
                          if f"best_val_dice_{name}" in metrics)
         click.echo(f"best epoch: {int(metrics['best_epoch'])} of "
                    f"{int(metrics.get('epochs_run', metrics['best_epoch']))}; val Dice {dice}")
-    if "instances.seed_threshold" in params:
+    chosen = PostProcess.from_mapping(params, prefix=PARAM_PREFIX)
+    if chosen is not None:
         scored = (f" (val instance F1 {metrics['val_instance_f1']:.3f})"
                   if "val_instance_f1" in metrics else "")
-        click.echo(f"instances:  seed threshold {params['instances.seed_threshold']}, foreground "
-                   f"threshold {params['instances.foreground_threshold']}, min size "
-                   f"{params['instances.min_size']} px{scored}")
+        click.echo(f"instances:  {chosen.describe()}{scored}")
