@@ -210,7 +210,7 @@ def describe(model: ResolvedModel, checked_out: CheckedOut, root: Path,
         f"  {retrain_command(model, checked_out, root, tracking_uri)}",
     ]
     if (checked_out.artifacts / "model").is_dir():
-        lines += ["Load the weights in Python:",
-                  f"  import mlflow; model = mlflow.pytorch.load_model("
-                  f"'{checked_out.artifacts / 'model'}')"]
+        lines += ["Load the model in Python (model.predict(stack) gives probabilities):",
+                  "  from nf1prov.inference import load_model; "
+                  f"model = load_model('{checked_out.artifacts / 'model'}')"]
     return "\n".join(lines)

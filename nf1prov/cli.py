@@ -20,7 +20,9 @@ from nf1prov.commands import (
     note,
     predict,
     reproduce,
+    search_join,
     show,
+    sync,
     train,
 )
 from nf1prov.errors import Nf1provError
@@ -49,7 +51,7 @@ def cli() -> None:
 
 
 for module in (demo_data, train, catalog, checkout, reproduce, list_runs, show, note, predict,
-               evaluate, demo):
+               evaluate, sync, search_join, demo):
     cli.add_command(module.command)
 
 

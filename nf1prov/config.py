@@ -70,6 +70,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "trials": 1,  # > 1: Optuna trials as nested runs trial_<n>
         "search_batch_size": [4, 13],  # Optuna: inclusive integer range
         "search_learning_rate": [1e-5, 1e-2],  # Optuna: log-uniform range
+        # Where the Optuna study lives (nf1prov.train.search): "" = a sqlite file
+        # .nf1prov/optuna.db of the workspace; else an SQLAlchemy URL such as
+        # "postgresql+psycopg2://user@host/optuna" (no password: $NF1PROV_SEARCH_STORAGE, which
+        # overrides this key, may hold one) or "sqlite:////abs/path/optuna.db".
+        "search_storage": "",
+        "search_workers": 1,  # trial processes on this machine (> 1: each its own process)
         "overlay_crops": 3,  # validation crops drawn as PNG overlays each epoch
         "max_batches_per_epoch": 0,  # 0 = all; a cap for quick runs
     },
@@ -241,6 +247,22 @@ def _search_batch_ok(v: list, _: dict) -> bool:
     return len(v) == 2 and all(float(x).is_integer() for x in v) and 1 <= v[0] <= v[1]
 
 
+STORAGE_URL_RE = re.compile(r"^[a-z][a-z0-9]*(\+[a-z0-9_]+)?://")
+STORAGE_PASSWORD_RE = re.compile(r"^[^:/]+://[^/@]*:[^/@]*@")  # scheme://user:password@
+
+
+def _search_storage_ok(v: str, _: dict) -> bool:
+    """"" or an SQLAlchemy URL without a password; a sqlite file by its absolute path (the
+    training process runs in a temporary folder) and not in memory (workers share it)."""
+    if v == "":
+        return True
+    if not STORAGE_URL_RE.match(v) or STORAGE_PASSWORD_RE.match(v):
+        return False
+    if v.startswith("sqlite"):
+        return v.startswith("sqlite:////") and ":memory:" not in v
+    return True
+
+
 RANGES: dict[str, Rule] = {
     "experiment.max_commit_file_mb": (lambda v, _: v > 0, "a finite number > 0 (megabytes)"),
     "data.input_slices": (lambda v, _: v >= 1 and v % 2 == 1,
@@ -274,6 +296,14 @@ RANGES: dict[str, Rule] = {
     "train.search_learning_rate": (lambda v, _: len(v) == 2 and 0 < v[0] <= v[1],
                                    "two finite numbers [low, high] with 0 < low <= high (a "
                                    "log-uniform range)"),
+    "train.search_workers": (_at_least(1),
+                             "an integer >= 1 (trial processes on this machine)"),
+    "train.search_storage": (_search_storage_ok,
+                             '"" (a sqlite file in the workspace\'s .nf1prov/) or an '
+                             "SQLAlchemy URL such as postgresql+psycopg2://user@host/optuna or "
+                             "sqlite:////absolute/path/optuna.db, without a password (the config "
+                             "is committed and logged: give a URL with a password in "
+                             "NF1PROV_SEARCH_STORAGE instead)"),
     "train.overlay_crops": (_at_least(0), "an integer >= 0 (0 = no overlays)"),
     "train.max_batches_per_epoch": (_at_least(0), "an integer >= 0 (0 = all batches)"),
     "train.device": (lambda v, _: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),

@@ -39,6 +39,8 @@ import numpy as np
 from nf1prov.data.inputs import normalise, slice_windows
 from nf1prov.errors import UserError
 from nf1prov.instances import PARAM_PREFIX, POSTPROCESS_ARTIFACT, PostProcess
+from nf1prov.weights import load as load_weights
+from nf1prov.weights import read_architecture
 
 CLASS_NAMES = ("background", "inner-cell", "cell-boundary")
 
@@ -293,27 +295,25 @@ def find_local_config(model_dir: Path) -> Path:
 
 def load_model(ref: str, *, client=None, tracking_uri: str | None = None,
                run_id: str | None = None, device: str | None = "auto") -> LoadedModel:
-    """Load a model by local MLflow model folder, codename or run ID.
+    """Load a model by local model folder, codename or run ID.
 
-    A path that exists is a local folder (an MLflow model directory holding ``MLmodel``);
-    anything else is resolved through the tracking store with `nf1prov.resolve.resolve_model`
-    (``run_id`` picks one of several runs of a codename) and its ``model`` and
-    ``config/config.toml`` artifacts are loaded. The model's git commit need not be in the local
-    repository: prediction needs the weights and the config only (unpickling imports the
-    architecture from the installed ``models`` package).
+    A path that exists is a local folder holding ``weights.pt`` and ``architecture.json`` (the
+    run artifact ``model/``, e.g. ``.nf1prov/models/<codename>/model`` after ``nf1prov
+    checkout``), with its config beside it (`find_local_config`); anything else is resolved
+    through the tracking store with `nf1prov.resolve.resolve_model` (``run_id`` picks one of
+    several runs of a codename) and its ``model/`` and ``config/config.toml`` artifacts are
+    downloaded. The weights are tensors only; the architecture's code is the installed one when
+    it is the code the model was trained with, else the model's own from the git repository
+    around the working directory (`nf1prov.weights`).
     """
-    import mlflow.pytorch
-
     torch_device = pick_device(device)
+    repo = _enclosing_repo()
     path = Path(ref).expanduser()
     if path.exists():
-        if not (path / "MLmodel").is_file():
-            raise UserError(f"{path} is not an MLflow model folder (no MLmodel file inside). "
-                            "Pass the folder that holds MLmodel (e.g. .nf1prov/models/<codename>/"
-                            "model), a codename or a run ID.")
+        read_architecture(path, ref)  # a clear error for a folder of another kind, before config
         config_path = find_local_config(path)
         config = read_config_file(config_path)
-        model = _load_torch(mlflow.pytorch, str(path), torch_device, ref)
+        model = load_weights(path, ref=ref, device=torch_device, repo=repo)
         chosen = config_path.parent / Path(POSTPROCESS_ARTIFACT).name
         loaded = LoadedModel(model, config, str(path), torch_device,
                              postprocess=model_postprocess(config, chosen_file=chosen))
@@ -329,17 +329,20 @@ def load_model(ref: str, *, client=None, tracking_uri: str | None = None,
 
         resolved = resolve_model(client, ref, run_id=run_id)
         run_id = resolved.run_id
-        uri = tracking_uri or client._tracking_client.tracking_uri
+        uri = tracking_uri or client.tracking_uri
         with tempfile.TemporaryDirectory(prefix="nf1prov-model-") as tmp:
-            try:
-                config_path = mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path="config/config.toml", dst_path=tmp,
-                    tracking_uri=uri)
-            except Exception as exc:
-                raise UserError(f"Model {ref!r} (run {run_id}) has no config/config.toml "
-                                f"artifact ({exc}); it cannot be used for prediction.") from None
-            config = read_config_file(Path(config_path))
-        model = _load_torch(mlflow.pytorch, f"runs:/{run_id}/model", torch_device, ref)
+            downloaded = {}
+            for artifact in ("config/config.toml", "model"):
+                try:
+                    downloaded[artifact] = Path(mlflow.artifacts.download_artifacts(
+                        run_id=run_id, artifact_path=artifact, dst_path=tmp,
+                        tracking_uri=uri))
+                except Exception as exc:
+                    raise UserError(f"Model {ref!r} (run {run_id}) has no {artifact} artifact "
+                                    f"({exc}); it cannot be used for prediction.") from None
+            config = read_config_file(downloaded["config/config.toml"])
+            model = load_weights(downloaded["model"], ref=ref, device=torch_device, repo=repo,
+                                 codename=resolved.codename)
         loaded = LoadedModel(model, config, ref, torch_device, run_id=run_id,
                              codename=resolved.codename, sha=resolved.sha,
                              postprocess=model_postprocess(config, params=resolved.run.data.params))
@@ -349,6 +352,15 @@ def load_model(ref: str, *, client=None, tracking_uri: str | None = None,
                         f"data.input_slices = {loaded.input_slices}; the config artifact does not "
                         "belong to this model.")
     return loaded
+
+
+def _enclosing_repo() -> Path | None:
+    """The git work tree around the working directory, if any: where an old model's
+    architecture source is looked up."""
+    from nf1prov.provenance import git
+
+    proc = git.git("rev-parse", "--show-toplevel", cwd=Path.cwd(), check=False)
+    return Path(proc.stdout.strip()) if proc.returncode == 0 else None
 
 
 def model_postprocess(config: dict, *, params: dict | None = None,
@@ -366,16 +378,6 @@ def model_postprocess(config: dict, *, params: dict | None = None,
     if chosen is None:
         chosen = PostProcess.from_mapping(config.get("postprocess", {}))
     return chosen or PostProcess()
-
-
-def _load_torch(mlflow_pytorch, uri: str, device, ref: str):
-    try:
-        model = mlflow_pytorch.load_model(uri, map_location=device)
-    except Exception as exc:
-        raise UserError(f"Cannot load the PyTorch model of {ref!r} from {uri}: {exc}.") from None
-    model.to(device)
-    model.eval()
-    return model
 
 
 # ---------------------------------------------------------------------------------------------

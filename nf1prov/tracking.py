@@ -107,11 +107,15 @@ def retry_on_conflict(action, attempts: int = 5, pause: float = 0.2):
 
 
 # A store that does not answer must say so in seconds, not after MLflow's minutes of retries.
-# Only the first contact uses these (a training's own logging keeps MLflow's patient retries),
-# and a user's own setting of any of them wins.
+# The first contact uses these; a user's own setting of any of them wins.
 PROBE_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "8"}
+# The training process: a call to a server that went away fails in seconds and waits in the
+# outbox (`nf1prov.outbox`), which retries it, instead of stalling the training for minutes.
+TRAINING_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                          "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 @contextlib.contextmanager

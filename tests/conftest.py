@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+# Real lab servers (PostgreSQL, S3 via moto, `mlflow server`), see tests/lab_servers.py. Imported
+# by name rather than through `pytest_plugins`: tests/ is no package, and pytest refuses
+# `pytest_plugins` in a conftest it meets during collection (e.g. `pytest .` from the root).
+from tests.lab_servers import make_mlflow_server, mlflow_server, postgres, s3  # noqa: F401
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

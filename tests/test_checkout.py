@@ -11,12 +11,13 @@ from click.testing import CliRunner
 from mlflow.entities import FileInfo
 
 from models.unet import UNet
-from nf1prov import tracking
+from nf1prov import tracking, weights
 from nf1prov.checkout import checkout_model, download_artifacts, safe_artifact_path
 from nf1prov.cli import cli
 from nf1prov.config import defaults, to_toml
 from nf1prov.errors import UserError
 from nf1prov.resolve import resolve_model
+from nf1prov.train.trainer import log_model
 
 IDENTITY = {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "T",
             "GIT_COMMITTER_EMAIL": "t@e"}
@@ -39,8 +40,7 @@ def make_model_run(client, experiment_id, codename, sha, kind="model", with_mode
         with mlflow.start_run(run_id=run_id):
             torch.manual_seed(0)
             model = UNet(in_channels=3, base_width=4).eval()
-            mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                     pip_requirements=["torch"])
+            log_model(model)
             mlflow.log_text(to_toml(defaults()), "config/config.toml")
             mlflow.log_text("patient,split\nNF0016_T1,train\n", "manifest/split_manifest.csv")
             mlflow.log_text("not downloaded by default", "overlays/epoch_000/a.png")
@@ -161,7 +161,7 @@ def test_checkout_switches_clean_tree_and_loads_model(world, repo, monkeypatch):
     assert not (folder / "overlays").exists()
     assert "nf1prov train --config .nf1prov/models/fearless-eel-256/config/config.toml" \
         in result.output and "--data-root /data/nf1" in result.output
-    model = mlflow.pytorch.load_model(str(folder / "model"))
+    model = weights.load(folder / "model", ref="fearless-eel-256")
     with torch.no_grad():
         out = model(torch.rand(1, 3, 32, 32))
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()

@@ -145,6 +145,11 @@ BAD_VALUES = [
     ("train.search_learning_rate=[-1, 1]", "two finite numbers [low, high] with 0 < low"),
     ("train.search_learning_rate=[nan, 1]", "two finite numbers [low, high] with 0 < low"),
     ("train.search_learning_rate=[1e-5, inf]", "two finite numbers [low, high] with 0 < low"),
+    ("train.search_workers=0", "an integer >= 1"),
+    ('train.search_storage="postgresql+psycopg2://lab:secret@db/optuna"', "without a password"),
+    ('train.search_storage="sqlite:///optuna.db"', "sqlite:////absolute/path/optuna.db"),
+    ('train.search_storage="sqlite:////:memory:"', "an SQLAlchemy URL"),
+    ('train.search_storage=".nf1prov/optuna.db"', "an SQLAlchemy URL"),
     ("train.overlay_crops=-1", "an integer >= 0"),
     ("train.max_batches_per_epoch=-1", "an integer >= 0"),
     ("train.device=gpu", "auto, cpu or cuda"),
@@ -195,7 +200,9 @@ def test_every_numeric_setting_has_a_rule_and_a_bad_value():
     "train.seed=4294967295", "train.search_batch_size=[4, 4]",
     "train.search_learning_rate=[1e-3, 1e-3]", "train.overlay_crops=0",
     "train.max_batches_per_epoch=0", "train.num_workers=0", "experiment.max_commit_file_mb=0.5",
-    'data.fields=["NF0017/C4-2", "NF0018_T1/B2-10"]',
+    'data.fields=["NF0017/C4-2", "NF0018_T1/B2-10"]', "train.search_workers=1",
+    'train.search_storage="postgresql+psycopg2://lab@db.example.org/optuna"',
+    'train.search_storage="sqlite:////srv/optuna/optuna.db"',
 ])
 def test_values_at_the_edges_of_the_ranges_are_accepted(tmp_path, override):
     load_config(write(tmp_path, ""), [override])

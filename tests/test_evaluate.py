@@ -186,12 +186,12 @@ def write_field(root, patient, well_site, seed):
 def log_tiny_model(codename="tiny-eel-1", holdout=("NF0014",)):
     """A width-4 UNet logged by hand like the trainer does: model + config/config.toml."""
     import mlflow
-    import mlflow.pytorch
     import torch
 
     from models.unet import UNet
     from nf1prov import tracking
     from nf1prov.config import defaults, to_toml
+    from nf1prov.train.trainer import log_model
 
     torch.manual_seed(0)
     model = UNet(3, 3, 4).eval()
@@ -202,8 +202,7 @@ def log_tiny_model(codename="tiny-eel-1", holdout=("NF0014",)):
     client = mlflow.MlflowClient()
     experiment = tracking.ensure_experiment(client, "nf1-test", mlflow.get_tracking_uri())
     with mlflow.start_run(experiment_id=experiment, run_name=codename) as run:
-        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                 pip_requirements=["torch"])
+        log_model(model)
         mlflow.log_text(to_toml(config), "config/config.toml")
         mlflow.set_tags({tracking.KIND: tracking.KIND_MODEL, tracking.CODENAME: codename,
                          tracking.GIT_COMMIT: "0" * 40, tracking.GIT_TAG: f"model/{codename}"})

@@ -253,13 +253,12 @@ def test_more_than_65535_cells_give_uint32():
 # --- files and the CLI -----------------------------------------------------------------------
 
 def save_local_model(tmp_path, *, crop_size=32, input_slices=3, width=4):
-    """What `nf1prov checkout` leaves: <dir>/model (MLflow model) and <dir>/config/config.toml."""
-    import mlflow.pytorch
+    """What `nf1prov checkout` leaves: <dir>/model (weights) and <dir>/config/config.toml."""
+    from nf1prov import weights
 
     root = tmp_path / "checkout"
     model = unet(width, input_slices)
-    mlflow.pytorch.save_model(model, root / "model", serialization_format="pickle",
-                              pip_requirements=["torch"])
+    weights.save(model, root / "model")
     config = defaults()
     config["data"].update(crop_size=crop_size, input_slices=input_slices)
     config["model"]["base_width"] = width
@@ -341,12 +340,10 @@ def test_bad_input_message_names_file(tmp_path):
 
 
 def test_model_folder_without_config_is_a_user_error(tmp_path):
-    import mlflow.pytorch
-
+    from nf1prov import weights
     from nf1prov.inference import load_model
 
-    mlflow.pytorch.save_model(unet(), tmp_path / "m", serialization_format="pickle",
-                              pip_requirements=["torch"])
+    weights.save(unet(), tmp_path / "m")
     with pytest.raises(UserError, match="config.toml"):
         load_model(str(tmp_path / "m"), device="cpu")
 

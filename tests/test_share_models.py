@@ -3,6 +3,7 @@ collaborator's `checkout` fetches a tag its clone lacks."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -41,7 +42,11 @@ def test_push_then_a_collaborator_checks_the_model_out(shared, tracking_uri):
     (run,) = tracking.model_runs(client)
     codename, sha = run.info.run_name, run.data.tags[tracking.GIT_COMMIT]
     assert f"pushed:     model/{codename} to origin" in out
+    # pushed once committed, before the training (others can fetch the code while it trains)
+    assert out.index("training...") < out.index("pushed:") < out.index("codename:")
     assert run_git(lab, "rev-parse", f"refs/tags/model/{codename}^{{commit}}") == sha
+    listed = nf1prov(project, tracking_uri, "list", "--format", "json").stdout
+    assert [(m["codename"], m["remote"]) for m in json.loads(listed)] == [(codename, "origin")]
 
     assert run_git(colleague, "tag", "--list") == ""  # cloned before: no tag, no commit
     checked = nf1prov(colleague, tracking_uri, "checkout", codename, "--worktree",
@@ -80,3 +85,6 @@ def test_a_push_that_fails_keeps_the_model_and_says_how_to_push(project, trackin
     codename = run.info.run_name
     assert f"git push lab model/{codename}" in proc.stderr
     assert run_git(project, "tag", "--list") == f"model/{codename}"
+    listed = nf1prov(project, tracking_uri, "list")
+    assert "the remote(s) lab did not answer" in listed.stderr
+    assert listed.stdout.splitlines()[1].split()[-2] == "none"  # on no remote: not shared

@@ -22,6 +22,14 @@ from nf1prov.train.trainer import TrainResult, train_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def logged_model(run_id: str) -> torch.nn.Module:
+    """The run's `model/` artifact, loaded as `nf1prov predict` loads it."""
+    from nf1prov import weights
+
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model")
+    return weights.load(Path(folder), ref=run_id)
+
+
 def tiny_config(**train) -> dict:
     config = defaults()
     config["data"].update(holdout_patients=[], input_slices=3, crop_size=32, crop_stride=16,
@@ -120,7 +128,7 @@ def test_training_logs_everything_into_the_active_run(tracking_uri, data_root, t
     assert "- **Data:**\n  - Synthetic organoids" in tags[tracking.NOTE_CONTENT]
 
     # the best model loads and predicts, and equals the returned one
-    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model").eval()
+    model = logged_model(run_id)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         y = model(x)
@@ -188,7 +196,7 @@ def test_trials_run_as_nested_runs_and_the_parent_holds_the_best(tracking_uri, d
     for child in children:
         lr = float(child.data.params["train.learning_rate"])
         assert 1e-3 <= lr <= 1e-2 and 2 <= int(child.data.params["train.batch_size"]) <= 4
-    model = mlflow.pytorch.load_model(f"runs:/{parent_id}/model")
+    model = logged_model(parent_id)
     assert model(torch.rand(1, 3, 16, 16)).shape == (1, 3, 16, 16)
 
 

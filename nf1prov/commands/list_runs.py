@@ -1,7 +1,10 @@
 """`nf1prov list`: models (and --no-commit scratch runs) with status, SHA and best Dice.
 
 The status column shows CRASHED for a RUNNING run whose process is gone
-(`nf1prov.provenance.liveness`); `--reap` marks those runs FAILED for good.
+(`nf1prov.provenance.liveness`); `--reap` marks those runs FAILED for good. The `remote` column
+names the git remotes that hold the model's tag `model/<codename>` ("none": only this clone, or
+nobody, has it; `train --push` or `git push origin model/<codename>` shares it), and is empty
+when the repository has no remote.
 """
 
 from __future__ import annotations
@@ -14,10 +17,32 @@ import click
 from nf1prov.commands.common import open_store, tracking_uri_option
 
 BEST_DICE = "best_val_dice_inner-cell"
-COLUMNS = ["codename", "date", "status", "kind", "sha", BEST_DICE, "run_id", "experiment_id"]
+COLUMNS = ["codename", "date", "status", "kind", "sha", BEST_DICE, "remote", "run_id",
+           "experiment_id"]
 
 
-def rows(runs) -> list[dict]:
+def remote_column(root, runs, echo) -> dict[str, str]:
+    """{codename: remotes holding its model tag, or 'none'} for the committed models."""
+    from nf1prov import tracking
+    from nf1prov.provenance import git
+
+    if root is None or not git.remotes(root):
+        return {}
+    found, failed = git.remote_model_tags(root)
+    if failed:
+        echo(f"nf1prov: warning: the remote(s) {', '.join(failed)} did not answer; the remote "
+             "column leaves them out.")
+    column = {}
+    for run in runs:
+        if run.data.tags.get(tracking.KIND) != tracking.KIND_MODEL:
+            continue
+        tag = f"{git.MODEL_TAG_PREFIX}{run.info.run_name}"
+        column[run.info.run_name] = ",".join(r for r, tags in found.items() if tag in tags) \
+            or "none"
+    return column
+
+
+def rows(runs, remotes: dict[str, str] | None = None) -> list[dict]:
     from nf1prov import tracking
     from nf1prov.provenance import liveness
 
@@ -34,6 +59,7 @@ def rows(runs) -> list[dict]:
             "sha": tags.get(tracking.GIT_COMMIT, "") if tags.get(tracking.GIT_DIRTY) != "true"
             else tags.get(tracking.GIT_COMMIT, "") + "+dirty",
             BEST_DICE: run.data.metrics.get(BEST_DICE),
+            "remote": (remotes or {}).get(run.info.run_name, ""),
             "run_id": run.info.run_id,
             "experiment_id": run.info.experiment_id,
         })
@@ -90,7 +116,7 @@ def command(fmt, do_reap, all_kinds, tracking_uri) -> None:
     """
     from nf1prov import tracking
 
-    _, _, client = open_store(tracking_uri)
+    root, _, client = open_store(tracking_uri)
     kinds = (tracking.KIND_MODEL, tracking.KIND_SCRATCH)
     if all_kinds:
         kinds += (tracking.KIND_TRIAL,)
@@ -98,4 +124,5 @@ def command(fmt, do_reap, all_kinds, tracking_uri) -> None:
     if do_reap:
         if reap(client, runs, lambda text: click.echo(text, err=True)):
             runs = tracking.model_runs(client, kinds)
-    click.echo(render(rows(runs), fmt))
+    warn = lambda text: click.echo(text, err=True)  # noqa: E731
+    click.echo(render(rows(runs, remote_column(root, runs, warn)), fmt))

@@ -38,8 +38,9 @@ from nf1prov.errors import Nf1provError, UserError
               help="Refuse to commit files larger than N MB (default: config "
                    "experiment.max_commit_file_mb, 10).")
 @click.option("--push", is_flag=True,
-              help="After training, push the model's tag model/<codename> (and so its commit) "
-                   "to a git remote, so that collaborators can check it out.")
+              help="Push the model's tag model/<codename> (and so its commit) to a git remote as "
+                   "soon as it is committed, before training, so that collaborators (and "
+                   "`search-join` on other machines) can check its code out.")
 @click.option("--remote", default=None, metavar="NAME",
               help="The remote --push sends to (default: the branch's upstream remote, else "
                    "origin, else the only remote).")
@@ -88,13 +89,21 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
                 train_flow.fail_adopted_run(adopt, tracking_uri, str(exc))
             raise
     progress = train_flow.Progress()
+    push_failures: list[str] = []
+
+    def push_now(done: train_flow.Progress) -> None:
+        failure = push_model(done.codename, remote)
+        if failure:
+            push_failures.append(failure)
+
     try:
         with train_flow.sigterm_as_exception():
             if resume_name:
                 outcome = train_flow.resume(plan, run, checkpoint, echo=click.echo,
                                             progress=progress)
             else:
-                outcome = train_flow.train(plan, echo=click.echo, progress=progress)
+                outcome = train_flow.train(plan, echo=click.echo, progress=progress,
+                                           after_commit=push_now if push else None)
     except (KeyboardInterrupt, train_flow.Interrupted) as exc:
         reason = getattr(exc, "reason", "interrupted by Ctrl-C (SIGINT)")
         click.echo(f"nf1prov: training stopped ({reason}). {after_stop(progress, plan.client)}",
@@ -102,6 +111,10 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
         sys.exit(getattr(exc, "exit_code", 130))
     except train_flow.TrainingFailed:
         raise  # the training process printed its traceback; the run says why
+    except train_flow.LoggingPending:
+        for failure in push_failures:
+            click.echo(failure, err=True)
+        raise
     except Nf1provError:
         if progress.run_id:
             click.echo(f"nf1prov: {after_stop(progress, plan.client)}", err=True)
@@ -117,25 +130,27 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
             shutil.rmtree(tmp, ignore_errors=True)
     print_outcome(outcome)
     print_result(plan.client, outcome.run_id)
-    if push:
-        push_model(outcome, remote)
+    if push and resume_name:  # a resumed model's commit is older: push it now
+        push_now(progress)
+    for failure in push_failures:  # the model is fine; the command did not do all it was asked
+        click.echo(failure, err=True)
+    if push_failures:
+        sys.exit(1)
 
 
-def push_model(outcome, remote: str) -> None:
-    """Push the model's tag; a failure leaves the model as it is and says how to push later
-    (exit 1: the command did not do all it was asked)."""
+def push_model(codename: str, remote: str) -> str | None:
+    """Push the model's tag; None, or the message that says how to push it later."""
     from nf1prov.provenance import git
 
     root = git.repo_root(".")
     try:
-        git.push_model_tag(root, remote, outcome.codename)
+        git.push_model_tag(root, remote, codename)
     except git.GitError as exc:
-        click.echo(f"nf1prov: the model {outcome.codename} is trained, committed and tagged "
-                   f"here, but pushing its tag to {remote} failed: {exc}. Push it later with "
-                   f"`git push {remote} model/{outcome.codename}`.", err=True)
-        sys.exit(1)
-    click.echo(f"pushed:     model/{outcome.codename} to {remote} "
-               f"({git.remote_url(root, remote)})")
+        return (f"nf1prov: the model {codename} is committed and tagged here, but pushing its "
+                f"tag to {remote} failed: {exc}. Push it later with "
+                f"`git push {remote} model/{codename}`.")
+    click.echo(f"pushed:     model/{codename} to {remote} ({git.remote_url(root, remote)})")
+    return None
 
 
 def after_stop(progress, client) -> str:

@@ -15,15 +15,14 @@ import contextlib
 import os
 import shutil
 import stat
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from nf1prov.code_origin import PACKAGES, foreign_modules
 from nf1prov.errors import UserError
 from nf1prov.provenance import git
 
-PACKAGES = ("nf1prov", "models")
 CODE_PATHS = [*PACKAGES, "templates", "configs"]
 # The files a repository must hold for its commits to be trainable.
 REQUIRED_FILES = ("nf1prov/__init__.py", "nf1prov/provenance/worker.py", "models/__init__.py")
@@ -87,31 +86,6 @@ def snapshot(root: Path, sha: str) -> Iterator[Path]:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def module_paths(module) -> list[str]:
-    """The files or folders a module was loaded from (a namespace package has only folders)."""
-    file = getattr(module, "__file__", None)
-    if file:
-        return [file]
-    return list(getattr(module, "__path__", None) or ["(built in)"])
-
-
-def foreign_modules(code_root: Path) -> list[tuple[str, str]]:
-    """[(module, path)] of every imported `nf1prov`/`models` module (and `__main__`, when it is
-    one of them) not loaded from ``code_root``."""
-    base = Path(code_root).resolve()
-    foreign = []
-    for name, module in list(sys.modules.items()):
-        top = name.split(".", 1)[0]
-        if top not in PACKAGES and not (name == "__main__" and getattr(
-                module, "__spec__", None) and module.__spec__.name.split(".")[0] in PACKAGES):
-            continue
-        for path in module_paths(module):
-            resolved = Path(path).resolve()
-            if resolved != base and base not in resolved.parents:
-                foreign.append((name, path))
-    return sorted(foreign)
 
 
 def check_modules_from(code_root: Path) -> None:

@@ -164,6 +164,22 @@ def fetch_model_tag(root: Path, codename: str) -> str | None:
     return None
 
 
+def remote_model_tags(root: Path) -> tuple[dict[str, set[str]], list[str]]:
+    """({remote: model tag names it holds}, [remotes that did not answer]), one
+    ``git ls-remote`` per remote."""
+    found: dict[str, set[str]] = {}
+    failed: list[str] = []
+    for remote in remotes(root):
+        proc = git("ls-remote", "--tags", "--refs", remote, f"refs/tags/{MODEL_TAG_PREFIX}*",
+                   cwd=root, check=False)
+        if proc.returncode != 0:
+            failed.append(remote)
+            continue
+        found[remote] = {line.split("refs/tags/", 1)[1] for line in proc.stdout.splitlines()
+                         if "refs/tags/" in line}
+    return found, failed
+
+
 def identity(root: Path) -> tuple[str, str] | None:
     """(name, email) git would commit with, or None when no identity is configured."""
     proc = git("var", "GIT_COMMITTER_IDENT", cwd=root, check=False)

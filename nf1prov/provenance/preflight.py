@@ -241,6 +241,10 @@ def preflight(*, config_path: str | Path, overrides=(), data_root: str | None = 
                                   experiment_id="0", experiment_name="preflight", config=config,
                                   config_path=str(config_path), overrides=tuple(overrides))
     client = tracking.client(uri)
+    if config["train"]["trials"] > 1:  # the study's database must answer before a commit
+        from nf1prov.train import search
+
+        search.check_storage(config, root / CACHE_DIR, uri)
     if adopt_run_id:
         git.validate_run_id(adopt_run_id)
         run = client.get_run(adopt_run_id)

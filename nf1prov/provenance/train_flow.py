@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nf1prov import tracking
+from nf1prov import outbox, tracking
 from nf1prov.config import load_config
 from nf1prov.errors import Nf1provError, UserError
 from nf1prov.provenance import (
@@ -48,6 +48,15 @@ from nf1prov.provenance.run_end import end_run, run_guard
 RESUMED_AT = worker.RESUMED_AT
 Interrupted = signals.Interrupted
 sigterm_as_exception = signals.sigterm_as_exception
+
+
+class LoggingPending(Nf1provError):
+    """The model trained and is committed, but the store stopped answering: some of its
+    logging (and the run's end) waits in the outbox for `nf1prov sync`. Exit 2."""
+
+    def __init__(self, message: str, spool: Path):
+        super().__init__(message)
+        self.spool = spool
 
 
 class TrainingFailed(Nf1provError):
@@ -198,6 +207,13 @@ def run_training(plan: preflight.Plan, run_id: str, code_sha: str | None,
         returncode = worker.launch(spec, client)
     if returncode == 0:
         return
+    if returncode == worker.LOGGING_PENDING_EXIT:
+        spool = outbox.spool_dir(plan.cache_dir, run_id)
+        raise LoggingPending(
+            f"The model trained, but the tracking store {plan.tracking_uri} stopped answering "
+            f"before everything was logged. Nothing is lost: {outbox.describe_saved(spool)} "
+            f"wait in {spool}, and the run stays RUNNING until they arrive. Once the store "
+            f"answers again, run `nf1prov sync` in {plan.root} to log them.", spool)
     run = client.get_run(run_id)
     failure = run.data.tags.get(tracking.FAILURE, "no reason recorded")
     if returncode in run_end.INTERRUPT_EXITS:
@@ -208,8 +224,10 @@ def run_training(plan: preflight.Plan, run_id: str, code_sha: str | None,
 
 
 def train(plan: preflight.Plan, echo: Callable[[str], None] = print,
-          progress: Progress | None = None) -> Outcome:
-    """Steps 2-4 of the module docstring for a new model (or a --no-commit scratch run)."""
+          progress: Progress | None = None,
+          after_commit: Callable[[Progress], None] | None = None) -> Outcome:
+    """Steps 2-4 of the module docstring for a new model (or a --no-commit scratch run);
+    ``after_commit`` runs once the model commit and tag exist, before the training (`--push`)."""
     progress = progress if progress is not None else Progress()
     kind = tracking.KIND_SCRATCH if plan.no_commit else tracking.KIND_MODEL
     client = plan.client
@@ -219,6 +237,8 @@ def train(plan: preflight.Plan, echo: Callable[[str], None] = print,
         record_code(plan, run_id, experiment_id, progress)
         name, sha = progress.codename, progress.sha
         echo(f"Model {name} (run {run_id}) at commit {sha or '(none)'}: training...")
+    if after_commit is not None and not plan.no_commit:
+        after_commit(progress)
     run_training(plan, run_id, None if plan.no_commit else sha)
     return Outcome(name, run_id, experiment_id, sha, kind, plan.tracking_uri)
 

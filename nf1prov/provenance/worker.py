@@ -6,8 +6,9 @@ This process checks where its code came from, records the environment it trains 
 inside the run, and ends the run itself: FINISHED, FAILED or KILLED with `nf1prov.failure`.
 The parent forwards Ctrl-C and SIGTERM to it; if the parent dies, it stops the training.
 
-Exit codes: 0 trained; 1 the training failed; 2 a user error (the code check); 130/143
-interrupted by SIGINT/SIGTERM.
+Exit codes: 0 trained; 1 the training failed; 2 a user error (the code check); 75 trained, but
+the tracking store stopped answering and some logging waits in the outbox (`nf1prov.outbox`);
+130/143 interrupted by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from pathlib import Path
 SPEC_VERSION = 1
 PARENT_CHECK_S = 1.0
 RESUMED_AT = "nf1prov.resumed_at"  # unix seconds of each resume, JSON array
+# The model trained, but the store stopped answering: the rest of its logging waits in the
+# outbox (EX_TEMPFAIL).
+LOGGING_PENDING_EXIT = 75
 
 
 @dataclass
@@ -48,6 +52,8 @@ def child_environment(spec: Spec) -> dict[str, str]:
     from nf1prov import tracking
 
     env = tracking.child_environment(spec.tracking_uri)
+    for key, value in tracking.TRAINING_HTTP_SETTINGS.items():
+        env.setdefault(key, value)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [spec.code_root, env.get("PYTHONPATH")]))
     return env
 
@@ -70,7 +76,8 @@ def launch(spec: Spec, client) -> int:
                 process.stdin.close()
             returncode = process.wait()
     finally:
-        run_end.end_if_running(client, spec.run_id, returncode, "the training process")
+        if returncode != LOGGING_PENDING_EXIT:  # else the run ends when its logging arrives
+            run_end.end_if_running(client, spec.run_id, returncode, "the training process")
     return returncode
 
 
@@ -91,10 +98,12 @@ def watch_parent(parent_pid: int) -> None:
         threading.Thread(target=loop, name="nf1prov-parent-watch", daemon=True).start()
 
 
-def train_in_run(spec: Spec) -> None:
+def train_in_run(spec: Spec) -> bool:
+    """Train in the run; True when everything reached the store, False when some logging is
+    saved in the run's outbox for `nf1prov sync` (the store stopped answering)."""
     import mlflow
 
-    from nf1prov import tracking
+    from nf1prov import outbox, tracking
     from nf1prov.provenance import code_snapshot, run_end, run_tags
     from nf1prov.provenance.heartbeat import Heartbeat
 
@@ -109,13 +118,24 @@ def train_in_run(spec: Spec) -> None:
         if spec.resume_from:
             record_resume(client, spec.run_id)
         mlflow.set_tracking_uri(spec.tracking_uri)
-        with mlflow.start_run(run_id=spec.run_id), Heartbeat(client, spec.run_id) as beat:
-            train_model(spec.config, Path(spec.data_root), cache_dir=Path(spec.cache_dir),
-                        resume_from=Path(spec.resume_from) if spec.resume_from else None,
-                        on_epoch=lambda *_: beat.beat())
-            # Modules imported late (or by a search trial) must be the commit's too, before
-            # the run may end FINISHED.
-            code_snapshot.check_modules_from(code_root)
+        spool = outbox.spool_dir(Path(spec.cache_dir), spec.run_id)
+        # The run is ended by the outbox (FINISHED, possibly later by `nf1prov sync`) or by
+        # run_guard (FAILED, KILLED), not by a `with mlflow.start_run()` that would call the
+        # store once more on the way out.
+        with outbox.opened(client, spool, store=spec.tracking_uri) as box:
+            mlflow.start_run(run_id=spec.run_id)
+            with Heartbeat(client, spec.run_id) as beat:
+                train_model(spec.config, Path(spec.data_root), cache_dir=Path(spec.cache_dir),
+                            resume_from=Path(spec.resume_from) if spec.resume_from else None,
+                            # no beat while the store is away: each would wait on it
+                            on_epoch=lambda *_: None if box.pending else beat.beat())
+                # Modules imported late (or by a search trial) must be the commit's too,
+                # before the run may end FINISHED.
+                code_snapshot.check_modules_from(code_root)
+            finished = box.finish(spec.run_id)
+    for line in box.outage_lines():
+        print(f"nf1prov: note: {line}.", file=sys.stderr)
+    return finished
 
 
 def record_resume(client, run_id: str) -> None:
@@ -129,19 +149,18 @@ def record_resume(client, run_id: str) -> None:
 
 
 def main() -> int:
+    from nf1prov import process_spec
     from nf1prov.errors import Nf1provError
     from nf1prov.provenance import signals
 
-    spec_data = json.loads(sys.stdin.read())
-    if spec_data.get("version") != SPEC_VERSION:
-        print(f"nf1prov: error: training spec version {spec_data.get('version')} is not "
-              f"{SPEC_VERSION}: this commit's nf1prov cannot run it.", file=sys.stderr)
+    spec = process_spec.read(Spec, SPEC_VERSION, "training")
+    if spec is None:
         return 2
-    spec = Spec(**spec_data)
     watch_parent(spec.parent_pid)
     try:
         with signals.sigterm_as_exception():
-            train_in_run(spec)
+            if not train_in_run(spec):
+                return LOGGING_PENDING_EXIT
     except KeyboardInterrupt:
         return 130
     except signals.Interrupted as exc:

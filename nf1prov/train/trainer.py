@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from nf1prov import tracking
+from nf1prov import outbox, tracking
 from nf1prov.config import flatten, to_toml
 from nf1prov.errors import UserError
 from nf1prov.tracking import NOTE_CONTENT
@@ -113,7 +113,7 @@ def train_model(config: dict, data_root: Path, *, cache_dir: Path,
     result = fit(config, data, resume_from=resume_from, on_epoch=on_epoch, checkpoint=True)
     log_best(result)
     log_postprocess(config, data, result.model)
-    log_model(result.model, data)
+    log_model(result.model)
     return result
 
 
@@ -157,7 +157,6 @@ def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
         on_epoch: EpochCallback | None = None, checkpoint: bool = True) -> TrainResult:
     """Train with early stopping on validation loss; log per-epoch metrics, overlays and (with
     ``checkpoint``) `checkpoints/last.pt` to the active run. Returns the best epoch's model."""
-    import mlflow
 
     d, t, m = config["data"], config["train"], config["model"]
     device = resolve_device(t["device"])
@@ -219,7 +218,7 @@ def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
             if not math.isfinite(scores["train_loss"]):
                 raise FloatingPointError(f"training loss is {scores['train_loss']} at epoch "
                                          f"{epoch}: lower train.learning_rate.")
-            mlflow.log_metrics(scores, step=epoch)
+            outbox.current().log_metrics(scores, step=epoch)
             history.append(scores)
 
             state["epoch"] = epoch
@@ -321,7 +320,6 @@ def seed_everything(seed: int) -> None:
 def log_checkpoint(config, model, optimizer, scaler, criterion, generator, state, best_weights,
                    history) -> None:
     """Everything needed to continue exactly where this epoch ended, as `checkpoints/last.pt`."""
-    import mlflow
 
     ckpt = {
         "format": CHECKPOINT_FORMAT,
@@ -338,7 +336,7 @@ def log_checkpoint(config, model, optimizer, scaler, criterion, generator, state
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "last.pt"
         torch.save(ckpt, path)
-        mlflow.log_artifact(str(path), artifact_path="checkpoints")
+        outbox.current().log_artifact(path, artifact_path="checkpoints")
 
 
 def load_checkpoint(path: Path, config: dict) -> dict:
@@ -394,13 +392,14 @@ def log_run_inputs(config: dict, data: PreparedData, resumed: bool = False) -> N
         log.warning("params differ from those first logged in run %s (kept as logged): %s",
                     run.info.run_id, changed)
     new = {k: v for k, v in params.items() if k not in existing}
+    box = outbox.current()
     if new:
-        mlflow.log_params(new)
+        box.log_params(new)
     if resumed:
         return
 
-    mlflow.log_text(to_toml(config), "config/config.toml")
-    mlflow.log_text(data.manifest.to_csv(index=False), "manifest/split_manifest.csv")
+    box.log_text(to_toml(config), "config/config.toml")
+    box.log_text(data.manifest.to_csv(index=False), "manifest/split_manifest.csv")
     # MLflow warns that a local path "can be interpreted in multiple ways" and about integer
     # columns in the inferred schema: neither matters for a record of the files used.
     with warnings.catch_warnings():
@@ -412,7 +411,7 @@ def log_run_inputs(config: dict, data: PreparedData, resumed: bool = False) -> N
     tags = description_tags(config["description"])
     tags[NOTE_CONTENT] = description_markdown(config["description"])
     tags[DATA_SPLITS] = data_splits_tag(data.splits)
-    mlflow.set_tags(tags)
+    box.set_tags(tags)
 
 
 DATA_SPLITS_MAX_CHARS = 6000  # MLflow refuses tag values over 8000 characters
@@ -435,46 +434,22 @@ def log_best(result: TrainResult, prefix: str = "best_") -> None:
     """`best_epoch`, `best_val_loss` and `best_val_dice_<class>` (and `_total`) of the kept
     model, and `epochs_run` (epochs trained in all, early stopping and resumes included), into
     the active run."""
-    import mlflow
 
     best = {f"{prefix}epoch": float(result.best_epoch), f"{prefix}val_loss": result.best_val_loss,
             "epochs_run": float(result.epochs_run)}
     best |= {f"{prefix}val_dice_{c}": result.best_metrics[f"val_dice_{c}"]
              for c in (*CLASS_NAMES, "total")}
-    mlflow.log_metrics(best)
+    outbox.current().log_metrics(best)
 
 
-def log_model(model: nn.Module, data: PreparedData) -> None:
-    """The best model as the run's `model/` (mlflow.pytorch flavour) with a tensor signature
-    (any batch, height and width) and a small input example (a 16x16 validation patch)."""
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+def log_model(model: nn.Module) -> None:
+    """The best model as the run's `model/`: its state dict and architecture record
+    (`nf1prov.weights`), so that loading it never unpickles code from the store."""
+    from nf1prov import weights
 
-    model = model.to("cpu").eval()
-    image = np.asarray(data.val[0][0], dtype=np.float32)  # (S, C, C)
-    c0 = (image.shape[-1] - 16) // 2
-    example = np.ascontiguousarray(image[None, :, c0:c0 + 16, c0:c0 + 16])
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, image.shape[0], -1, -1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(CLASS_NAMES), -1, -1))]),
-    )
-    # Explicit requirements: MLflow's own inference of them imports the model in a subprocess
-    # (seconds); the code itself is identified by the model's git commit.
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-                    f"numpy=={np.__version__}"]
-    # "pickle", not MLflow 3's default "pt2": a torch.export graph is specialised to the input
-    # example's height and width, and inference runs the model on whole 512-pixel tiles. Loading
-    # imports `models` (part of this distribution, at the model's commit).
-    mlflow_pytorch_log = logging.getLogger("mlflow.pytorch")
-    level = mlflow_pytorch_log.level
-    mlflow_pytorch_log.setLevel(logging.ERROR)  # its "pickle is unsafe, use pt2" advice: see above
-    try:
-        mlflow.pytorch.log_model(model, name="model", signature=signature,
-                                 input_example=example, pip_requirements=requirements,
-                                 serialization_format="pickle")
-    finally:
-        mlflow_pytorch_log.setLevel(level)
+    with tempfile.TemporaryDirectory(prefix="nf1prov-weights-") as tmp:
+        weights.save(model.to("cpu").eval(), Path(tmp))
+        outbox.current().log_artifacts(tmp, artifact_path="model")
 
 
 MAX_TUNE_PIXELS = 16_000_000  # validation pixels segmented per candidate when choosing
@@ -520,12 +495,18 @@ def log_postprocess(config: dict, data: PreparedData, model: nn.Module) -> None:
         chosen, scores = tune(pairs, start)
         log.info("instance parameters chosen on validation data: %s (F1 %.3f, AP %.3f)",
                  chosen.describe(), scores["instance_f1"], scores["instance_ap"])
-        mlflow.log_metrics({"val_instance_f1": scores["instance_f1"],
-                            "val_instance_ap": scores["instance_ap"]})
-    run_id = mlflow.active_run().info.run_id
-    logged = mlflow.get_run(run_id).data.params  # a resumed run may hold them already
-    mlflow.log_params({k: v for k, v in chosen.params().items() if k not in logged})
-    mlflow.log_text(chosen.to_json(), POSTPROCESS_ARTIFACT)
+    try:  # a resumed run may hold them already
+        already_logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    except Exception as exc:
+        if not outbox.is_unreachable(exc):
+            raise
+        already_logged = {}  # the same values again are harmless once the store is back
+    box = outbox.current()
+    if scores is not None:
+        box.log_metrics({"val_instance_f1": scores["instance_f1"],
+                         "val_instance_ap": scores["instance_ap"]})
+    box.log_params({k: v for k, v in chosen.params().items() if k not in already_logged})
+    box.log_text(chosen.to_json(), POSTPROCESS_ARTIFACT)
 
 
 def pick_overlay_crops(n: int, count: int) -> list[int]:
@@ -544,7 +525,6 @@ def log_overlays(model: nn.Module, dataset, indices: list[int], epoch: int,
     """
     if not indices:
         return
-    import mlflow
     from PIL import Image
 
     images = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices])
@@ -566,7 +546,7 @@ def log_overlays(model: nn.Module, dataset, indices: list[int], epoch: int,
                 picture = picture.resize((picture.width * scale, picture.height * scale),
                                          Image.NEAREST)
             picture.save(Path(tmp) / f"{safe_name(dataset.meta(i)['sample_id'])}.png")
-        mlflow.log_artifacts(tmp, artifact_path=f"overlays/epoch_{epoch:03d}")
+        outbox.current().log_artifacts(tmp, artifact_path=f"overlays/epoch_{epoch:03d}")
 
 
 def safe_name(text: str) -> str:

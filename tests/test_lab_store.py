@@ -1,0 +1,190 @@
+"""A lab's shared store, tried as a lab runs it: `mlflow server` on PostgreSQL 15 with its
+artifacts in S3 (moto), a bare git remote, collaborators' clones that hold no S3 credentials.
+
+- eight trainings from two collaborators at the same moment on a brand-new server, all pushed;
+  a third, fresh clone rebuilds the catalogue from the server, checks a model out (its tag
+  fetched, its weights from the object store through the server) and predicts with it;
+- the server going away in the middle of a training: the training goes on, what it could not
+  log arrives when the server is back, or waits in the outbox for `nf1prov sync`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import tifffile
+
+from nf1prov import tracking
+from tests.conftest import run_git, tiny_config
+from tests.test_provenance_flow import BIN, assert_contract
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def client_env(uri: str, **extra: str) -> dict[str, str]:
+    """A collaborator's environment: the server's URI and nothing of S3 (no credentials, no
+    endpoint: artifacts go through the server)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AWS_") and k != "MLFLOW_S3_ENDPOINT_URL"}
+    env.update(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1",
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra)
+    return env
+
+
+def start(cwd, uri, *args, **extra):
+    return subprocess.Popen([str(BIN / "nf1prov"), *args], cwd=cwd, env=client_env(uri, **extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, expect=0, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == expect, f"{proc.args}\n{out[-2000:]}\n{err[-4000:]}"
+    return out, err
+
+
+def nf1prov(cwd, uri, *args, expect=0):
+    return finish(start(cwd, uri, *args), expect)
+
+
+@pytest.fixture
+def lab(project, tmp_path):
+    """The project pushed to a bare 'lab' remote; a collaborator's clone of it."""
+    run_git(project, "add", "--all")
+    run_git(project, "commit", "--quiet", "-m", "project")
+    remote = tmp_path / "lab.git"
+    run_git(tmp_path, "init", "--quiet", "--bare", "--initial-branch=main", str(remote))
+    run_git(project, "remote", "add", "origin", str(remote))
+    run_git(project, "push", "--quiet", "-u", "origin", "HEAD:main")
+    colleague = tmp_path / "colleague"
+    run_git(tmp_path, "clone", "--quiet", str(remote), str(colleague))
+    return project, colleague, remote
+
+
+def test_eight_first_trainings_at_once_on_a_fresh_server_then_a_clone_checks_out(
+        lab, mlflow_server, tmp_path):
+    alice, bob, remote = lab
+    uri = mlflow_server.uri
+    procs = [start(clone, uri, "train", "--config", "configs/tiny.toml", "--push")
+             for _ in range(4) for clone in (alice, bob)]
+    for proc in procs:
+        finish(proc)
+
+    client = tracking.client(uri)
+    runs = tracking.model_runs(client)
+    assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
+    codenames = {r.info.run_name for r in runs}
+    assert len(codenames) == 8
+    assert len(client.search_experiments()) == 2  # Default and "flow", each created once
+    for run in runs:
+        assert [i.tags[0].value for i in run.inputs.dataset_inputs] == ["training"]
+        # every model's tag reached the lab remote, pointing at its own commit
+        sha = run.data.tags[tracking.GIT_COMMIT]
+        assert run_git(remote, "rev-parse", f"model/{run.info.run_name}^{{commit}}") == sha
+    shas = {run.data.tags[tracking.GIT_COMMIT] for run in runs}
+    assert len(shas) == 8
+    # the weights are in the object store, through the server
+    keys = mlflow_server.artifact_keys("artifacts/")
+    for run in runs:
+        assert any(k.endswith(f"{run.info.run_id}/artifacts/model/weights.pt") for k in keys), \
+            run.info.run_id
+
+    # A newcomer's fresh clone: the catalogue from the server, a model checked out, used.
+    newcomer = tmp_path / "newcomer"
+    run_git(tmp_path, "clone", "--quiet", str(remote), str(newcomer))
+    nf1prov(newcomer, uri, "catalog")
+    readme = (newcomer / "README.md").read_text()
+    assert all(name in readme for name in codenames)
+    chosen = sorted(codenames)[0]
+    run = next(r for r in runs if r.info.run_name == chosen)
+    assert_contract(client, alice if run_git(alice, "tag", "--list", f"model/{chosen}")
+                    else bob, run.info.run_id)
+    out, _ = nf1prov(newcomer, uri, "checkout", chosen, "--worktree", str(tmp_path / "wt"))
+    assert run_git(tmp_path / "wt", "rev-parse", "HEAD") == run.data.tags[tracking.GIT_COMMIT]
+    weights = tmp_path / "wt" / ".nf1prov" / "models" / chosen / "model" / "weights.pt"
+    assert weights.is_file()
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 4000, (3, 32, 32),
+                                                              dtype=np.uint16))
+    nf1prov(newcomer, uri, "predict", chosen, str(stack), "-o", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "stack_labels.ome.tif").is_file()
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def outage_project(project, data_root, epochs: int):
+    (project / "configs" / "tiny.toml").write_text(
+        tiny_config(data_root, epochs=epochs, patience=epochs))
+    run_git(project, "add", "--all")
+    run_git(project, "commit", "--quiet", "-m", "project")
+
+
+def epochs_logged(client, run_id: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, "val_loss")]
+
+
+EPOCHS = 12  # tiny epochs: the server goes away after the first, the training outlasts that
+
+
+def test_a_server_that_goes_away_mid_training_loses_nothing(project, data_root, mlflow_server):
+    outage_project(project, data_root, epochs=EPOCHS)
+    uri = mlflow_server.uri
+    client = tracking.client(uri)
+    outbox_root = project / ".nf1prov" / "outbox"
+
+    # 1. The server dies after the first epoch and is back before the training gives up.
+    proc = start(project, uri, "train", "--config", "configs/tiny.toml",
+                 NF1PROV_STORE_PATIENCE_S="300")
+    wait_for(lambda: any(epochs_logged(client, r.info.run_id)
+                         for r in tracking.model_runs(client)), 300, "epoch 1's metrics")
+    (run,) = tracking.model_runs(client)
+    mlflow_server.kill()
+    # the training goes on: its logging waits in the outbox (a copy of each checkpoint)
+    wait_for(lambda: (outbox_root / run.info.run_id / "files").is_dir(), 120,
+             "the training to queue its logging")
+    mlflow_server.start()
+    out, err = finish(proc)
+    assert "did not answer for" in err and run.info.run_name in out
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert epochs_logged(client, run.info.run_id) == list(range(1, EPOCHS + 1))
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} == {
+        "model/architecture.json", "model/weights.pt"}
+    assert not (outbox_root / run.info.run_id).exists()
+
+    # 2. The server stays away past the training's patience: exit 2, nothing lost, and
+    #    `nf1prov sync` delivers it all once the server is back.
+    proc = start(project, uri, "train", "--config", "configs/tiny.toml",
+                 NF1PROV_STORE_PATIENCE_S="1")
+    wait_for(lambda: len(tracking.model_runs(client)) == 2, 300, "the second run")
+    second = next(r for r in tracking.model_runs(client) if r.info.run_id != run.info.run_id)
+    wait_for(lambda: epochs_logged(client, second.info.run_id), 300, "epoch 1's metrics")
+    mlflow_server.kill()
+    out, err = finish(proc, expect=2)
+    spool = outbox_root / second.info.run_id
+    assert "Nothing is lost" in err and str(spool) in err and "nf1prov sync" in err
+    assert (spool / "pending.json").is_file()
+    tag = f"model/{second.info.run_name}"
+    assert run_git(project, "tag", "--list", tag) == tag  # the model and its commit stay
+
+    nf1prov(project, uri, "sync", expect=2)  # still away: said, spool kept
+    assert (spool / "pending.json").is_file()
+    mlflow_server.start()
+    out, _ = nf1prov(project, uri, "sync")
+    assert f"run {second.info.run_id}: logged" in out
+    second = client.get_run(second.info.run_id)
+    assert second.info.status == "FINISHED"
+    assert epochs_logged(client, second.info.run_id) == list(range(1, EPOCHS + 1))
+    assert "best_val_loss" in second.data.metrics
+    assert {f.path for f in client.list_artifacts(second.info.run_id, "model")} == {
+        "model/architecture.json", "model/weights.pt"}
+    assert not spool.exists()
