@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -62,6 +63,27 @@ def is_unreachable(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def patiently(action, what: str, patience_s: float | None = None):
+    """``action()``, retried while the store cannot be reached, for up to ``patience_s``
+    (default $NF1PROV_STORE_PATIENCE_S or 120 s): for the few calls whose answer the training
+    needs before it can go on (starting the run, reading its params), which cannot be queued."""
+    if patience_s is None:
+        patience_s = float(os.environ.get(PATIENCE_ENV, DEFAULT_PATIENCE_S))
+    deadline = time.monotonic() + patience_s
+    said = False
+    while True:
+        try:
+            return action()
+        except Exception as exc:
+            if not is_unreachable(exc) or time.monotonic() >= deadline:
+                raise
+            if not said:
+                print(f"nf1prov: note: the tracking store does not answer ({what}); retrying "
+                      f"for up to {patience_s:.0f} s.", file=sys.stderr)
+                said = True
+            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
 
 
 class Outbox:

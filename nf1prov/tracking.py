@@ -54,6 +54,14 @@ def child_environment(tracking_uri: str | None = None) -> dict[str, str]:
     return env
 
 
+def ui_hint(tracking_uri: str) -> str:
+    """How to look at the store in MLflow's UI: a server is its own UI; a local store needs
+    `mlflow ui` started on it."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
 def default_tracking_uri(repo_root: Path) -> str:
     """MLflow's own default form, anchored at the repository root: sqlite:///<root>/mlflow.db."""
     return f"sqlite:///{Path(repo_root).resolve() / 'mlflow.db'}"
@@ -160,7 +168,9 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 
 def store_problem(tracking_uri: str, exc: BaseException) -> str:
     """One paragraph for a store that failed: what is wrong with it, and the fix."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if len(first) > 300:  # MLflow's messages can run to kilobytes: cut at a word
+        first = first[:300].rsplit(" ", 1)[0] + " ..."
     text = str(exc).lower()
     db = sqlite_path(tracking_uri)
     where = "(--tracking-uri or MLFLOW_TRACKING_URI)"

@@ -176,9 +176,13 @@ def test_a_server_that_goes_away_mid_training_loses_nothing(project, data_root, 
     tag = f"model/{second.info.run_name}"
     assert run_git(project, "tag", "--list", tag) == tag  # the model and its commit stay
 
-    nf1prov(project, uri, "sync", expect=2)  # still away: said, spool kept
-    assert (spool / "pending.json").is_file()
+    _, err = nf1prov(project, uri, "sync", expect=2)  # still away: said, spool kept
+    assert "stays in" in err and (spool / "pending.json").is_file()
     mlflow_server.start()
+    # before the sync: this clone knows the run trained and waits; --reap leaves it alone
+    out, err = nf1prov(project, uri, "list", "--reap", "--format", "csv")
+    assert f"WAITING,model,{second.data.tags[tracking.GIT_COMMIT]}" in out
+    assert "run `nf1prov sync`" in err
     out, _ = nf1prov(project, uri, "sync")
     assert f"run {second.info.run_id}: logged" in out
     second = client.get_run(second.info.run_id)
@@ -188,3 +192,25 @@ def test_a_server_that_goes_away_mid_training_loses_nothing(project, data_root, 
     assert {f.path for f in client.list_artifacts(second.info.run_id, "model")} == {
         "model/architecture.json", "model/weights.pt"}
     assert not spool.exists()
+
+
+def test_a_server_that_goes_away_before_the_first_epoch_holds_the_start(
+        project, data_root, mlflow_server):
+    """The calls the training needs answered before it can start (environment, the run, its
+    params, the dataset input) wait for the server instead of failing the training."""
+    outage_project(project, data_root, epochs=2)
+    uri = mlflow_server.uri
+    client = tracking.client(uri)
+    proc = start(project, uri, "train", "--config", "configs/tiny.toml",
+                 NF1PROV_STORE_PATIENCE_S="300")
+    # the run tagged with its commit: `train` now starts the training process
+    wait_for(lambda: any(tracking.GIT_COMMIT in r.data.tags for r in tracking.model_runs(client)),
+             300, "the model commit")
+    mlflow_server.kill()  # the training process is still starting (imports, code snapshot)
+    time.sleep(3)
+    mlflow_server.start()
+    out, err = finish(proc)
+    (run,) = tracking.model_runs(client)
+    assert run.info.status == "FINISHED" and epochs_logged(client, run.info.run_id) == [1, 2]
+    assert "nf1prov.env.python" in run.data.tags and "train.seed" in run.data.params
+    assert "the tracking store does not answer" in err or "did not answer for" in err, err

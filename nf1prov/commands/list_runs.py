@@ -1,7 +1,9 @@
 """`nf1prov list`: models (and --no-commit scratch runs) with status, SHA and best Dice.
 
 The status column shows CRASHED for a RUNNING run whose process is gone
-(`nf1prov.provenance.liveness`); `--reap` marks those runs FAILED for good. The `remote` column
+(`nf1prov.provenance.liveness`); `--reap` marks those runs FAILED for good. A run whose logging
+waits in this clone's outbox (the store went away, `nf1prov.outbox`) shows as WAITING and is
+not reaped: `nf1prov sync` ends it. The `remote` column
 names the git remotes that hold the model's tag `model/<codename>` ("none": only this clone, or
 nobody, has it; `train --push` or `git push origin model/<codename>` shares it), and is empty
 when the repository has no remote.
@@ -42,7 +44,8 @@ def remote_column(root, runs, echo) -> dict[str, str]:
     return column
 
 
-def rows(runs, remotes: dict[str, str] | None = None) -> list[dict]:
+def rows(runs, remotes: dict[str, str] | None = None,
+         waiting: set[str] = frozenset()) -> list[dict]:
     from nf1prov import tracking
     from nf1prov.provenance import liveness
 
@@ -54,7 +57,7 @@ def rows(runs, remotes: dict[str, str] | None = None) -> list[dict]:
             "codename": run.info.run_name,
             "date": (datetime.fromtimestamp(start / 1000, UTC).strftime("%Y-%m-%d %H:%M")
                      if start else ""),
-            "status": liveness.run_state(run),
+            "status": WAITING if run.info.run_id in waiting else liveness.run_state(run),
             "kind": tags.get(tracking.KIND, ""),
             "sha": tags.get(tracking.GIT_COMMIT, "") if tags.get(tracking.GIT_DIRTY) != "true"
             else tags.get(tracking.GIT_COMMIT, "") + "+dirty",
@@ -66,14 +69,28 @@ def rows(runs, remotes: dict[str, str] | None = None) -> list[dict]:
     return out
 
 
-def reap(client, runs, echo) -> int:
-    """Mark every CRASHED run FAILED with the crash reason; returns how many."""
+WAITING = "WAITING"  # shown for a run whose logging waits in this clone's outbox
+
+
+def waiting_runs(root) -> set[str]:
+    """Run IDs whose logging waits in this clone's `.nf1prov/outbox` for `nf1prov sync`."""
+    from nf1prov import outbox
+    from nf1prov.provenance.preflight import CACHE_DIR
+
+    if root is None:
+        return set()
+    return {spool.name for spool in outbox.saved(outbox.outbox_root(root / CACHE_DIR))}
+
+
+def reap(client, runs, echo, waiting: set[str] = frozenset()) -> int:
+    """Mark every CRASHED run FAILED with the crash reason (not one whose logging waits in
+    this clone's outbox: it trained, and `nf1prov sync` ends it); returns how many."""
     from nf1prov import tracking
     from nf1prov.provenance import liveness
 
     count = 0
     for run in runs:
-        if liveness.run_state(run) != liveness.CRASHED:
+        if liveness.run_state(run) != liveness.CRASHED or run.info.run_id in waiting:
             continue
         reason = liveness.crash_reason(run)
         client.set_tag(run.info.run_id, tracking.FAILURE, reason)
@@ -121,8 +138,12 @@ def command(fmt, do_reap, all_kinds, tracking_uri) -> None:
     if all_kinds:
         kinds += (tracking.KIND_TRIAL,)
     runs = tracking.model_runs(client, kinds)
-    if do_reap:
-        if reap(client, runs, lambda text: click.echo(text, err=True)):
-            runs = tracking.model_runs(client, kinds)
     warn = lambda text: click.echo(text, err=True)  # noqa: E731
-    click.echo(render(rows(runs, remote_column(root, runs, warn)), fmt))
+    waiting = waiting_runs(root)
+    if do_reap:
+        if reap(client, runs, warn, waiting):
+            runs = tracking.model_runs(client, kinds)
+    click.echo(render(rows(runs, remote_column(root, runs, warn), waiting), fmt))
+    if waiting:
+        warn(f"nf1prov: {len(waiting)} training(s) here ({WAITING}) trained while the tracking "
+             "store was away and have logging waiting in .nf1prov/outbox: run `nf1prov sync`.")

@@ -93,4 +93,4 @@ def command(codename, tracking_uri) -> None:
         click.echo("description:")
         for line in tags[tracking.NOTE_CONTENT].splitlines():
             click.echo(f"  {line}")
-    click.echo(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
+    click.echo(f"MLflow UI: {tracking.ui_hint(uri)}")

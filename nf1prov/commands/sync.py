@@ -31,15 +31,16 @@ def command(tracking_uri) -> None:
     clients: dict[str, object] = {}
     for spool in spools:
         uri = tracking_uri or outbox.saved_store(spool) or tracking.resolve_tracking_uri(None, root)
-        if uri not in clients:
-            clients[uri] = tracking.client(uri)  # UserError when it still does not answer
         what = outbox.describe_saved(spool)
         try:
+            if uri not in clients:
+                clients[uri] = tracking.client(uri)
             outbox.replay(clients[uri], spool)
         except Exception as exc:
             if not (isinstance(exc, ConnectionError) or outbox.is_unreachable(exc)):
                 raise
-            raise UserError(f"The tracking store {uri} still does not take the logging of run "
-                            f"{spool.name} ({exc}). It stays in {spool}; run `nf1prov sync` "
-                            "again once the store answers.") from None
+            reason = str(exc) if isinstance(exc, UserError) else f"{uri}: {exc}"
+            raise UserError(f"{reason} The logging of run {spool.name} ({what}) stays in "
+                            f"{spool}: run `nf1prov sync` again once the store answers "
+                            "(--tracking-uri URI if it has moved).") from None
         click.echo(f"run {spool.name}: logged {what} to {uri}")

@@ -185,7 +185,9 @@ def print_outcome(outcome) -> None:
         click.echo(f"git tag:    model/{outcome.codename}")
     else:
         click.echo("kind:       scratch (--no-commit: not a catalogued model)")
-    click.echo(f"MLflow UI:  mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    from nf1prov import tracking
+
+    click.echo(f"MLflow UI:  {tracking.ui_hint(outcome.tracking_uri)}")
 
 
 def print_result(client, run_id: str) -> None:

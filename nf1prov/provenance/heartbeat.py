@@ -43,8 +43,13 @@ class Heartbeat:
             self.beat()
 
     def __enter__(self) -> Heartbeat:
-        for key, value in identity_tags().items():
-            self.client.set_tag(self.run_id, key, value)
+        from nf1prov import outbox
+
+        def identify() -> None:
+            for key, value in identity_tags().items():
+                self.client.set_tag(self.run_id, key, value)
+
+        outbox.patiently(identify, "recording the training process")
         self._thread.start()
         return self
 

@@ -107,23 +107,26 @@ def train_in_run(spec: Spec) -> bool:
     from nf1prov.provenance import code_snapshot, run_end, run_tags
     from nf1prov.provenance.heartbeat import Heartbeat
 
-    client = tracking.client(spec.tracking_uri)
+    client = outbox.patiently(lambda: tracking.client(spec.tracking_uri), "opening the store")
     code_root = Path(spec.code_root)
     with run_end.run_guard(client, spec.run_id):
         from nf1prov.train.trainer import train_model  # noqa: I001 - imported here: slow
         import models  # noqa: F401 - checked below with everything else
 
         code_snapshot.check_modules_from(code_root)
-        run_tags.log_environment(client, spec.run_id, spec.argv)
-        if spec.resume_from:
-            record_resume(client, spec.run_id)
         mlflow.set_tracking_uri(spec.tracking_uri)
         spool = outbox.spool_dir(Path(spec.cache_dir), spec.run_id)
         # The run is ended by the outbox (FINISHED, possibly later by `nf1prov sync`) or by
         # run_guard (FAILED, KILLED), not by a `with mlflow.start_run()` that would call the
-        # store once more on the way out.
+        # store once more on the way out. The calls before the training starts wait for a
+        # store that does not answer (`patiently`); the training's own logging is queued.
         with outbox.opened(client, spool, store=spec.tracking_uri) as box:
-            mlflow.start_run(run_id=spec.run_id)
+            outbox.patiently(lambda: run_tags.log_environment(client, spec.run_id, spec.argv),
+                             "recording the environment")
+            if spec.resume_from:
+                outbox.patiently(lambda: record_resume(client, spec.run_id),
+                                 "recording the resume")
+            outbox.patiently(lambda: mlflow.start_run(run_id=spec.run_id), "starting the run")
             with Heartbeat(client, spec.run_id) as beat:
                 train_model(spec.config, Path(spec.data_root), cache_dir=Path(spec.cache_dir),
                             resume_from=Path(spec.resume_from) if spec.resume_from else None,

@@ -382,7 +382,8 @@ def log_run_inputs(config: dict, data: PreparedData, resumed: bool = False) -> N
     from nf1prov.tracking import DATA_SPLITS
 
     run = mlflow.active_run()
-    existing = mlflow.get_run(run.info.run_id).data.params
+    existing = outbox.patiently(lambda: mlflow.get_run(run.info.run_id).data.params,
+                                "reading the run's params")
     params = {k: param_value(v) for k, v in flatten(config).items()}
     params |= {f"dataset.{split}_fields": str(len(fovs)) for split, fovs in data.splits.items()}
     params |= {"dataset.train_crops": str(len(data.train)),
@@ -407,7 +408,8 @@ def log_run_inputs(config: dict, data: PreparedData, resumed: bool = False) -> N
         dataset = mlflow.data.from_pandas(data.manifest, source=data.source,
                                           name="split_manifest")
         # two trainings logging the same manifest at once race on its unique row: retry
-        tracking.retry_on_conflict(lambda: mlflow.log_input(dataset, context="training"))
+        outbox.patiently(lambda: tracking.retry_on_conflict(
+            lambda: mlflow.log_input(dataset, context="training")), "logging the dataset input")
     tags = description_tags(config["description"])
     tags[NOTE_CONTENT] = description_markdown(config["description"])
     tags[DATA_SPLITS] = data_splits_tag(data.splits)
