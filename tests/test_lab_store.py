@@ -181,7 +181,8 @@ def test_a_server_that_goes_away_mid_training_loses_nothing(project, data_root, 
     mlflow_server.start()
     # before the sync: this clone knows the run trained and waits; --reap leaves it alone
     out, err = nf1prov(project, uri, "list", "--reap", "--format", "csv")
-    assert f"WAITING,model,{second.data.tags[tracking.GIT_COMMIT]}" in out
+    sha = client.get_run(second.info.run_id).data.tags[tracking.GIT_COMMIT]  # read now: it
+    assert f"WAITING,model,{sha}" in out  # was tagged after `second` was first read
     assert "run `nf1prov sync`" in err
     out, _ = nf1prov(project, uri, "sync")
     assert f"run {second.info.run_id}: logged" in out
