@@ -359,8 +359,10 @@ def _enclosing_repo() -> Path | None:
     architecture source is looked up."""
     from nf1prov.provenance import git
 
-    proc = git.git("rev-parse", "--show-toplevel", cwd=Path.cwd(), check=False)
-    return Path(proc.stdout.strip()) if proc.returncode == 0 else None
+    try:
+        return git.repo_root(Path.cwd())
+    except UserError:
+        return None
 
 
 def model_postprocess(config: dict, *, params: dict | None = None,

@@ -94,16 +94,20 @@ def storage_url(config: dict, cache_dir: Path) -> str:
     return url
 
 
-def check_storage(config: dict, cache_dir: Path, tracking_uri: str) -> str:
-    """The study storage's URL, once opened (`nf1prov train`'s preflight calls this before any
-    commit or run exists); UserError when it cannot be used."""
+def checked_storage_url(config: dict, cache_dir: Path, tracking_uri: str) -> str:
+    """`storage_url`, refused when it is the MLflow store itself."""
     url = storage_url(config, cache_dir)
     if _same_database(url, tracking_uri):
         raise UserError(f"The Optuna storage {masked(url)} is the MLflow store itself: give the "
                         "study a database of its own (both keep an alembic_version table), "
                         f"e.g. another database on the same server, via {STORAGE_ENV}.")
-    workers.open_storage(url)
     return url
+
+
+def check_storage(config: dict, cache_dir: Path, tracking_uri: str) -> None:
+    """`nf1prov train`'s preflight, before any commit or run exists: the study's database
+    opens; UserError when it cannot be used."""
+    workers.open_storage(checked_storage_url(config, cache_dir, tracking_uri))
 
 
 def study_name(parent_run_id: str) -> str:
@@ -124,7 +128,7 @@ def run_search(config: dict, data_root: Path, *, cache_dir: Path,
         raise UserError(f"train.search_learning_rate must be positive (log-uniform), not "
                         f"{t['search_learning_rate']}.")
     tracking_uri = mlflow.get_tracking_uri()
-    url = check_storage(config, cache_dir, tracking_uri)
+    url = checked_storage_url(config, cache_dir, tracking_uri)  # create_study opens it
 
     parent = mlflow.active_run()
     parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
