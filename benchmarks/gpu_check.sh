@@ -4,6 +4,8 @@
 #   2. `nf1prov train` with AMP on configs/demo.toml (train.device=cuda) on `nf1prov demo-data`
 #      output, in a throwaway git workspace with its own identity and mlflow.db, then
 #      `nf1prov predict` with the trained model;
+#      then data-parallel training, `train --nproc N` (NCCL on N >= 2 GPUs, else 2 ranks
+#      with gloo on the CPU);
 #   3. `nf1prov reproduce` of that model on the GPU, within $REPRO_TOL, 0.1 (CUDA is not
 #      bit-deterministic; on a CPU the tolerance is 0: bit-identical);
 #   4. predict_stack throughput, MP/s on cuda vs cpu (benchmarks/bench_gpu_predict.py).
@@ -105,6 +107,17 @@ else
       say "PASS  predict CLI on $DEVICE: $(find "$WS/pred" -name '*_labels.ome.tif' | wc -l) stacks in $((SECONDS - T)) s"
     else
       fail "predict CLI on $DEVICE"
+    fi
+    header "2c. data-parallel training: train --nproc (NCCL with two GPUs or more, else gloo on CPU)"
+    GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+    if [ "${GPUS:-0}" -ge 2 ]; then NP=$GPUS; NPDEV=cuda; else NP=2; NPDEV=cpu; fi
+    T=$SECONDS
+    if $PY -m nf1prov train --config configs/demo.toml --data-root data --set train.device=$NPDEV \
+      --set train.epochs=1 --set train.max_batches_per_epoch=8 --nproc "$NP" | tee "$WS/ddp.out" \
+      && grep -q '^codename:' "$WS/ddp.out"; then
+      say "PASS  train --nproc $NP on $NPDEV ($([ "$NPDEV" = cuda ] && echo NCCL || echo gloo)) in $((SECONDS - T)) s"
+    else
+      fail "train --nproc $NP on $NPDEV"
     fi
     header "3. reproduce $CODENAME on $DEVICE --tolerance $TOL"
     T=$SECONDS

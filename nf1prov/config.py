@@ -76,6 +76,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         # overrides this key, may hold one) or "sqlite:////abs/path/optuna.db".
         "search_storage": "",
         "search_workers": 1,  # trial processes on this machine (> 1: each its own process)
+        # data-parallel processes on this machine (`train --nproc`); batch_size stays the global
+        # batch, cut into nproc shards (nf1prov.train.distributed)
+        "nproc": 1,
         "overlay_crops": 3,  # validation crops drawn as PNG overlays each epoch
         "max_batches_per_epoch": 0,  # 0 = all; a cap for quick runs
     },
@@ -296,6 +299,9 @@ RANGES: dict[str, Rule] = {
     "train.search_learning_rate": (lambda v, _: len(v) == 2 and 0 < v[0] <= v[1],
                                    "two finite numbers [low, high] with 0 < low <= high (a "
                                    "log-uniform range)"),
+    "train.nproc": (_at_least(1),
+                    "an integer >= 1 (data-parallel training processes on this machine; "
+                    "train.batch_size is the global batch they share)"),
     "train.search_workers": (_at_least(1),
                              "an integer >= 1 (trial processes on this machine)"),
     "train.search_storage": (_search_storage_ok,

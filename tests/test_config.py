@@ -146,6 +146,7 @@ BAD_VALUES = [
     ("train.search_learning_rate=[nan, 1]", "two finite numbers [low, high] with 0 < low"),
     ("train.search_learning_rate=[1e-5, inf]", "two finite numbers [low, high] with 0 < low"),
     ("train.search_workers=0", "an integer >= 1"),
+    ("train.nproc=0", "an integer >= 1"),
     ('train.search_storage="postgresql+psycopg2://lab:secret@db/optuna"', "without a password"),
     ('train.search_storage="sqlite:///optuna.db"', "sqlite:////absolute/path/optuna.db"),
     ('train.search_storage="sqlite:////:memory:"', "an SQLAlchemy URL"),

@@ -282,22 +282,31 @@ def wait_for(predicate, timeout=120.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_sigterm_kills_then_resume_continues_the_same_run(project, tracking_uri, data_root):
-    client = tracking.client(tracking_uri)
-    long_config = tiny_config(data_root, epochs=500, patience=1000)
-    (project / "configs" / "long.toml").write_text(long_config)
-    proc = subprocess.Popen([str(BIN / "nf1prov"), "train", "--config", "configs/long.toml"],
-                            cwd=project, env=subprocess_env(tracking_uri),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_training(project: Path, tracking_uri: str, *args: str) -> subprocess.Popen:
+    """`nf1prov train ARGS` as a subprocess of its own, output captured."""
+    return subprocess.Popen([str(BIN / "nf1prov"), "train", *args], cwd=project,
+                            env=subprocess_env(tracking_uri), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
+
+def first_checkpoint(client):
+    """The one model run, once it has logged its first checkpoint."""
     def checkpointed():
         runs = tracking.model_runs(client)
         if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):
             return runs[0]
         return None
 
+    return wait_for(checkpointed, what="the first checkpoint")
+
+
+def test_sigterm_kills_then_resume_continues_the_same_run(project, tracking_uri, data_root):
+    client = tracking.client(tracking_uri)
+    long_config = tiny_config(data_root, epochs=500, patience=1000)
+    (project / "configs" / "long.toml").write_text(long_config)
+    proc = start_training(project, tracking_uri, "--config", "configs/long.toml")
     try:
-        run = wait_for(checkpointed, what="the first checkpoint")
+        run = first_checkpoint(client)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)

@@ -8,6 +8,7 @@ training itself failed (the run is FAILED with nf1prov.failure; commit and tag s
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import traceback
@@ -44,21 +45,37 @@ from nf1prov.errors import Nf1provError, UserError
 @click.option("--remote", default=None, metavar="NAME",
               help="The remote --push sends to (default: the branch's upstream remote, else "
                    "origin, else the only remote).")
+@click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Data-parallel training in N processes on this machine (one GPU each on "
+                   "CUDA; gloo on CPU); the same as --set train.nproc=N. train.batch_size stays "
+                   "the global batch. See docs/training.md for several machines (torchrun).")
 @tracking_uri_option
 def command(config_path, data_root, experiment, overrides, no_commit, resume_name, max_file_mb,
-            push, remote, tracking_uri) -> None:
+            push, remote, nproc, tracking_uri) -> None:
     """Train a model, commit its code and tag its MLflow run.
 
     Every change git does not ignore is committed as the model's one commit (subject
     'Model run codename: <codename> Run ID: <id> Experiment ID: <id>'), tagged model/<codename>,
     and the run is tagged with that SHA. Works in MLflow projects: `mlflow run . -e train`.
     """
-    from nf1prov.provenance import preflight, train_flow
-
     data_root = data_root or None  # MLproject passes '' for "not given"
     experiment = experiment or None
     if remote and not push:
         raise UserError("--remote names where --push sends the model: add --push.")
+    from nf1prov.provenance import launched
+
+    world = launched.world()
+    if world is not None:  # started by torchrun: one of world.size ranks
+        if nproc is not None or resume_name or no_commit:
+            raise UserError("Under torchrun, --nnodes and --nproc-per-node set the processes "
+                            "(not --nproc), and --resume and --no-commit are not supported: "
+                            "resume a model on one machine with `nf1prov train --resume NAME "
+                            "--nproc N`.")
+        nproc = world.size
+    if nproc is not None:
+        overrides = (*overrides, f"train.nproc={nproc}")
+    if world is not None and world.rank != 0:
+        sys.exit(launched.follow(world.rank, data_root))
     if push:  # refused before anything exists, like every other preflight problem
         if no_commit:
             raise UserError("--push sends the model commit's tag, and --no-commit makes none: "
@@ -66,6 +83,21 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
         from nf1prov.provenance import git
 
         remote = git.push_remote(git.repo_root("."), remote)
+    try:
+        lead(config_path, data_root, experiment, overrides, no_commit, resume_name, max_file_mb,
+             push, remote, tracking_uri, world)
+    except BaseException as exc:
+        if world is not None and not isinstance(exc, SystemExit):
+            with contextlib.suppress(Exception):  # tell the waiting ranks, if not yet told
+                launched.publish({"error": str(exc) or type(exc).__name__})
+        raise
+
+
+def lead(config_path, data_root, experiment, overrides, no_commit, resume_name, max_file_mb,
+         push, remote, tracking_uri, world) -> None:
+    """`nf1prov train` proper: on its own, or as rank 0 of torchrun's processes (``world``)."""
+    from nf1prov.provenance import launched, preflight, train_flow
+
     adopt = train_flow.adopted_run_id()
     tmp = None
     if resume_name:
@@ -75,6 +107,12 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
         plan, run, checkpoint, tmp = train_flow.prepare_resume(
             name=resume_name, config_path=config_path or None, overrides=overrides,
             data_root=data_root, tracking_uri=tracking_uri)
+        trained_with = int(run.data.params.get("train.nproc", "1"))
+        if plan.config["train"]["nproc"] != trained_with:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"Model {resume_name} trained with train.nproc = {trained_with}: "
+                            f"resume it with the same number of processes (--nproc "
+                            f"{trained_with}), so that it goes on as it began.")
     else:
         if not config_path:
             raise UserError("Missing --config PATH: pass a training config such as "
@@ -96,6 +134,12 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
         if failure:
             push_failures.append(failure)
 
+    def after_commit(done: train_flow.Progress) -> None:
+        if push:
+            push_now(done)
+        if world is not None:  # the other ranks wait for this to start training
+            launched.publish(launched.describe(done, plan.config))
+
     try:
         with train_flow.sigterm_as_exception():
             if resume_name:
@@ -103,8 +147,10 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
                                             progress=progress)
             else:
                 outcome = train_flow.train(plan, echo=click.echo, progress=progress,
-                                           after_commit=push_now if push else None)
+                                           after_commit=after_commit)
     except (KeyboardInterrupt, train_flow.Interrupted) as exc:
+        if world is not None:
+            launched.blame_follower(plan.client, progress.run_id, world.size)
         reason = getattr(exc, "reason", "interrupted by Ctrl-C (SIGINT)")
         click.echo(f"nf1prov: training stopped ({reason}). {after_stop(progress, plan.client)}",
                    err=True)

@@ -6,6 +6,7 @@ a `Plan`: everything the rest of the flow needs, resolved once.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,32 @@ def check_data(config: dict, data_root: Path) -> list:
     return fields
 
 
+def check_ranks(config: dict) -> None:
+    """``train.nproc`` processes can run here (one GPU each on CUDA) and share each batch."""
+    t = config["train"]
+    nproc = t["nproc"]
+    if nproc == 1:
+        return
+    if t["trials"] > 1:
+        raise UserError(f"train.nproc = {nproc} with train.trials = {t['trials']}: an Optuna "
+                        "search trains its trials one process each (train.search_workers); "
+                        "set train.nproc = 1 for a search.")
+    if t["batch_size"] < nproc:
+        raise UserError(f"train.batch_size = {t['batch_size']} is the global batch the "
+                        f"{nproc} processes of train.nproc share: it must be at least {nproc}.")
+    import torch
+
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", nproc))  # torchrun: this machine's share
+    if t["device"] == "cuda" or (t["device"] == "auto" and torch.cuda.is_available()):
+        gpus = torch.cuda.device_count()
+        if here > gpus:
+            raise UserError(f"train.nproc = {nproc} needs one GPU per process, and this machine "
+                            f"has {gpus}: use --nproc {max(gpus, 1)} (or train.device = cpu).")
+    elif here > (os.cpu_count() or 1):
+        print(f"nf1prov: note: {here} training processes on {os.cpu_count()} CPU cores: they "
+              "will share cores and run slower than fewer would.", file=sys.stderr)
+
+
 def check_store(client, experiment_name: str) -> None:
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
@@ -226,6 +253,7 @@ def preflight(*, config_path: str | Path, overrides=(), data_root: str | None = 
         check_model_tags_possible(root)
     code_snapshot.check_tree_holds_code(root)
     config = load_config(config_path, tuple(overrides))
+    check_ranks(config)
     uri = tracking.resolve_tracking_uri(tracking_uri, root)
     check_runtime_files_ignored(root, uri)
     data_path = resolve_data_root(root, config, data_root)

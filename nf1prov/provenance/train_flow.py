@@ -313,6 +313,7 @@ def prepare_resume(*, name: str, config_path: str | None, overrides=(), data_roo
             if config_path is None:
                 raise UserError(f"Model {name} has no logged config/config.toml: pass --config.")
         config = load_config(config_path, tuple(overrides))
+        preflight.check_ranks(config)
         data_path = preflight.resolve_data_root(root, config, data_root)
         fields = preflight.check_data(config, data_path)
     except BaseException:

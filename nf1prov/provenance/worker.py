@@ -6,6 +6,9 @@ This process checks where its code came from, records the environment it trains 
 inside the run, and ends the run itself: FINISHED, FAILED or KILLED with `nf1prov.failure`.
 The parent forwards Ctrl-C and SIGTERM to it; if the parent dies, it stops the training.
 
+With ``train.nproc`` > 1 this process starts the data-parallel ranks and waits for them
+instead (`nf1prov.provenance.ranks`); rank 0 then does what this docstring says.
+
 Exit codes: 0 trained; 1 the training failed; 2 a user error (the code check); 75 trained, but
 the tracking store stopped answering and some logging waits in the outbox (`nf1prov.outbox`);
 130/143 interrupted by SIGINT/SIGTERM.
@@ -76,7 +79,8 @@ def launch(spec: Spec, client) -> int:
                 process.stdin.close()
             returncode = process.wait()
     finally:
-        if returncode != LOGGING_PENDING_EXIT:  # else the run ends when its logging arrives
+        # client None: a rank other than 0 under torchrun, which leaves the run to rank 0
+        if returncode != LOGGING_PENDING_EXIT and client is not None:
             run_end.end_if_running(client, spec.run_id, returncode, "the training process")
     return returncode
 
@@ -98,9 +102,11 @@ def watch_parent(parent_pid: int) -> None:
         threading.Thread(target=loop, name="nf1prov-parent-watch", daemon=True).start()
 
 
-def train_in_run(spec: Spec) -> bool:
+def train_in_run(spec: Spec, end_on_failure: bool = True) -> bool:
     """Train in the run; True when everything reached the store, False when some logging is
-    saved in the run's outbox for `nf1prov sync` (the store stopped answering)."""
+    saved in the run's outbox for `nf1prov sync` (the store stopped answering). A failure ends
+    the run FAILED or KILLED unless ``end_on_failure`` is false (rank 0 of a data-parallel
+    training: the launcher ends it with the first cause, `nf1prov.provenance.ranks`)."""
     import mlflow
 
     from nf1prov import outbox, tracking
@@ -109,7 +115,8 @@ def train_in_run(spec: Spec) -> bool:
 
     client = outbox.patiently(lambda: tracking.client(spec.tracking_uri), "opening the store")
     code_root = Path(spec.code_root)
-    with run_end.run_guard(client, spec.run_id):
+    guard = run_end.run_guard(client, spec.run_id) if end_on_failure else contextlib.nullcontext()
+    with guard:
         from nf1prov.train.trainer import train_model  # noqa: I001 - imported here: slow
         import models  # noqa: F401 - checked below with everything else
 
@@ -154,14 +161,26 @@ def record_resume(client, run_id: str) -> None:
 def main() -> int:
     from nf1prov import process_spec
     from nf1prov.errors import Nf1provError
-    from nf1prov.provenance import signals
+    from nf1prov.provenance import ranks, signals
 
+    if ranks.is_rank():  # one of the processes `ranks.launch` started
+        return ranks.rank_main()
     spec = process_spec.read(Spec, SPEC_VERSION, "training")
     if spec is None:
         return 2
     watch_parent(spec.parent_pid)
+    from nf1prov.train import distributed
+
+    if distributed.environment_world()[1] > 1:  # `nf1prov train` ran under torchrun
+        return ranks.rank_main(spec)
     try:
         with signals.sigterm_as_exception():
+            if spec.config["train"].get("nproc", 1) > 1:
+                from nf1prov import outbox, tracking
+
+                client = outbox.patiently(lambda: tracking.client(spec.tracking_uri),
+                                          "opening the store")
+                return ranks.launch(spec, client)
             if not train_in_run(spec):
                 return LOGGING_PENDING_EXIT
     except KeyboardInterrupt:

@@ -10,6 +10,11 @@ where ``w_batch = initial_class_weights(target of the batch)``. The update happe
 batch's loss is computed (the batch's own pixel counts already count), and only when
 ``forward(..., update=True)`` (training batches); validation batches use the weights as they are.
 Both ``w`` and ``w_batch`` sum to 1, so ``w`` always sums to 1.
+
+Data-parallel (``ranks``, `nf1prov.train.distributed`): each rank holds a shard of the global
+batch. ``w_batch`` comes from the global batch's pixel counts and the returned loss has the
+global batch's value; its gradient is this rank's share, scaled so that DDP's average over
+ranks is the gradient of the global loss.
 """
 
 from __future__ import annotations
@@ -28,7 +33,11 @@ def initial_class_weights(targets: torch.Tensor) -> torch.Tensor:
     Returns float32 (3,) on the targets' device, summing to 1. A class with no pixels gets
     ``EMPTY_CLASS_WEIGHT`` instead of 1/0 before normalising.
     """
-    counts = targets.sum(dim=(0, 2, 3), dtype=torch.float64)
+    return weights_from_counts(targets.sum(dim=(0, 2, 3), dtype=torch.float64))
+
+
+def weights_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """`initial_class_weights` from per-class pixel counts (C,)."""
     inverse = torch.where(counts > 0, 1.0 / counts.clamp_min(1.0),
                           torch.full_like(counts, EMPTY_CLASS_WEIGHT))
     return (inverse / inverse.sum()).to(torch.float32)
@@ -41,8 +50,11 @@ class WeightedBCELoss(nn.Module):
     checkpoint keeps them). All work stays on the device: no host synchronisation per batch.
     """
 
-    def __init__(self, initial_weights: torch.Tensor, alpha: float) -> None:
+    def __init__(self, initial_weights: torch.Tensor, alpha: float, ranks=None) -> None:
+        from nf1prov.train.distributed import SINGLE
+
         super().__init__()
+        self.ranks = ranks if ranks is not None else SINGLE
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], not {alpha}")
         self.alpha = float(alpha)
@@ -52,15 +64,28 @@ class WeightedBCELoss(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """logits, target: (N, C, H, W). Returns (loss: float32 scalar, per_class_bce: (C,)).
 
-        ``per_class_bce`` is detached (it is for metrics); ``loss`` carries the gradient. With
-        ``update=True`` the EMA step of the module docstring is applied first.
+        ``per_class_bce`` is detached (it is for metrics; distributed: this rank's shard, 0 for
+        an empty shard); ``loss`` carries the gradient. With ``update=True`` the EMA step of the
+        module docstring is applied first.
         """
+        ranks, dims = self.ranks, (0, 2, 3)
         # BCE in float32 even under autocast: float16 logs of tiny probabilities underflow.
         bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
-        per_class = bce.mean(dim=(0, 2, 3))
         if update:
             with torch.no_grad():
-                batch_weights = initial_class_weights(target)
+                counts = ranks.sum_(target.sum(dim=dims, dtype=torch.float64))
+                batch_weights = weights_from_counts(counts)
                 self.weights.mul_(self.alpha).add_((1.0 - self.alpha) * batch_weights)
-        loss = (self.weights * per_class).sum()
-        return loss, per_class.detach()
+        if not ranks.distributed:
+            per_class = bce.mean(dim=dims)
+            return (self.weights * per_class).sum(), per_class.detach()
+        sums = bce.sum(dim=dims)
+        pixels = bce.numel() // bce.shape[1]
+        with torch.no_grad():
+            totals = ranks.sum_(torch.cat([sums.detach().double(),
+                                           sums.new_tensor([pixels], dtype=torch.float64)]))
+            value = (self.weights * (totals[:-1] / totals[-1])).sum().float()
+        share = (self.weights * sums).sum() * (ranks.world_size / float(totals[-1]))
+        # the value of the global loss with the gradient of this rank's share
+        loss = share + (value - share).detach()
+        return loss, (sums / max(pixels, 1)).detach()

@@ -75,6 +75,21 @@ class EpochMetrics:
         self.loss += loss.detach().double() * n
         self.samples += n
 
+    def sum_across(self, ranks) -> None:
+        """Add up the sums of every rank (`nf1prov.train.distributed.Ranks`) in place: one
+        all-reduce, after which `compute` gives every rank the scores of the whole split."""
+        if not ranks.distributed:
+            return
+        counts = torch.cat([self.tp, self.pred, self.true, self.pixels.reshape(1),
+                            self.samples.reshape(1)])
+        sums = torch.cat([self.bce, self.loss.reshape(1)])
+        ranks.sum_(counts)
+        ranks.sum_(sums)
+        c = self.num_classes
+        self.tp, self.pred, self.true = counts[:c], counts[c:2 * c], counts[2 * c:3 * c]
+        self.pixels, self.samples = counts[3 * c], counts[3 * c + 1]
+        self.bce, self.loss = sums[:c], sums[c]
+
     def compute(self) -> dict[str, float]:
         """Scores named ``<split>_<metric>_<class>``, ``<split>_<metric>_total``, ``<split>_loss``.
 

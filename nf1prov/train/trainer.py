@@ -15,10 +15,16 @@ Per batch the loop does only device work (forward, loss, backward, step, metric 
 synchronises for the progress bar every `PROGRESS_EVERY` batches and once per epoch for metrics.
 On CPU, `torch.use_deterministic_algorithms(True)`: the same config on the same data gives
 bitwise-identical metrics (`nf1prov reproduce` relies on it).
+
+Data-parallel (``train.nproc`` > 1, `nf1prov.train.distributed`): every rank runs this loop on
+its shard of each global batch and gets the same epoch metrics; rank 0 alone logs (the other
+ranks never touch MLflow) and, after the loop, chooses the instance parameters and logs the
+model.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -41,6 +47,7 @@ from nf1prov import outbox, tracking
 from nf1prov.config import flatten, to_toml
 from nf1prov.errors import UserError
 from nf1prov.tracking import NOTE_CONTENT
+from nf1prov.train import distributed
 from nf1prov.train.description import description_markdown, description_tags
 from nf1prov.train.loss import WeightedBCELoss, initial_class_weights
 from nf1prov.train.metrics import CLASS_NAMES, EpochMetrics
@@ -93,7 +100,8 @@ def train_model(config: dict, data_root: Path, *, cache_dir: Path,
     """
     import mlflow
 
-    if mlflow.active_run() is None:
+    ranks = distributed.current()
+    if ranks.logs and mlflow.active_run() is None:
         raise RuntimeError("train_model must be called inside an active MLflow run "
                            "(mlflow.start_run()); the caller owns the run.")
     resolve_device(config["train"]["device"])  # fail before anything is logged
@@ -108,9 +116,20 @@ def train_model(config: dict, data_root: Path, *, cache_dir: Path,
 
         return run_search(config, Path(data_root), cache_dir=Path(cache_dir), on_epoch=on_epoch)
 
+    # One rank per machine decodes the stacks into the cache; the others then read it.
+    if ranks.local_rank != 0:
+        ranks.barrier()
     data = prepare_data(config, Path(data_root), Path(cache_dir))
-    log_run_inputs(config, data, resumed=resume_from is not None)
+    if ranks.local_rank == 0:
+        ranks.barrier()
+    distributed.check_same_data(data.manifest, data.source, ranks)
+    if ranks.logs:
+        log_run_inputs(config, data, resumed=resume_from is not None)
+        device = distributed.device_for(resolve_device(config["train"]["device"]), ranks)
+        outbox.current().set_tags(distributed.run_tags(device, ranks))
     result = fit(config, data, resume_from=resume_from, on_epoch=on_epoch, checkpoint=True)
+    if not ranks.logs:
+        return result
     log_best(result)
     log_postprocess(config, data, result.model)
     log_model(result.model)
@@ -159,7 +178,8 @@ def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
     ``checkpoint``) `checkpoints/last.pt` to the active run. Returns the best epoch's model."""
 
     d, t, m = config["data"], config["train"], config["model"]
-    device = resolve_device(t["device"])
+    ranks = distributed.current()
+    device = distributed.device_for(resolve_device(t["device"]), ranks)
     use_amp = device.type == "cuda"  # AMP only on CUDA (CPU autocast is slow and imprecise)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(device.type == "cpu")
@@ -172,22 +192,27 @@ def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
         # model, optimiser, loss
         from models import ARCHITECTURES
 
-        model = ARCHITECTURES[m["architecture"]](
-            in_channels=d["input_slices"], num_classes=len(CLASS_NAMES),
-            base_width=m["base_width"]).to(device)
+        def build() -> nn.Module:
+            return ARCHITECTURES[m["architecture"]](
+                in_channels=d["input_slices"], num_classes=len(CLASS_NAMES),
+                base_width=m["base_width"])
+
+        model = build().to(device)
+        trained = model  # what the training steps call: model, or DDP around it
+        if ranks.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            trained = DistributedDataParallel(
+                distributed.global_batch_norm(model, ranks),
+                device_ids=[device.index] if device.type == "cuda" else None)
         optimizer = torch.optim.Adam(model.parameters(), lr=t["learning_rate"], betas=(0.5, 0.999))
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         weights = sample_class_weights(data.train, t["weight_samples"], t["seed"], d["crop_margin"])
-        criterion = WeightedBCELoss(weights, alpha=t["alpha"]).to(device)
+        criterion = WeightedBCELoss(weights, alpha=t["alpha"], ranks=ranks).to(device)
 
         # data loaders: the generator makes the shuffle order part of the seeded state
         generator = torch.Generator().manual_seed(t["seed"])
-        pin = device.type == "cuda"
-        train_loader = DataLoader(data.train, batch_size=t["batch_size"], shuffle=True,
-                                  generator=generator, num_workers=t["num_workers"],
-                                  pin_memory=pin)
-        val_loader = DataLoader(data.val, batch_size=t["batch_size"], shuffle=False,
-                                num_workers=t["num_workers"], pin_memory=pin)
+        train_loader, val_loader = make_loaders(data, t, generator, ranks, device)
         overlay_indices = pick_overlay_crops(len(data.val), t["overlay_crops"])
 
         # early-stopping state; a checkpoint restores all of it
@@ -210,15 +235,16 @@ def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
                 break  # a resumed run that had already stopped early
             label = f"epoch {epoch}/{t['epochs']}"
             data.train.set_epoch(epoch)
-            scores = run_epoch("train", model, train_loader, criterion, device, use_amp,
+            scores = run_epoch("train", trained, train_loader, criterion, device, use_amp,
                                d["crop_margin"], t["max_batches_per_epoch"], label,
-                               optimizer=optimizer, scaler=scaler)
+                               optimizer=optimizer, scaler=scaler, ranks=ranks)
             scores |= run_epoch("val", model, val_loader, criterion, device, use_amp,
-                                d["crop_margin"], t["max_batches_per_epoch"], label)
+                                d["crop_margin"], t["max_batches_per_epoch"], label, ranks=ranks)
             if not math.isfinite(scores["train_loss"]):
                 raise FloatingPointError(f"training loss is {scores['train_loss']} at epoch "
                                          f"{epoch}: lower train.learning_rate.")
-            outbox.current().log_metrics(scores, step=epoch)
+            if ranks.logs:
+                outbox.current().log_metrics(scores, step=epoch)
             history.append(scores)
 
             state["epoch"] = epoch
@@ -229,12 +255,13 @@ def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
             else:
                 state["bad_epochs"] += 1
 
-            log_overlays(model, data.val, overlay_indices, epoch, device, d["input_slices"])
-            if checkpoint:
-                log_checkpoint(config, model, optimizer, scaler, criterion, generator, state,
-                               best_weights, history)
-            if on_epoch is not None:
-                on_epoch(epoch, scores)
+            if ranks.logs:
+                log_overlays(model, data.val, overlay_indices, epoch, device, d["input_slices"])
+                if checkpoint:
+                    log_checkpoint(config, model, optimizer, scaler, criterion, generator, state,
+                                   best_weights, history)
+                if on_epoch is not None:
+                    on_epoch(epoch, scores)
             if state["bad_epochs"] >= t["patience"]:
                 log.info("early stop after epoch %d: no better val_loss for %d epochs",
                          epoch, t["patience"])
@@ -242,8 +269,10 @@ def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
 
         if best_weights is None:
             raise RuntimeError("no epoch was trained (train.epochs already reached?)")
+        ranks.barrier()  # every rank is done with the group before rank 0 goes on alone
+        model = build()  # the plain architecture (no DDP, no global batch norm) for export
         model.load_state_dict(best_weights)
-        model = model.to("cpu").eval()
+        model = model.eval()
         best_metrics = history[state["best_epoch"] - 1]
         return TrainResult(best_epoch=state["best_epoch"], best_val_loss=state["best_val_loss"],
                            best_metrics=best_metrics, model=model, epochs_run=state["epoch"],
@@ -255,8 +284,10 @@ def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
 def run_epoch(split: str, model: nn.Module, loader: DataLoader, criterion: WeightedBCELoss,
               device: torch.device, use_amp: bool, margin: int, max_batches: int, label: str,
               optimizer: torch.optim.Optimizer | None = None,
-              scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    """One pass over ``loader``; trains when an optimizer is given. Returns the epoch metrics."""
+              scaler: torch.amp.GradScaler | None = None,
+              ranks: distributed.Ranks = distributed.SINGLE) -> dict[str, float]:
+    """One pass over ``loader``; trains when an optimizer is given. Returns the epoch metrics
+    (of the whole split: summed over ``ranks``)."""
     from tqdm.auto import tqdm
 
     training = optimizer is not None
@@ -265,7 +296,8 @@ def run_epoch(split: str, model: nn.Module, loader: DataLoader, criterion: Weigh
     total = len(loader) if max_batches <= 0 else min(max_batches, len(loader))
     batches = itertools.islice(loader, total)
     with torch.set_grad_enabled(training), tqdm(batches, total=total, leave=False,
-                                                 desc=f"{label} {split}", mininterval=1.0) as bar:
+                                                 desc=f"{label} {split}", mininterval=1.0,
+                                                 disable=not ranks.logs) as bar:
         for step, (image, target, _) in enumerate(bar):
             image = image.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
@@ -282,7 +314,28 @@ def run_epoch(split: str, model: nn.Module, loader: DataLoader, criterion: Weigh
             metrics.update(logits.detach(), target, per_class_bce, loss.detach())
             if step % PROGRESS_EVERY == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    metrics.sum_across(ranks)
     return metrics.compute()
+
+
+def make_loaders(data: PreparedData, t: dict, generator: torch.Generator,
+                 ranks: distributed.Ranks, device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """Training batches shuffled by ``generator``, validation batches in order. Distributed:
+    this rank's shard of each global batch of ``train.batch_size`` (the same batches one
+    process would take: `distributed.GlobalBatchShards`)."""
+    options = {"num_workers": t["num_workers"], "pin_memory": device.type == "cuda"}
+    if not ranks.distributed:
+        return (DataLoader(data.train, batch_size=t["batch_size"], shuffle=True,
+                           generator=generator, **options),
+                DataLoader(data.val, batch_size=t["batch_size"], shuffle=False, **options))
+    image, target, _ = data.train[0]
+    collate = functools.partial(distributed.collate_crops, image_shape=tuple(image.shape),
+                                target_shape=tuple(target.shape))
+    return (DataLoader(data.train, generator=generator, collate_fn=collate, batch_sampler=(
+                distributed.GlobalBatchShards(data.train, t["batch_size"], ranks, generator)),
+                       **options),
+            DataLoader(data.val, collate_fn=collate, batch_sampler=(
+                distributed.GlobalBatchShards(data.val, t["batch_size"], ranks)), **options))
 
 
 def trim(x: torch.Tensor, margin: int) -> torch.Tensor:

@@ -1,0 +1,211 @@
+"""Data-parallel training processes: one training process starts N ranks and speaks for them.
+
+With ``train.nproc`` = N > 1 the training process (`worker`) does not train itself: it starts N
+rank processes through torch.distributed's elastic launcher (what `torchrun` runs; gloo on CPU,
+NCCL on CUDA) and waits. Each rank runs `rank_main`: rank 0 trains inside the run exactly as a
+single training process does (records the environment, logs every metric and artifact, ends the
+run FINISHED); the other ranks train their shard and never touch git or MLflow.
+
+When any rank fails or is killed, the launcher stops the others (SIGTERM) and this process ends
+the run once, FAILED or KILLED, with the first cause as `nf1prov.failure` ("rank 1 of 2 was
+killed by SIGKILL"), not the errors the other ranks saw as their peers vanished. Each rank writes
+why it stopped to ``<rank dir>/rank-<r>.json``; a rank killed outright writes nothing and the
+launcher's exit record says which signal. Ctrl-C or SIGTERM to this process reaches every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+SPEC_ENV = "NF1PROV_RANK_SPEC"  # the spec file of the ranks (set by `launch`)
+OUTCOME_FILE = "outcome.json"  # rank 0: {"finished": bool}
+FAILURE_FILE = "rank-{rank}.json"  # {"reason", "time", "secondary"}
+SECONDARY_ERRORS = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")
+
+
+def is_rank() -> bool:
+    return SPEC_ENV in os.environ
+
+
+def launch(spec, client) -> int:
+    """In the training process: run ``spec``'s ranks and wait. Returns 0 (trained), the
+    worker's LOGGING_PENDING_EXIT, 1 (a rank failed) or 128 + signal (interrupted); the run
+    has ended (or waits in the outbox) either way."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from nf1prov.provenance import run_end, signals, worker
+
+    nproc = spec.config["train"]["nproc"]
+    folder = Path(tempfile.mkdtemp(prefix="nf1prov-ranks-"))  # 0700: the spec names the store
+    try:
+        spec_file = folder / "spec.json"
+        spec_file.write_text(json.dumps(asdict(spec)), encoding="utf-8")
+        os.environ[SPEC_ENV] = str(spec_file)
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+            rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+            monitor_interval=0.1, logs_specs=DefaultLogsSpecs(log_dir=str(folder / "logs"),
+                                                              tee=Std.NONE))
+        try:
+            elastic_launch(config, sys.executable)("-m", "nf1prov.provenance.worker")
+        except ChildFailedError as exc:
+            status, reason = first_cause(exc.failures, folder, nproc)
+            run_end.end_run_or_warn(client, spec.run_id, status, reason)
+            return 1
+        except (SignalException, KeyboardInterrupt, signals.Interrupted) as exc:
+            signum = getattr(exc, "sigval", None)
+            if isinstance(exc, KeyboardInterrupt) or signum == 2:
+                code, reason = 130, "interrupted by Ctrl-C (SIGINT)"
+            else:
+                code, reason = 128 + 15, signals.sigterm_reason()
+            if client.get_run(spec.run_id).info.status == "RUNNING":
+                run_end.end_run_or_warn(client, spec.run_id, "KILLED", reason)
+            return code
+        outcome = folder / OUTCOME_FILE
+        if outcome.is_file() and not json.loads(outcome.read_text())["finished"]:
+            return worker.LOGGING_PENDING_EXIT
+        return 0
+    finally:
+        os.environ.pop(SPEC_ENV, None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def first_cause(failures: dict, folder: Path, nproc: int) -> tuple[str, str]:
+    """(status, reason) of the rank failure that started it: the earliest failure that is not
+    a consequence of another (a rank stopped by the launcher, or a collective broken by a peer
+    that vanished); among those only, the earliest."""
+    causes = []
+    for rank, failure in failures.items():
+        record = folder / FAILURE_FILE.format(rank=rank)
+        if record.is_file():
+            written = json.loads(record.read_text(encoding="utf-8"))
+            causes.append((written["secondary"], written["time"], rank, written["reason"],
+                           written.get("status", "FAILED")))
+            continue
+        if failure.signal_name() != "<N/A>":
+            reason, status = f"was killed by {failure.signal_name()}", "FAILED"
+            if failure.signal_name() in ("SIGINT", "SIGTERM"):
+                status = "KILLED"
+        else:
+            reason, status = f"exited with code {failure.exitcode}", "FAILED"
+        causes.append((False, float(failure.timestamp), rank, reason, status))
+    secondary, _, rank, reason, status = min(causes)
+    return status, f"rank {rank} of {nproc} {reason}"
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str, bool]:
+    """(reason, status, secondary) of the exception that stopped a rank. Secondary: it was
+    stopped (SIGTERM from the launcher) or a collective broke as a peer vanished."""
+    from nf1prov.provenance import signals
+
+    if isinstance(exc, KeyboardInterrupt):
+        return "was interrupted by Ctrl-C (SIGINT)", "KILLED", True
+    if isinstance(exc, signals.Interrupted):
+        return f"was stopped: {exc.reason}", "KILLED", True
+    from nf1prov.errors import Nf1provError
+
+    if isinstance(exc, Nf1provError):  # its message says what and where
+        return f"failed: {exc}", "FAILED", False
+    secondary = any(cls.__name__ in SECONDARY_ERRORS for cls in type(exc).__mro__)
+    return f"failed: {type(exc).__name__}: {exc}", "FAILED", secondary
+
+
+def record_failure(folder: Path, rank: int, exc: BaseException) -> None:
+    """Say why this rank stopped, for the launcher (see `first_cause`)."""
+    reason, status, secondary = describe_failure(exc)
+    record = {"reason": reason, "time": time.time(), "secondary": secondary, "status": status}
+    (folder / FAILURE_FILE.format(rank=rank)).write_text(json.dumps(record), encoding="utf-8")
+
+
+def end_run_as_rank_0(spec, exc: BaseException) -> None:
+    """Under torchrun there is no launcher of ours to end the run: rank 0 ends it, saying when
+    the cause is likely another rank (whose own output, on its machine, says why)."""
+    from nf1prov import tracking
+    from nf1prov.provenance import launched, run_end
+
+    reason, status, secondary = describe_failure(exc)
+    reason = f"rank 0 {reason}"
+    if isinstance(exc, launched.RankCouldNotStart):
+        reason = str(exc)
+    elif secondary:
+        reason += (" (torchrun stops every rank when one fails: the output of the failing rank "
+                   "says why)")
+    try:
+        client = tracking.client(spec.tracking_uri)
+    except Exception:  # noqa: BLE001 - the parent ends the run if the store is back
+        return
+    run_end.end_run_or_warn(client, spec.run_id, status, reason)
+
+
+def rank_main(spec=None) -> int:
+    """The body of one rank process: one that `launch` started (``spec`` None: it is read from
+    the `SPEC_ENV` file), or a training process started under torchrun (``spec`` given)."""
+    from nf1prov.errors import Nf1provError
+    from nf1prov.provenance import signals, worker
+    from nf1prov.train import distributed
+
+    folder = None  # where our launcher reads why a rank stopped
+    if spec is None:
+        spec_file = Path(os.environ[SPEC_ENV])
+        spec = worker.Spec(**json.loads(spec_file.read_text(encoding="utf-8")))
+        folder = spec_file.parent
+        worker.watch_parent(os.getppid())  # the launcher: if it dies, so do the ranks
+    rank = distributed.environment_world()[0]
+    try:
+        with signals.sigterm_as_exception():
+            from nf1prov.train.trainer import resolve_device
+
+            if folder is None and rank == 0:  # under torchrun: are the others coming?
+                from nf1prov.provenance import launched
+
+                launched.await_ranks(distributed.environment_world()[1])
+            distributed.init_from_environment(resolve_device(spec.config["train"]["device"]).type)
+            try:
+                if rank == 0:
+                    finished = worker.train_in_run(spec, end_on_failure=False)
+                    if folder is not None:
+                        (folder / OUTCOME_FILE).write_text(json.dumps({"finished": finished}))
+                    elif not finished:
+                        return worker.LOGGING_PENDING_EXIT
+                else:
+                    train_shard(spec)
+            finally:
+                distributed.shutdown()
+    except BaseException as exc:  # noqa: BLE001 - recorded, then an exit code
+        if folder is not None:
+            record_failure(folder, rank, exc)
+        elif rank == 0:
+            end_run_as_rank_0(spec, exc)
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        if isinstance(exc, signals.Interrupted):
+            return exc.exit_code
+        if isinstance(exc, Nf1provError):
+            print(f"nf1prov: error (rank {rank}): {exc}", file=sys.stderr)
+            return exc.exit_code
+        traceback.print_exc(file=sys.stderr)
+        return 1
+    return 0
+
+
+def train_shard(spec) -> None:
+    """A rank other than 0: train its shard of every batch; nothing is logged."""
+    from nf1prov.provenance import code_snapshot
+    from nf1prov.train.trainer import train_model
+
+    code_snapshot.check_modules_from(Path(spec.code_root))
+    train_model(spec.config, Path(spec.data_root), cache_dir=Path(spec.cache_dir),
+                resume_from=Path(spec.resume_from) if spec.resume_from else None)
