@@ -180,6 +180,46 @@ def test_a_killed_rank_stops_every_rank_and_the_run_fails_once_then_resumes(
     assert run.data.tags[distributed.WORLD_SIZE_TAG] == "2"
 
 
+@pytest.mark.parametrize("stop", ["ctrl-c", "training process killed"])
+def test_a_stopped_training_ends_killed_or_failed_never_finished(project, tracking_uri,
+                                                                 data_root, stop):
+    """Rank 0 is inside its MLflow run when it stops: nothing may end that run FINISHED (as
+    MLflow's exit hook would) after the run got its true status."""
+    client = tracking.client(tracking_uri)
+    (project / "configs" / "long.toml").write_text(data_parallel_config(data_root, epochs=500))
+    # its own session and process group, as a terminal's job: Ctrl-C reaches every process
+    proc = start_training(project, tracking_uri, "--config", "configs/long.toml", "--nproc", "2",
+                          start_new_session=True)
+    try:
+        run = first_checkpoint(client)
+        ranks = rank_processes(proc.pid)
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:  # the process that launched the ranks
+            launcher = int(Path(f"/proc/{ranks[0]}/stat").read_text()
+                            .rsplit(")", 1)[-1].split()[1])
+            os.kill(launcher, signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks)
+    run = client.get_run(run.info.run_id)
+    if stop == "ctrl-c":
+        assert proc.returncode == 130, (out, err)
+        assert run.info.status == "KILLED"
+        assert run.data.tags[tracking.FAILURE] == "interrupted by Ctrl-C (SIGINT)"
+        assert f"nf1prov train --resume {run.info.run_name}" in err
+    else:
+        assert proc.returncode == 1, (out, err)
+        assert run.info.status == "FAILED"
+        assert run.data.tags[tracking.FAILURE] == "the training process was killed by SIGKILL"
+    assert not (project / ".nf1prov" / "ranks" / run.info.run_id).exists()
+
+
 def test_refusals_before_anything_exists(project, tracking_uri):
     client = tracking.client(tracking_uri)
     search = invoke("train", "--config", "configs/tiny.toml", "--nproc", "2",

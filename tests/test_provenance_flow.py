@@ -282,11 +282,12 @@ def wait_for(predicate, timeout=120.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_training(project: Path, tracking_uri: str, *args: str) -> subprocess.Popen:
+def start_training(project: Path, tracking_uri: str, *args: str,
+                   **popen) -> subprocess.Popen:
     """`nf1prov train ARGS` as a subprocess of its own, output captured."""
     return subprocess.Popen([str(BIN / "nf1prov"), "train", *args], cwd=project,
                             env=subprocess_env(tracking_uri), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, **popen)
 
 
 def first_checkpoint(client):

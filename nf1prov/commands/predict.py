@@ -84,7 +84,8 @@ def command(model_ref, inputs, outdir, seed_threshold, foreground_threshold, min
     (config.toml) or in ../config/config.toml. INPUT is a z-stack (.tif), a folder (its
     *_TRANS.tif files, else all .tif/.tiff) or a glob pattern.
 
-    For each stack writes <name>_probabilities.ome.tif (class probabilities, C,Z,Y,X),
+    For each stack writes <name>_probabilities.tif (class probabilities, C,Z,Y,X, float16;
+    <name>_probabilities.ome.tif with --probabilities-dtype float32),
     <name>_classes.ome.tif (uint8 class map) and <name>_labels.ome.tif (instance labels,
     uint16, uint32 above 65535 cells).
     """

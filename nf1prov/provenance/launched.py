@@ -127,11 +127,15 @@ def follow(rank: int, data_root: str | None) -> int:
         report(rank, str(exc))
         raise
     report(rank, None)
+    print(f"nf1prov: rank {rank}: training model {codename} (run {plan['run_id']}) from commit "
+          f"{sha[:12]}, data {data_path}", file=sys.stderr)
     with code_snapshot.snapshot(root, sha) as code_root:
         spec = worker.Spec(run_id=plan["run_id"], tracking_uri="", config=config,
                            data_root=str(data_path), cache_dir=str(root / preflight.CACHE_DIR),
                            code_root=str(code_root), argv=sys.argv[1:], parent_pid=os.getpid())
         returncode = worker.launch(spec, None)
+    if returncode == 0:
+        print(f"nf1prov: rank {rank}: done; rank 0 logs model {codename}.", file=sys.stderr)
     if returncode < 0:  # killed by a signal: report it the way a shell would
         return 128 - returncode
     if returncode in run_end.INTERRUPT_EXITS or returncode == 0:

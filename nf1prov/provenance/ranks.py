@@ -15,11 +15,12 @@ launcher's exit record says which signal. Ctrl-C or SIGTERM to this process reac
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 import uuid
@@ -36,6 +37,28 @@ def is_rank() -> bool:
     return SPEC_ENV in os.environ
 
 
+def rank_folder(spec) -> Path:
+    """Where `launch` keeps the ranks' spec and their failure records: the workspace's
+    ignored `.nf1prov/ranks/<run id>` (0700), which `worker.launch` removes even when this
+    process was killed."""
+    return Path(spec.cache_dir).parent / "ranks" / spec.run_id
+
+
+def run_rank(spec=None) -> None:
+    """`rank_main`, then the end of the process without the interpreter's exit hooks, whatever
+    happens: MLflow's would end rank 0's active run FINISHED, and a rank that stopped early must
+    leave the run's end to whoever knows the first cause (the launcher, or `nf1prov train`)."""
+    code = 1
+    try:
+        code = rank_main(spec)
+    except BaseException:  # noqa: BLE001 - e.g. an interrupt while recording the failure
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def launch(spec, client) -> int:
     """In the training process: run ``spec``'s ranks and wait. Returns 0 (trained), the
     worker's LOGGING_PENDING_EXIT, 1 (a rank failed) or 128 + signal (interrupted); the run
@@ -48,7 +71,12 @@ def launch(spec, client) -> int:
     from nf1prov.provenance import run_end, signals, worker
 
     nproc = spec.config["train"]["nproc"]
-    folder = Path(tempfile.mkdtemp(prefix="nf1prov-ranks-"))  # 0700: the spec names the store
+    folder = rank_folder(spec)
+    shutil.rmtree(folder, ignore_errors=True)  # a resumed run's records from before
+    folder.mkdir(parents=True, mode=0o700)  # the spec names the store
+    # The ranks say why they stopped (and the run says it once): torchrun's per-rank warnings
+    # and error tables would only repeat it.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     try:
         spec_file = folder / "spec.json"
         spec_file.write_text(json.dumps(asdict(spec)), encoding="utf-8")
@@ -186,7 +214,8 @@ def rank_main(spec=None) -> int:
                 distributed.shutdown()
     except BaseException as exc:  # noqa: BLE001 - recorded, then an exit code
         if folder is not None:
-            record_failure(folder, rank, exc)
+            with contextlib.suppress(OSError):  # gone when the launcher was killed
+                record_failure(folder, rank, exc)
         elif rank == 0:
             end_run_as_rank_0(spec, exc)
         if isinstance(exc, KeyboardInterrupt):
@@ -196,7 +225,11 @@ def rank_main(spec=None) -> int:
         if isinstance(exc, Nf1provError):
             print(f"nf1prov: error (rank {rank}): {exc}", file=sys.stderr)
             return exc.exit_code
-        traceback.print_exc(file=sys.stderr)
+        if describe_failure(exc)[2]:  # a peer vanished: its own output says why
+            print(f"nf1prov: rank {rank} stopped: {type(exc).__name__} (another rank "
+                  "stopped first)", file=sys.stderr)
+        else:
+            traceback.print_exc(file=sys.stderr)
         return 1
     return 0
 

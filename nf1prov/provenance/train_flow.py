@@ -218,9 +218,9 @@ def run_training(plan: preflight.Plan, run_id: str, code_sha: str | None,
     failure = run.data.tags.get(tracking.FAILURE, "no reason recorded")
     if returncode in run_end.INTERRUPT_EXITS:
         raise Interrupted(failure, 128 + run_end.INTERRUPT_EXITS[returncode])
-    raise TrainingFailed(f"training failed: {failure}. The run is marked {run.info.status} "
-                         f"(nf1prov.failure); `nf1prov show {run.info.run_name}` has the "
-                         "details.")
+    raise TrainingFailed(f"training failed: {failure.rstrip('.')}. The run is marked "
+                         f"{run.info.status} (nf1prov.failure); `nf1prov show "
+                         f"{run.info.run_name}` has the details.")
 
 
 def train(plan: preflight.Plan, echo: Callable[[str], None] = print,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -79,6 +80,9 @@ def launch(spec: Spec, client) -> int:
                 process.stdin.close()
             returncode = process.wait()
     finally:
+        from nf1prov.provenance import ranks
+
+        shutil.rmtree(ranks.rank_folder(spec), ignore_errors=True)  # left if it was killed
         # client None: a rank other than 0 under torchrun, which leaves the run to rank 0
         if returncode != LOGGING_PENDING_EXIT and client is not None:
             run_end.end_if_running(client, spec.run_id, returncode, "the training process")
@@ -164,7 +168,7 @@ def main() -> int:
     from nf1prov.provenance import ranks, signals
 
     if ranks.is_rank():  # one of the processes `ranks.launch` started
-        return ranks.rank_main()
+        ranks.run_rank()
     spec = process_spec.read(Spec, SPEC_VERSION, "training")
     if spec is None:
         return 2
@@ -172,7 +176,7 @@ def main() -> int:
     from nf1prov.train import distributed
 
     if distributed.environment_world()[1] > 1:  # `nf1prov train` ran under torchrun
-        return ranks.rank_main(spec)
+        ranks.run_rank(spec)
     try:
         with signals.sigterm_as_exception():
             if spec.config["train"].get("nproc", 1) > 1:
