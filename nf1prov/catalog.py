@@ -170,6 +170,13 @@ def render(context: dict, dirs: list[Path]) -> str:
     return text
 
 
+def render_entry(run, tracking_uri: str | None, dirs: list[Path]) -> tuple[str, dict]:
+    """One model's catalogue entry alone (e.g. for an exported package's README): (Markdown,
+    the ``entry`` the template got)."""
+    entry = build_context([run], tracking_uri)["groups"][0]["entries"][0]
+    return _environment(dirs).get_template("catalog_entry.md.j2").render(entry=entry), entry
+
+
 def check_block(block: str, dirs: list[Path]) -> None:
     """Refuse rendered text that would break the README's markers: a marker line of its own
     outside fenced code, or a code fence left open (it would hide the end marker)."""
@@ -388,16 +395,19 @@ def is_committed(run) -> bool:
     return bool((run.data.tags.get(tracking.GIT_COMMIT) or "").strip())
 
 
-def build_context(runs: list, tracking_uri: str | None = None) -> dict:
+def build_context(runs: list, tracking_uri: str | None = None,
+                  registered: dict[str, list[str]] | None = None) -> dict:
     """Template context: ``groups`` (one per experiment, newest first) of ``entries``, and
-    ``model_count``; runs that never got their commit are left out."""
+    ``model_count``; runs that never got their commit are left out. ``registered``: what each
+    run is registered as (`nf1prov.share.registry.labels_by_run`), as ``entry.registered``."""
     ui = ui_base(tracking_uri)
     models = [run for run in newest_first(runs) if is_committed(run)]
     groups: dict[str, dict] = {}
     for run in models:
         exp = run.info.experiment_id
         groups.setdefault(exp, {"experiment_id": exp, "entries": []})
-        groups[exp]["entries"].append(entry(run, ui))
+        groups[exp]["entries"].append(entry(run, ui) | {
+            "registered": (registered or {}).get(run.info.run_id, [])})
     return {"groups": list(groups.values()), "model_count": len(models)}
 
 
@@ -629,10 +639,11 @@ class Rebuild:
 
 
 def rebuild(readme: Path, runs: list, *, tracking_uri: str | None = None,
-            repo_root: Path | None = None, template_dir: Path | None = None) -> Rebuild:
+            repo_root: Path | None = None, template_dir: Path | None = None,
+            registered: dict[str, list[str]] | None = None) -> Rebuild:
     """Render the catalogue for ``runs`` and splice it into the README text (nothing written)."""
     readme = Path(readme)
-    context = build_context(runs, tracking_uri)
+    context = build_context(runs, tracking_uri, registered)
     block = render(context, template_dirs(repo_root, template_dir))
     old = read_readme(readme)
     return Rebuild(readme, old, splice(old, block, readme), context["model_count"])

@@ -16,9 +16,11 @@ from nf1prov.commands import (
     demo,
     demo_data,
     evaluate,
+    export,
     list_runs,
     note,
     predict,
+    register,
     reproduce,
     search_join,
     show,
@@ -51,7 +53,7 @@ def cli() -> None:
 
 
 for module in (demo_data, train, catalog, checkout, reproduce, list_runs, show, note, predict,
-               evaluate, sync, search_join, demo):
+               evaluate, export, register, sync, search_join, demo):
     cli.add_command(module.command)
 
 

@@ -1,5 +1,5 @@
 """Training configuration: TOML files with sections [experiment] [data] [model] [train]
-[augment] [postprocess] [description], as plain nested dicts.
+[augment] [postprocess] [description] [export], as plain nested dicts.
 
 `SCHEMA` below holds every key with its default value; its type is the key's type. A config
 file may leave keys out (the default applies) but may not add unknown ones, and `--set KEY=VALUE`
@@ -106,6 +106,16 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "preprocessing": "",
         "loss": "",
         "summary": "",  # free text shown first in the MLflow note
+    },
+    # What `nf1prov export` writes into a bioimage.io package (nf1prov.share.bioimageio). Empty
+    # is allowed while training; export refuses a model whose logged config lacks the licence or
+    # the citation (`export --set export.license=MIT` fills them in for older models).
+    "export": {
+        "license": "",  # an SPDX licence id, e.g. "MIT" or "CC-BY-4.0"
+        "cite_text": "",  # how to cite the model: the paper or the project
+        "cite_doi": "",  # the citation's DOI (10.xxxx/...); cite_doi or cite_url is required
+        "cite_url": "",  # or its http(s) URL
+        "tags": [],  # bioimage.io tags besides nf1prov's own (segmentation, unet, cells, ...)
     },
 }
 
@@ -235,6 +245,10 @@ SPLIT_TOLERANCE = 1e-6
 FIELDS_PARAM_MAX = 500  # characters of data.fields logged as a param (MLflow's oldest limit)
 
 FIELD_ID_RE = re.compile(r"^[^/\s]+/[^/\s-]+-[^/\s]+$")
+# [export]: the form of the values (bioimage.io checks the licence id against its SPDX list)
+SPDX_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")
+DOI_RE = re.compile(r"^10\.\d{4,9}/\S+$")
+EXPORT_URL_RE = re.compile(r"^https?://[^\s/]+\S*$")
 
 
 def _at_least(low: int | float) -> Callable[[Any, dict], bool]:
@@ -325,6 +339,14 @@ RANGES: dict[str, Rule] = {
     "data.fields": (lambda v, _: all(FIELD_ID_RE.match(f) for f in v) and len(set(v)) == len(v),
                     'a list of distinct field-of-view ids "<patient>/<well>-<site>" such as '
                     '"NF0017/C4-2" (empty: all fields)'),
+    "export.license": (lambda v, _: v == "" or SPDX_ID_RE.match(v) is not None,
+                       'an SPDX licence id such as "MIT", "BSD-3-Clause" or "CC-BY-4.0" (see '
+                       'https://spdx.org/licenses/), or "" while none is chosen'),
+    "export.cite_doi": (lambda v, _: v == "" or DOI_RE.match(v) is not None,
+                        'a DOI such as "10.1038/s41592-019-0582-9" (without https://doi.org/), '
+                        'or ""'),
+    "export.cite_url": (lambda v, _: v == "" or EXPORT_URL_RE.match(v) is not None,
+                        'an http(s) URL such as "https://github.com/lab/project", or ""'),
 }
 
 
@@ -358,6 +380,32 @@ def validate(config: dict, source: str, origins: dict[str, str] | None = None) -
         where = origins.get("model.architecture", source)
         raise UserError(f"{where}: model.architecture {config['model']['architecture']!r} is "
                         f"not known. Known: {', '.join(sorted(ARCHITECTURES))}.")
+
+
+def export_settings(logged: dict, overrides: list[str] | tuple[str, ...] = (),
+                    source: str = "config/config.toml") -> dict[str, Any]:
+    """The ``[export]`` settings of a trained model: its logged config's ``[export]`` table (a
+    model trained before the section existed has none) over the defaults, then ``--set
+    export.KEY=VALUE`` overrides, type- and range-checked like any config value.
+
+    ``logged`` is the model's config as read from ``source`` (its run artifact); only export.*
+    keys may be overridden, since every other section records how the model was trained.
+    """
+    config = defaults()
+    table = logged.get("export", {})
+    if not isinstance(table, dict):
+        raise UserError(f"{source}: 'export' must be an [export] table.")
+    for key, value in table.items():
+        set_value(config, "export", key, value, source)
+    origins = {}
+    for item in overrides:
+        if not item.split("=", 1)[0].strip().startswith("export."):
+            raise UserError(f"--set {item!r}: only export.* settings can be set when exporting "
+                            "(the other sections record how the model was trained), e.g. "
+                            "--set export.license=MIT.")
+        origins[apply_override(config, item)] = f"--set {item}"
+    validate(config, source=source, origins=origins)
+    return config["export"]
 
 
 def flatten(config: dict) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Turn what a user types (a codename, a run ID, or a `model/<codename>` tag) into one model run
-and the commit that trained it.
+"""Turn what a user types (a codename, a run ID, a `model/<codename>` tag, or a registry URI
+`models:/<name>@<alias>` / `models:/<name>/<version>`) into one model run and the commit that
+trained it.
 
 Every ref is validated before it reaches MLflow's filter language or git, so text such as
 `--upload-pack=x` never becomes a git option.
@@ -14,6 +15,7 @@ from pathlib import Path
 from nf1prov import tracking
 from nf1prov.errors import UserError
 from nf1prov.provenance import git
+from nf1prov.share import registry
 
 MODEL_KINDS = (tracking.KIND_MODEL, tracking.KIND_SCRATCH)
 
@@ -40,6 +42,8 @@ def resolve_model(client, ref: str, run_id: str | None = None,
             raise UserError(f"--run-id {run_id} is run {run.info.run_name!r}, not {ref!r}.")
     elif git.RUN_ID_RE.match(ref or ""):
         run = _get_run(client, ref)
+    elif (ref or "").startswith(registry.MODELS_PREFIX):  # models:/<name>@<alias> or /<version>
+        run = _get_run(client, registry.run_of(client, ref))
     else:
         run = _run_by_codename(client, git.validate_codename(ref.removeprefix(
             git.MODEL_TAG_PREFIX)))

@@ -162,6 +162,9 @@ BAD_VALUES = [
     ("postprocess.seed_threshold=1", "a probability in (0, 1)"),
     ("postprocess.foreground_threshold=0", "a probability in (0, 1)"),
     ("postprocess.min_size=-1", "an integer >= 0"),
+    ('export.license="MIT License"', "an SPDX licence id"),
+    ('export.cite_doi="https://doi.org/10.5281/zenodo.1"', "a DOI such as"),
+    ('export.cite_url="github.com/lab/project"', "an http(s) URL"),
 ]
 
 
@@ -204,6 +207,8 @@ def test_every_numeric_setting_has_a_rule_and_a_bad_value():
     'data.fields=["NF0017/C4-2", "NF0018_T1/B2-10"]', "train.search_workers=1",
     'train.search_storage="postgresql+psycopg2://lab@db.example.org/optuna"',
     'train.search_storage="sqlite:////srv/optuna/optuna.db"',
+    'export.license="CC-BY-4.0"', 'export.cite_doi="10.5281/zenodo.1234567"',
+    'export.cite_url="https://github.com/lab/project"', 'export.license=""',
 ])
 def test_values_at_the_edges_of_the_ranges_are_accepted(tmp_path, override):
     load_config(write(tmp_path, ""), [override])

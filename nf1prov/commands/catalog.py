@@ -83,8 +83,11 @@ def command(readme, check, do_commit, force, template_dir, import_history, track
         click.echo(f"History: {len(report.tagged)} tagged, {len(report.skipped)} already "
                    f"tagged, {len(report.unmatched)} unmatched.")
     runs = catalog.fetch_runs(client)
+    from nf1prov.share import registry
+
     result = catalog.rebuild(path, runs, tracking_uri=uri, repo_root=root,
-                             template_dir=Path(template_dir) if template_dir else None)
+                             template_dir=Path(template_dir) if template_dir else None,
+                             registered=registry.labels_by_run(client))
     if check:
         if result.changed:
             click.echo(catalog.unified_diff(result.old, result.new, path.name), nl=False)
