@@ -36,8 +36,11 @@ def test_register_moves_the_alias_and_predict_takes_it(tracking_uri, dataset, tm
     assert version.tags[registry.CODENAME_TAG] == "tiny-eel-1"
     assert version.tags[registry.COMMIT_TAG] == "0" * 40
 
-    invoke("register", "tiny-eel-2", "--alias", "champion")  # the alias moves to version 2
+    out = invoke("register", "tiny-eel-2", "--alias", "champion")  # moves to version 2
+    assert "alias @champion now on it, moved from version 1" in out
     assert client.get_model_version_by_alias(EXPERIMENT, "champion").run_id == second
+    missing = invoke("predict", f"models:/{EXPERIMENT}/9", "x.tif", "-o", "out", expect=2)
+    assert f"{EXPERIMENT} has versions 1, 2; aliases @champion (v2)" in missing
     assert len(client.search_model_versions(f"name = '{EXPERIMENT}'")) == 2
 
     stack = dataset / "NF0016" / "zstack_images" / "C4-2" / "C4-2_TRANS.tif"

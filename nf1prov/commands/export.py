@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -37,11 +38,13 @@ def command(codename: str, fmt: str, output: Path, overrides: tuple[str, ...],
     from its catalogue entry, and its codename, commit, run ID and data manifest digest. The
     licence and citation come from the model's [export] config, or --set. The package is
     checked with bioimage.io's test_model before it is written. Needs the optional extra:
-    pip install 'nf1prov[export]'. See docs/sharing.md.
+    pip install -e '.[export]' in the repository. See docs/sharing.md.
 
     Example: nf1prov export fearless-eel-256 -o fearless-eel-256.zip --set export.license=MIT
     """
+    from nf1prov import tracking
     from nf1prov.errors import UserError
+    from nf1prov.provenance import signals
     from nf1prov.resolve import resolve_model
     from nf1prov.share.bioimageio import export_model, require_bioimageio
 
@@ -51,11 +54,22 @@ def command(codename: str, fmt: str, output: Path, overrides: tuple[str, ...],
         raise UserError("nf1prov export must run inside the git repository that holds the "
                         "model commits: the package's architecture code comes from the model's "
                         "commit.")
+    model = resolve_model(client, codename, run_id=run_id)
+    if model.run.data.tags.get(tracking.KIND) != tracking.KIND_MODEL:
+        raise UserError(f"{model.codename} is a --no-commit scratch run, not a model: a package "
+                        "records the model's commit and tag, which it has not. Train it without "
+                        "--no-commit, then export that model.")
     model = resolve_model(client, codename, run_id=run_id, repo_root=root)
     click.echo(f"Exporting {model.codename} (commit {model.sha}, run {model.run_id}) as a "
                f"{fmt} package...")
-    done = export_model(root, client, uri, model, output, overrides=overrides,
-                        data_root=data_root, test=not no_test)
+    try:
+        # SIGTERM as an exception, so the half-built package and its temp folder are removed
+        with signals.sigterm_as_exception():
+            done = export_model(root, client, uri, model, output, overrides=overrides,
+                                data_root=data_root, test=not no_test)
+    except signals.Interrupted as exc:
+        click.echo(f"nf1prov: export stopped ({exc.reason}); nothing was written.", err=True)
+        sys.exit(exc.exit_code)
     size = done.test.input.shape
     verdict = (f"bioimage.io test_model: {done.status}" if done.status
                else "not tested (--no-test)")

@@ -48,8 +48,8 @@ from nf1prov.inference import CLASS_NAMES, model_postprocess, predict_stack, rea
 from nf1prov.provenance import git
 from nf1prov.resolve import ResolvedModel
 
-INSTALL_HINT = ("pip install 'nf1prov[export]' (or: pip install 'bioimageio.core>=0.11' "
-                "'pydantic<2.12') into the environment nf1prov runs in")
+INSTALL_HINT = ("pip install -e '.[export]' in the nf1prov repository (or: pip install "
+                "'bioimageio.core>=0.11' 'pydantic<2.12') into the environment nf1prov runs in")
 INPUT_ID = "raw"
 OUTPUT_ID = "probabilities"
 SIZE_STEP = 16  # the UNet halves its input four times
@@ -80,8 +80,7 @@ def require_bioimageio() -> None:
         raise UserError(f"bioimageio.spec {spec} cannot write packages under pydantic {ours} "
                         "(its serializers break from pydantic 2.12 on; fixed in bioimageio.spec "
                         "0.5.14, which bioimageio.core 0.11 does not accept yet): run "
-                        "`pip install 'pydantic<2.12'`, or install nf1prov[export], which pins "
-                        "it.")
+                        "`pip install 'pydantic<2.12'` (nf1prov's [export] extra pins it).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +275,8 @@ def check_licence(licence: str) -> None:
 
 
 def required_settings(settings: dict, where: str) -> None:
-    """Raise UserError naming the first ``[export]`` key a package needs that is empty."""
+    """Raise UserError naming every ``[export]`` key a package needs that is empty, with the
+    ``--set`` of each."""
     missing = [key for key in ("license", "cite_text") if not settings[key]]
     if not settings["cite_doi"] and not settings["cite_url"]:
         missing.append("cite_doi")
@@ -286,12 +286,11 @@ def required_settings(settings: dict, where: str) -> None:
     examples = {"license": "export.license=MIT",
                 "cite_text": '"export.cite_text=Our lab, NF1 organoid segmentation (2025)"',
                 "cite_doi": "export.cite_doi=10.5281/zenodo.1234567 (or export.cite_url=URL)"}
-    key = missing[0]
     raise UserError(
-        f"{where} has no export.{key}, which a bioimage.io package requires (missing: "
-        f"{', '.join('export.' + k for k in missing)}). Pass it to this command: --set "
-        f"{examples[key]}; add an [export] section to the config of future models to record "
-        "it with them. Nothing was written.")
+        f"{where} has no {', '.join('export.' + k for k in missing)}, which a bioimage.io "
+        f"package requires. Pass {'it' if len(missing) == 1 else 'them'} to this command: "
+        f"{' '.join('--set ' + examples[k] for k in missing)}; add an [export] section to the "
+        "config of future models to record it with them. Nothing was written.")
 
 
 def commit_author(root: Path, sha: str) -> tuple[str, str]:

@@ -34,11 +34,14 @@ class Registration:
     version: str
     created: bool  # False: the model was registered already
     alias: str | None = None
+    moved_from: str | None = None  # the version the alias named before
 
     def describe(self) -> str:
         what = "registered as" if self.created else "already registered as"
-        alias = f", alias @{self.alias} now on it (models:/{self.name}@{self.alias})" \
-            if self.alias else ""
+        alias = ""
+        if self.alias:
+            moved = f", moved from version {self.moved_from}" if self.moved_from else ""
+            alias = f", alias @{self.alias} now on it{moved} (models:/{self.name}@{self.alias})"
         return f"{what} {self.name} version {self.version}{alias}"
 
 
@@ -84,9 +87,12 @@ def register(client, resolved, alias: str | None = None) -> Registration:
         made = client.create_model_version(registered, f"runs:/{resolved.run_id}/model",
                                            run_id=resolved.run_id, tags=tags)
         version, created = str(made.version), True
+    moved_from = None
     if alias is not None:
+        before = dict(client.get_registered_model(registered).aliases or {}).get(alias)
+        moved_from = str(before) if before is not None and str(before) != version else None
         client.set_registered_model_alias(registered, alias, version)
-    return Registration(registered, version, created, alias)
+    return Registration(registered, version, created, alias, moved_from)
 
 
 def _quoted(text: str) -> str:
@@ -100,7 +106,8 @@ def run_of(client, uri: str) -> str:
     match = MODELS_URI_RE.fullmatch(uri)
     if not match:
         raise UserError(f"{uri!r} is not a model registry URI: use models:/<name>@<alias> or "
-                        "models:/<name>/<version> (`nf1prov list` and the catalogue show them).")
+                        "models:/<name>/<version> (the catalogue's Registered lines show them; "
+                        "'latest' is not supported: name an alias).")
     name = match["name"]
     try:
         if match["alias"]:
@@ -108,23 +115,28 @@ def run_of(client, uri: str) -> str:
         else:
             version = client.get_model_version(name, match["version"])
     except MlflowException:
-        known = _aliases(client, name)
-        hint = (f" Its aliases: {', '.join('@' + a for a in sorted(known))}." if known
-                else "")
-        raise UserError(f"{uri} names no model version in the registry of this tracking store."
-                        f"{hint} Register one with `nf1prov register CODENAME --alias NAME`.") \
-            from None
+        raise UserError(f"{uri} names no model version in the registry of {client.tracking_uri}."
+                        f"{_what_there_is(client, name)} Register a model with `nf1prov "
+                        "register CODENAME --alias NAME`.") from None
     if not version.run_id:
         raise UserError(f"{uri} was registered outside nf1prov and names no run: pass the "
                         "model's codename instead.")
     return version.run_id
 
 
-def _aliases(client, name: str) -> dict:
+def _what_there_is(client, name: str) -> str:
+    """A hint: the registered model's versions and aliases, or the registered models."""
     try:
-        return dict(client.get_registered_model(name).aliases or {})
+        model = client.get_registered_model(name)
     except Exception:  # noqa: BLE001 - only for a hint
-        return {}
+        names = sorted(m.name for m in _every(client.search_registered_models))
+        return (f" Registered models: {', '.join(names)}." if names
+                else " Nothing is registered there yet.")
+    versions = sorted(int(v.version) for v in _every(
+        client.search_model_versions, f"name = '{_quoted(name)}'"))
+    aliases = ", ".join(f"@{a} (v{v})" for a, v in sorted((model.aliases or {}).items()))
+    return (f" {name} has versions {', '.join(map(str, versions)) or 'none'}"
+            f"{'; aliases ' + aliases if aliases else ''}.")
 
 
 def labels_by_run(client) -> dict[str, list[str]]:
