@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -95,10 +96,10 @@ def launch(spec, client) -> int:
             return 1
         except (SignalException, KeyboardInterrupt, signals.Interrupted) as exc:
             signum = getattr(exc, "sigval", None)
-            if isinstance(exc, KeyboardInterrupt) or signum == 2:
+            if isinstance(exc, KeyboardInterrupt) or signum == signal.SIGINT:
                 code, reason = 130, "interrupted by Ctrl-C (SIGINT)"
             else:
-                code, reason = 128 + 15, signals.sigterm_reason()
+                code, reason = 128 + signal.SIGTERM, signals.sigterm_reason()
             if client.get_run(spec.run_id).info.status == "RUNNING":
                 run_end.end_run_or_warn(client, spec.run_id, "KILLED", reason)
             return code
@@ -130,7 +131,7 @@ def first_cause(failures: dict, folder: Path, nproc: int) -> tuple[str, str]:
         else:
             reason, status = f"exited with code {failure.exitcode}", "FAILED"
         causes.append((False, float(failure.timestamp), rank, reason, status))
-    secondary, _, rank, reason, status = min(causes)
+    _, _, rank, reason, status = min(causes)
     return status, f"rank {rank} of {nproc} {reason}"
 
 
@@ -181,7 +182,6 @@ def end_run_as_rank_0(spec, exc: BaseException) -> None:
 def rank_main(spec=None) -> int:
     """The body of one rank process: one that `launch` started (``spec`` None: it is read from
     the `SPEC_ENV` file), or a training process started under torchrun (``spec`` given)."""
-    from nf1prov.errors import Nf1provError
     from nf1prov.provenance import signals, worker
     from nf1prov.train import distributed
 
@@ -218,19 +218,11 @@ def rank_main(spec=None) -> int:
                 record_failure(folder, rank, exc)
         elif rank == 0:
             end_run_as_rank_0(spec, exc)
-        if isinstance(exc, KeyboardInterrupt):
-            return 130
-        if isinstance(exc, signals.Interrupted):
-            return exc.exit_code
-        if isinstance(exc, Nf1provError):
-            print(f"nf1prov: error (rank {rank}): {exc}", file=sys.stderr)
-            return exc.exit_code
-        if describe_failure(exc)[2]:  # a peer vanished: its own output says why
+        if isinstance(exc, Exception) and describe_failure(exc)[2]:  # a peer vanished
             print(f"nf1prov: rank {rank} stopped: {type(exc).__name__} (another rank "
                   "stopped first)", file=sys.stderr)
-        else:
-            traceback.print_exc(file=sys.stderr)
-        return 1
+            return 1
+        return worker.exit_code(exc, f"nf1prov: error (rank {rank})")
     return 0
 
 

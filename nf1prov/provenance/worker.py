@@ -164,7 +164,6 @@ def record_resume(client, run_id: str) -> None:
 
 def main() -> int:
     from nf1prov import process_spec
-    from nf1prov.errors import Nf1provError
     from nf1prov.provenance import ranks, signals
 
     if ranks.is_rank():  # one of the processes `ranks.launch` started
@@ -187,17 +186,26 @@ def main() -> int:
                 return ranks.launch(spec, client)
             if not train_in_run(spec):
                 return LOGGING_PENDING_EXIT
-    except KeyboardInterrupt:
-        return 130
-    except signals.Interrupted as exc:
-        return exc.exit_code
-    except Nf1provError as exc:
-        print(f"nf1prov: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except Exception:  # noqa: BLE001 - the run says FAILED; the parent reports it
-        traceback.print_exc(file=sys.stderr)
-        return 1
+    except (KeyboardInterrupt, signals.Interrupted, Exception) as exc:  # noqa: BLE001
+        return exit_code(exc)  # the run says why; the parent reports it
     return 0
+
+
+def exit_code(exc: BaseException, error_prefix: str = "nf1prov: error") -> int:
+    """The exit code of a training process (or rank) that ``exc`` stopped, after saying why on
+    stderr: 130 Ctrl-C, 128 + n a signal, a user error's own code, else 1 with the traceback."""
+    from nf1prov.errors import Nf1provError
+    from nf1prov.provenance import signals
+
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, signals.Interrupted):
+        return exc.exit_code
+    if isinstance(exc, Nf1provError):
+        print(f"{error_prefix}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    traceback.print_exc(file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -60,6 +60,11 @@ class WeightedBCELoss(nn.Module):
         self.alpha = float(alpha)
         self.register_buffer("weights", initial_weights.detach().to(torch.float32).clone())
 
+    @torch.no_grad()
+    def _follow(self, counts: torch.Tensor) -> None:
+        """The EMA step towards the weights of a batch with per-class pixel ``counts`` (C,)."""
+        self.weights.mul_(self.alpha).add_((1.0 - self.alpha) * weights_from_counts(counts))
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor, update: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """logits, target: (N, C, H, W). Returns (loss: float32 scalar, per_class_bce: (C,)).
@@ -71,21 +76,23 @@ class WeightedBCELoss(nn.Module):
         ranks, dims = self.ranks, (0, 2, 3)
         # BCE in float32 even under autocast: float16 logs of tiny probabilities underflow.
         bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
-        if update:
-            with torch.no_grad():
-                counts = ranks.sum_(target.sum(dim=dims, dtype=torch.float64))
-                batch_weights = weights_from_counts(counts)
-                self.weights.mul_(self.alpha).add_((1.0 - self.alpha) * batch_weights)
         if not ranks.distributed:
+            if update:
+                self._follow(target.sum(dim=dims, dtype=torch.float64))
             per_class = bce.mean(dim=dims)
             return (self.weights * per_class).sum(), per_class.detach()
         sums = bce.sum(dim=dims)
         pixels = bce.numel() // bce.shape[1]
-        with torch.no_grad():
-            totals = ranks.sum_(torch.cat([sums.detach().double(),
-                                           sums.new_tensor([pixels], dtype=torch.float64)]))
-            value = (self.weights * (totals[:-1] / totals[-1])).sum().float()
-        share = (self.weights * sums).sum() * (ranks.world_size / float(totals[-1]))
+        classes = sums.shape[0]
+        with torch.no_grad():  # one all-reduce: BCE sums, pixels and (training) class counts
+            local = [sums.detach().double(), sums.new_tensor([pixels], dtype=torch.float64)]
+            if update:
+                local.append(target.sum(dim=dims, dtype=torch.float64))
+            totals = ranks.sum_(torch.cat(local))
+            if update:
+                self._follow(totals[classes + 1:])
+            value = (self.weights * (totals[:classes] / totals[classes])).sum().float()
+        share = (self.weights * sums).sum() * (ranks.world_size / float(totals[classes]))
         # the value of the global loss with the gradient of this rank's share
         loss = share + (value - share).detach()
         return loss, (sums / max(pixels, 1)).detach()
