@@ -23,6 +23,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check nf1prov models tests benchmarks
 
 bench: $(STAMP)
+	$(PY) -m pip install -q monai==1.6.1  # bench_predict.py's peer; not a dependency of nf1prov
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
 
 clean:

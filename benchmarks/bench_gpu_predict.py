@@ -1,5 +1,5 @@
-"""Whole-stack prediction speed on CUDA against the CPU: `nf1prov.inference.predict_stack` with
-the same model (a random UNet) on the same uint16 stack, in one process.
+"""Whole-stack prediction speed on CUDA against the CPU: `nf1prov.segment.predict.predict_stack`
+with the same model (a random UNet) on the same uint16 stack, in one process.
 
     python benchmarks/bench_gpu_predict.py [--slices 8] [--size 1024] [--width 16]
                                            [--tile 512] [--cpu-slices 2]
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from models.unet import UNet
-from nf1prov.inference import predict_stack
+from nf1prov.segment.predict import predict_stack
 
 
 def timed(model, stack, device, args) -> tuple[np.ndarray, float]:

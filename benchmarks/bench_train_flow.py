@@ -35,7 +35,7 @@ from nf1prov.provenance import preflight
 plan = preflight.preflight(config_path=sys.argv[1], overrides=sys.argv[2:], no_commit=True)
 experiment = tracking.ensure_experiment(plan.client, plan.experiment_name, plan.tracking_uri)
 run = plan.client.create_run(experiment)
-from nf1prov.train.trainer import train_model
+from nf1prov.train.run import train_model
 with mlflow.start_run(run_id=run.info.run_id):
     train_model(plan.config, plan.data_root, cache_dir=plan.cache_dir)
 """

@@ -8,7 +8,9 @@
 #      with gloo on the CPU);
 #   3. `nf1prov reproduce` of that model on the GPU, within $REPRO_TOL, 0.1 (CUDA is not
 #      bit-deterministic; on a CPU the tolerance is 0: bit-identical);
-#   4. predict_stack throughput, MP/s on cuda vs cpu (benchmarks/bench_gpu_predict.py).
+#   4. predict_stack throughput, MP/s on cuda vs cpu (benchmarks/bench_gpu_predict.py), and
+#      against MONAI's sliding_window_inference on the same device (benchmarks/bench_predict.py,
+#      when monai is installed: it is in benchmarks/gpu_wheels.txt).
 # Without CUDA it still runs, on the CPU, and says what it skipped. Prints a summary of figures
 # at the end; with $OUT set, writes $OUT/gpu_check.log and $OUT/gpu_check_summary.txt.
 # Exit 0 when every check passed, 1 otherwise.
@@ -18,7 +20,8 @@
 # Python: .venv/bin/python when there is one and $PY is unset; else $PY (default python3), and
 # then the wheels in $WHL (.whl/, from benchmarks/fetch_gpu_wheels.sh), if any, are installed
 # into $SITE (/tmp/site) first and put on PYTHONPATH. Other settings: EPOCHS (4), REPRO_TOL
-# (0.1 on CUDA: 0.089 was measured on an H100), BENCH_ARGS (bench_gpu_predict.py's options).
+# (0.1 on CUDA: 0.089 was measured on an H100), BENCH_ARGS (bench_gpu_predict.py's options),
+# PREDICT_ARGS (bench_predict.py's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -143,6 +146,23 @@ if $PY benchmarks/bench_gpu_predict.py ${BENCH_ARGS:-} 2>&1 | tee "$WS/bench.out
   say "PASS  predict throughput ($((SECONDS - T)) s): $(sed -n 's/^RESULT //p' "$WS/bench.out")"
 else
   fail "predict throughput benchmark"
+fi
+
+header "4b. predict_stack against MONAI's sliding_window_inference: benchmarks/bench_predict.py"
+if $PY -c "import monai" 2>/dev/null; then
+  T=$SECONDS
+  [ "$CUDA" = 1 ] && PREDICT_ARGS=${PREDICT_ARGS:-} || PREDICT_ARGS=${PREDICT_ARGS:---case small}
+  # shellcheck disable=SC2086
+  if $PY benchmarks/bench_predict.py $PREDICT_ARGS 2>&1 | tee "$WS/peer.out"; then
+    while read -r line; do
+      say "PASS  predict vs MONAI: $line"
+    done < <(sed -n 's/^RESULT //p' "$WS/peer.out")
+    say "TIME  predict vs MONAI: $((SECONDS - T)) s"
+  else
+    fail "predict against MONAI benchmark"
+  fi
+else
+  say "SKIP  predict vs MONAI: monai is not installed (pip install monai==1.6.1)"
 fi
 
 header "summary"

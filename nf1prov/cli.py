@@ -70,11 +70,9 @@ def quiet_mlflow() -> None:
 def main(argv: list[str] | None = None) -> None:
     quiet_mlflow()
     try:
-        # Without standalone mode click returns ctx.exit()'s code instead of exiting.
+        # Without standalone mode click returns ctx.exit()'s code instead of exiting; an
+        # Nf1provError has become its message and exit code in Nf1provGroup.invoke.
         code = cli.main(args=argv, prog_name="nf1prov", standalone_mode=False)
-    except Nf1provError as exc:
-        click.echo(f"nf1prov: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("nf1prov: aborted.", err=True)
         sys.exit(130)

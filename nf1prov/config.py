@@ -89,7 +89,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "intensity_scale": 0.0,  # multiply the normalised input by 1 + U(-s, s)
         "intensity_offset": 0.0,  # then add U(-o, o)
     },
-    # Instance labels from probabilities (nf1prov.instances).
+    # Instance labels from probabilities (nf1prov.segment.instances).
     "postprocess": {
         "tune": True,  # choose the three values below on the validation split after training
         "seed_threshold": 0.5,  # used as given when tune = false

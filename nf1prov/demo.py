@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import json
 import os
 import re
 import shlex
@@ -44,8 +45,6 @@ FAST_TRAIN = ["train.epochs=1", "model.base_width=4", "data.crop_size=32",
 # The one config value changed between the two models (a visible one-line diff).
 CHANGED_KEY = "learning_rate"
 LEARNING_RATE_LINE = re.compile(rf"^({CHANGED_KEY}\s*=\s*)(\S+)(.*)$", re.MULTILINE)
-CODENAME_LINE = re.compile(r"^codename:\s+([a-z]+-[a-z]+-[0-9]+)\s*$", re.MULTILINE)
-COMMIT_LINE = re.compile(r"^commit:\s+([0-9a-f]{40})\s*$", re.MULTILINE)
 STEPS = 9
 STDERR_TAIL = 15
 
@@ -86,7 +85,7 @@ class DemoResult:
 def _protected_folders() -> list[Path]:
     """The folders a workspace may neither be nor contain: the current directory and the git
     repository around it (--replace would otherwise delete the user's own work)."""
-    from nf1prov.provenance import git
+    from nf1prov import git
 
     folders = [Path.cwd().resolve()]
     try:
@@ -144,8 +143,7 @@ def prepare_workspace(path: Path | str, replace: bool = False, echo: Echo = prin
     """
     import models
     import nf1prov
-    from nf1prov import catalog
-    from nf1prov.provenance import git
+    from nf1prov import catalog, git
     from nf1prov.resources import shipped_dir
 
     workspace = Path(path).absolute()
@@ -184,7 +182,7 @@ def prepare_workspace(path: Path | str, replace: bool = False, echo: Echo = prin
 def outer_repository_note(workspace: Path) -> str | None:
     """A note when the workspace lies inside another repository that does not ignore it: the
     demo changes nothing there, but `git status` in it will list the new folder."""
-    from nf1prov.provenance import git
+    from nf1prov import git
 
     folder = workspace.parent
     while not folder.is_dir():
@@ -271,8 +269,9 @@ class Steps:
                          f"workspace {self.workspace} is left as it is for inspection; start "
                          f"over with `{again}`.{details}")
 
-    def run(self, title: str, args: list[str]) -> str:
-        """Run `nf1prov <args>` in the workspace, echoing its output indented; returns stdout.
+    def run(self, title: str, args: list[str], echo_output: bool = True) -> str:
+        """Run `nf1prov <args>` in the workspace, echoing its output indented (unless not
+        ``echo_output``); returns stdout.
 
         A non-zero exit raises UserError with the command, its exit code and its last stderr
         lines.
@@ -286,7 +285,8 @@ class Steps:
             pump.start()
             for line in io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace"):
                 lines.append(line)
-                self.echo("    " + line.rstrip("\n"))
+                if echo_output:
+                    self.echo("    " + line.rstrip("\n"))
             proc.wait()
             pump.join()
         if proc.returncode != 0:
@@ -305,17 +305,23 @@ class Steps:
 
 def _train(steps: Steps, title: str, fast: bool) -> Model:
     """Train one model with the workspace's demo config; its codename and commit come from
-    the lines `nf1prov train` prints last."""
-    from nf1prov.provenance import git
+    `nf1prov train --json`."""
+    from nf1prov import git
 
-    args = ["train", "--config", CONFIG, "--data-root", DATA]
+    args = ["train", "--config", CONFIG, "--data-root", DATA, "--json"]
     for item in FAST_TRAIN if fast else []:
         args += ["--set", item]
-    out = steps.run(title, args)
-    codename, sha = CODENAME_LINE.search(out), COMMIT_LINE.search(out)
-    if not codename or not sha:
-        raise steps.fail("printed no 'codename:' and 'commit:' lines")
-    model = Model(codename.group(1), sha.group(1))
+    out = steps.run(title, args, echo_output=False)
+    try:
+        record = json.loads(out)
+        model = Model(record["codename"], record["commit"])
+    except (ValueError, KeyError, TypeError):
+        raise steps.fail("printed no JSON outcome with a codename and a commit: "
+                         f"{out[-300:]!r}") from None
+    dice = ", ".join(f"{name} {value:.3f}" for name, value in record["best_val_dice"].items()
+                     if name != "background")
+    steps.echo(f"    codename {model.codename}, run {record['run_id']}; best epoch "
+               f"{record['best_epoch']} of {record['epochs_run']}, val Dice {dice}")
     parent = git.git("rev-parse", f"{model.sha}^", cwd=steps.workspace).stdout.strip()
     changed = [line.replace("\t", " ") for line in
                git.changed_files(steps.workspace, parent, model.sha)]
@@ -361,8 +367,8 @@ def _catalogue(steps: Steps) -> None:
 
 def _checkout(steps: Steps, model: Model, old_line: str) -> Path:
     """Check model 1 out into a worktree and show it holds model 1's code, config and weights."""
-    from nf1prov.checkout import MODELS_DIR
-    from nf1prov.provenance import git
+    from nf1prov import git
+    from nf1prov.provenance.checkout import MODELS_DIR
 
     relative = Path("checkouts") / model.codename
     steps.run("Check model 1 out into a worktree",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nf1prov.errors import UserError
 
@@ -207,6 +209,13 @@ def _writable(db: Path) -> bool:
     return not db.parent.exists() or os.access(db.parent, os.W_OK)
 
 
+def refuse_deleted(experiment, name: str) -> None:
+    """UserError when ``experiment`` (MLflow's, or None) is in the trash: runs cannot go there."""
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise UserError(f"MLflow experiment {name!r} is deleted: restore it in the MLflow UI "
+                        "or choose another name with --experiment.")
+
+
 def ensure_experiment(c, name: str, tracking_uri: str) -> str:
     """The ID of experiment ``name``, created when missing.
 
@@ -215,9 +224,7 @@ def ensure_experiment(c, name: str, tracking_uri: str) -> str:
     """
     experiment = c.get_experiment_by_name(name)
     if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            raise UserError(f"MLflow experiment {name!r} is deleted: restore it in the MLflow UI "
-                            "or choose another name with --experiment.")
+        refuse_deleted(experiment, name)
         return experiment.experiment_id
     artifact_location = None
     db = sqlite_path(tracking_uri)
@@ -241,20 +248,52 @@ def search_runs_all(c, filter_string: str = "", order_by: list[str] | None = Non
     """
     from mlflow.entities import ViewType
 
-    experiment_ids = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    experiment_ids = active_experiment_ids(c)
     if not experiment_ids:
         return []
     runs: list = []
     token = None
+    with gc_paused():
+        while True:
+            page = c.search_runs(
+                experiment_ids, filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=5000, order_by=order_by or ["attributes.start_time DESC"],
+                page_token=token,
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+
+def active_experiment_ids(c) -> list[str]:
+    """The IDs of every experiment not deleted, all pages of them."""
+    from mlflow.entities import ViewType
+
+    ids, token = [], None
     while True:
-        page = c.search_runs(
-            experiment_ids, filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
-            max_results=5000, order_by=order_by or ["attributes.start_time DESC"], page_token=token,
-        )
-        runs.extend(page)
+        page = c.search_experiments(view_type=ViewType.ACTIVE_ONLY, page_token=token)
+        ids.extend(e.experiment_id for e in page)
         token = page.token
         if not token:
-            return runs
+            return ids
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off for a while: for building many small objects at
+    once (a search's tags, params and metrics of every run, a catalogue's values), which
+    otherwise sets off collections over the whole heap of a process that imported MLflow, about
+    half of a search's time. Cyclic garbage left meanwhile is collected once it is back on."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def model_runs(c, kinds: tuple[str, ...] = (KIND_MODEL,)) -> list:
@@ -267,3 +306,114 @@ def model_runs(c, kinds: tuple[str, ...] = (KIND_MODEL,)) -> list:
 def runs_by_codename(c, codename: str) -> list:
     """Runs named ``codename`` (the codename is the run name), in any experiment."""
     return search_runs_all(c, f"attributes.run_name = '{codename}'")
+
+
+# --- reading many runs at once (the catalogue) --------------------------------------------------
+
+@dataclass(frozen=True)
+class RunData:
+    """What MLflow's ``Run.data`` holds, as plain dicts: ``tags``, ``params`` and ``metrics``
+    (each metric's latest value)."""
+
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as `read_model_runs` reads it from a sqlite store: MLflow's ``RunInfo`` and the
+    ``data`` of the MLflow Run that `model_runs` would give."""
+
+    info: Any
+    data: RunData
+
+
+# The parts of MLflow's sqlite schema (kept by `mlflow db upgrade`) that `read_model_runs`
+# reads; a store lacking any of them is read through MLflow's search instead.
+SQLITE_COLUMNS = {
+    "runs": {"run_uuid", "experiment_id", "name", "user_id", "status", "start_time", "end_time",
+             "lifecycle_stage", "artifact_uri"},
+    "tags": {"run_uuid", "key", "value"},
+    "params": {"run_uuid", "key", "value"},
+    "latest_metrics": {"run_uuid", "key", "value", "is_nan"},
+}
+_RUNS_OF_KIND = """
+    SELECT r.run_uuid, r.experiment_id, r.name, r.user_id, r.status, r.start_time, r.end_time,
+           r.lifecycle_stage, r.artifact_uri
+    FROM runs AS r JOIN tags AS kind ON kind.run_uuid = r.run_uuid
+    WHERE kind.key = ? AND kind.value = ? AND r.lifecycle_stage = 'active'"""
+_VALUES_OF_KIND = """
+    SELECT x.run_uuid, x.key, x.value, {is_nan} FROM {table} AS x
+    JOIN tags AS kind ON kind.run_uuid = x.run_uuid WHERE kind.key = ? AND kind.value = ?"""
+_KEY_IN = " AND x.key IN ({})"
+
+
+class _UnknownSchema(Exception):
+    pass
+
+
+def read_model_runs(c, kinds: tuple[str, ...] = (KIND_MODEL,), *,
+                    params: tuple[str, ...] | None = None,
+                    metrics: tuple[str, ...] | None = None) -> list:
+    """`model_runs` for reading every model at once (the catalogue): the same runs, newest
+    first, with the same ``info`` and ``data``; of the params and metrics, only those named in
+    ``params`` and ``metrics`` when given (at least those: all of them where MLflow searched).
+
+    MLflow's search builds an object per tag, param and metric of every run; for a store of a
+    thousand trained models that is seconds, most of `nf1prov catalog`. A sqlite store is
+    therefore read directly, read-only and in one snapshot, into `RunRecord` (experiments still
+    come from MLflow: deleted ones and workspaces count as MLflow counts them). Any other store,
+    or a sqlite store whose tables are not as `SQLITE_COLUMNS` expects, goes through
+    `model_runs`.
+    """
+    db = sqlite_path(c.tracking_uri)
+    if db is not None and db.is_file():
+        import sqlite3
+
+        try:
+            with gc_paused():
+                return _sqlite_model_runs(db, kinds, set(active_experiment_ids(c)), params,
+                                          metrics)
+        except (sqlite3.Error, _UnknownSchema):
+            pass
+    return model_runs(c, kinds)
+
+
+def _sqlite_model_runs(db: Path, kinds: tuple[str, ...], experiments: set[str],
+                       params: tuple[str, ...] | None, metrics: tuple[str, ...] | None) -> list:
+    import sqlite3
+
+    from mlflow.entities import RunInfo
+
+    # (table, RunData field, whether the value stands for NaN, the keys to read or None: all)
+    values = (("tags", "tags", "0", None), ("params", "params", "0", params),
+              ("latest_metrics", "metrics", "x.is_nan", metrics))
+    con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    try:
+        for table, needed in SQLITE_COLUMNS.items():
+            if not needed <= {row[1] for row in con.execute(f"PRAGMA table_info({table})")}:
+                raise _UnknownSchema(table)
+        con.execute("BEGIN")  # every read below sees the same state of the store
+        rows, data = {}, {}
+        for kind in kinds:
+            for row in con.execute(_RUNS_OF_KIND, (KIND, kind)):
+                if str(row[1]) in experiments:
+                    rows[row[0]], data[row[0]] = row, RunData({}, {}, {})
+            for table, field, is_nan, keys in values:
+                query = _VALUES_OF_KIND.format(table=table, is_nan=is_nan)
+                if keys is not None:
+                    query += _KEY_IN.format(", ".join("?" * len(keys)))
+                for run_id, key, value, nan in con.execute(query, (KIND, kind, *(keys or ()))):
+                    if run_id in data:  # NaN as MLflow reads it back
+                        getattr(data[run_id], field)[key] = float("nan") if nan else value
+        con.execute("COMMIT")
+    finally:
+        con.close()
+    runs = []
+    for run_id, row in rows.items():
+        experiment_id, name, user, status, start, end, stage, artifacts = row[1:]
+        info = RunInfo(run_id, str(experiment_id), user, status, start, end, stage, artifacts,
+                       name or data[run_id].tags.get(RUN_NAME))  # as MLflow names a run
+        runs.append(RunRecord(info, data[run_id]))
+    return sorted(runs, key=lambda r: (-(r.info.start_time or 0), r.info.run_id))

@@ -206,7 +206,7 @@ def _class_from(module, arch: Architecture, ref: str) -> type:
 def _source_from_git(arch: Architecture, repo: Path | None, codename: str | None) -> str | None:
     if repo is None:
         return None
-    from nf1prov.provenance import git
+    from nf1prov import git
 
     def read() -> str | None:
         proc = git.git("cat-file", "blob", arch.source_blob, cwd=repo, check=False)

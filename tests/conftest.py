@@ -3,6 +3,7 @@ stores (copied from one store migrated once per session, since creating one cost
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -18,9 +19,10 @@ from tests.lab_servers import make_mlflow_server, mlflow_server, postgres, s3  #
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def hermetic_git(monkeypatch, tmp_path_factory):
-    """Tests never see the machine's git config; they commit as a fixed test identity."""
+def hermetic_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> None:
+    """No git config of the machine's, a fixed test identity, no MLflow run or store inherited:
+    what every test runs in (`hermetic_git`), and what a module-scoped fixture that trains must
+    set up itself (it is set up before any test's function-scoped fixtures)."""
     empty = tmp_path_factory.getbasetemp() / "empty-gitconfig"
     empty.touch()
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty))
@@ -36,6 +38,12 @@ def hermetic_git(monkeypatch, tmp_path_factory):
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def hermetic_git(monkeypatch, tmp_path_factory):
+    """Tests never see the machine's git config; they commit as a fixed test identity."""
+    hermetic_environment(monkeypatch, tmp_path_factory)
 
 
 def run_git(cwd: Path, *args: str) -> str:
@@ -147,18 +155,39 @@ def copy_code(destination: Path) -> None:
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
+def project_files(repo: Path, data_root: Path) -> None:
+    """What the `project` fixture puts in its repository: the code, templates, configs/tiny.toml
+    (data in ``data_root``), a .gitignore and the MLproject file."""
+    copy_code(repo)
+    shutil.copytree(REPO_ROOT / "templates", repo / "templates")
+    (repo / "configs").mkdir()
+    (repo / "configs" / "tiny.toml").write_text(tiny_config(data_root))
+    (repo / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmlruns/\n.nf1prov/\n"
+                                     "__pycache__/\n")
+    shutil.copy(REPO_ROOT / "MLproject", repo / "MLproject")
+
+
 @pytest.fixture
 def project(git_repo, tracking_uri, data_root, monkeypatch) -> Path:
     """A minimal nf1prov project in a fresh repository (no commits yet), the CLI run inside it,
     the store a fresh sqlite file outside it and the data outside it too. Training runs in a
     subprocess with one torch thread (OMP_NUM_THREADS)."""
-    copy_code(git_repo)
+    project_files(git_repo, data_root)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    shutil.copytree(REPO_ROOT / "templates", git_repo / "templates")
-    (git_repo / "configs").mkdir()
-    (git_repo / "configs" / "tiny.toml").write_text(tiny_config(data_root))
-    (git_repo / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmlruns/\n.nf1prov/\n"
-                                         "__pycache__/\n")
-    shutil.copy(REPO_ROOT / "MLproject", git_repo / "MLproject")
     monkeypatch.chdir(git_repo)
     return git_repo
+
+
+def copy_workspace(template: Path, destination: Path) -> None:
+    """Copy a folder laid out as `project` leaves one (repo/, mlflow.db, mlartifacts/, made by a
+    module-scoped fixture that trained there once) into ``destination`` (a test's tmp_path), and
+    point the copied store's artifact locations at the copied artifacts: the test may change
+    the repository, the store and the artifacts as if it had trained there itself."""
+    import sqlite3
+
+    shutil.copytree(template, destination, symlinks=True, dirs_exist_ok=True)
+    old, new = f"{template}/", f"{destination}/"
+    with contextlib.closing(sqlite3.connect(destination / "mlflow.db")) as conn, conn:
+        conn.execute("UPDATE experiments SET artifact_location = "
+                     "replace(artifact_location, ?, ?)", (old, new))
+        conn.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))

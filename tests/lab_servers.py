@@ -12,7 +12,7 @@ tests.lab_servers` registers them elsewhere). Fixtures:
   writes to it needs in its environment. The test process's own os.environ never gets AWS
   credentials.
 - `make_mlflow_server` (function): a factory of started `mlflow server`s, each on a fresh
-  database and bucket; all stopped at test end. `mlflow_server` (function) is one of them.
+  database and bucket; all killed (SIGKILL) at test end. `mlflow_server` (function) is one of them.
 
 Under pytest-xdist each worker starts its own cluster and moto_server (session fixtures are per
 worker); ports are picked free and directories are unique. A missing piece (PostgreSQL 15
@@ -585,7 +585,7 @@ class MlflowServer:
 @pytest.fixture
 def make_mlflow_server(postgres, s3, tmp_path) -> Iterator[Callable[..., MlflowServer]]:
     """Factory: `make_mlflow_server(name_hint="mlflow", workers=1, start=True)` -> an
-    MlflowServer on a fresh database and bucket. Every server is stopped at test end."""
+    MlflowServer on a fresh database and bucket. Every server is killed at test end."""
     servers: list[MlflowServer] = []
 
     def make(name_hint: str = "mlflow", workers: int = 1, start: bool = True,
@@ -600,11 +600,11 @@ def make_mlflow_server(postgres, s3, tmp_path) -> Iterator[Callable[..., MlflowS
         return server
 
     yield make
-    for server in servers:
-        server.stop()
+    for server in servers:  # a throwaway: no graceful shutdown to wait for
+        server.kill()
 
 
 @pytest.fixture
 def mlflow_server(make_mlflow_server) -> MlflowServer:
-    """A started `mlflow server` (PostgreSQL store, S3 artifacts via moto); stopped at test end."""
+    """A started `mlflow server` (PostgreSQL store, S3 artifacts via moto); killed at test end."""
     return make_mlflow_server()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nf1prov.baseline import labels_to_probabilities, segment_baseline
+from nf1prov.segment.baseline import labels_to_probabilities, segment_baseline
 
 
 def discs(shape, centres, radius, cell=15000, medium=45000, noise=1500, seed=0):

@@ -8,7 +8,10 @@ import stat
 from pathlib import Path
 
 import pytest
-from test_catalog_helpers import (
+
+from nf1prov import catalog, tracking
+from nf1prov.errors import UserError
+from tests.catalog_runs import (
     UPSTREAM_DESCRIPTION,
     UPSTREAM_ENTRY,
     UPSTREAM_NOTE,
@@ -17,9 +20,6 @@ from test_catalog_helpers import (
     experiment,
     model_run,
 )
-
-from nf1prov import catalog, tracking
-from nf1prov.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 ADDED_PREFIXES = ("- **Run:**", "- **Trained on:**", "- **Holdout patients:**", "- **Epochs:**",
@@ -194,6 +194,21 @@ def test_escape_md(raw, escaped):
 def test_code_span_survives_backticks():
     assert catalog.code_span("a`b") == "``a`b``"
     assert catalog.code_span("`x`") == "`` `x` ``"
+
+
+def test_templates_look_up_dict_keys_by_jinjas_rules():
+    """The environment reaches a dict's keys without Jinja's attribute-first detour, and keeps
+    its rules: a dict method wins over a key of the same name, a missing key is an error."""
+    import jinja2
+
+    env = catalog.environment(catalog.template_dirs(None, None))
+    text = ("{{ d.codename }} {{ d.items is callable }} {{ d['items'] }} {{ d.keys()|list|length }}"
+            " {{ d.get('x', 'y') }} {{ (d.codename ~ '*')|md }} {{ [d.codename]|items }}")
+    values = {"codename": "a_b <i>", "items": "mine", "x": 1}
+    assert env.from_string(text).render(d=values) == (
+        "a_b &lt;i&gt; True mine 3 1 a_b &lt;i&gt;\\* a_b &lt;i&gt;")
+    with pytest.raises(jinja2.UndefinedError, match="has no attribute 'missing'"):
+        env.from_string("{{ d.missing }}").render(d=values)
 
 
 def test_failed_killed_and_running_runs_are_flagged_by_their_recorded_status(tmp_path, client):

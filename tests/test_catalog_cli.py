@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import run_git
-from test_catalog_helpers import client_for, experiment, model_run
 
 from nf1prov import catalog, tracking
 from nf1prov.cli import main
+from tests.catalog_runs import client_for, experiment, model_run
+from tests.conftest import run_git
 
 
 def nf1prov(capsys, *args: str) -> tuple[int, str, str]:

@@ -9,11 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_git
-from test_catalog_helpers import client_for, experiment, model_run
 
 from nf1prov import catalog
 from nf1prov.cli import main
+from tests.catalog_runs import client_for, experiment, model_run
+from tests.conftest import run_git
 
 BEGIN, END = catalog.BEGIN_MARKER, catalog.END_MARKER
 README = f"# Project\n\nIntro.\n\n## Model Descriptions\n{BEGIN}\n{END}\n\n## License\nMIT\n"
@@ -105,7 +105,7 @@ def test_hand_edits_in_a_never_committed_readme_need_force(git_repo, client, tra
 
 
 def test_the_last_block_written_is_kept_in_the_git_dir(repo, client, capsys):
-    from nf1prov import catalog_git
+    from nf1prov.catalog import repository as catalog_git
 
     model_run(client, experiment(client), "first-fox-1")
     assert nf1prov(capsys, "catalog")[0] == 0

@@ -3,13 +3,14 @@ may quote them in prose or in code. Real runs in a real sqlite store, real READM
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
-from test_catalog_helpers import client_for, experiment, model_run
 
 from nf1prov import catalog
 from nf1prov.errors import UserError
+from tests.catalog_runs import client_for, experiment, model_run
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = catalog.BEGIN_MARKER, catalog.END_MARKER
@@ -140,3 +141,19 @@ def test_fence_rules():
     assert [line.content for line in prose] == ["c", "e", "``` `not a fence`", "f"]
     assert open_fence is None
     assert catalog.prose_lines("x\n~~~\ny")[1] == "~~~"
+
+
+def test_the_marker_search_reads_what_reading_every_line_gives():
+    """`marker_lines` skips the lines that cannot be fences or markers: it must find what the
+    line-by-line reading finds, whatever the line endings, indents and fences."""
+    pieces = [BEGIN, END, f"  {BEGIN}\t", f"\t{END} ", f"`{BEGIN}`", f"x {END}", "```", "````",
+              " ```py", "``` `not a fence`", "~~~", "\t~~~~", "~~~ x", "text", "", "``"]
+    rng = random.Random(15)
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) + rng.choice(["\n", "\r\n", "\r"])
+                       for _ in range(rng.randrange(10)))
+        if rng.random() < 0.5:
+            text = text.rstrip("\r\n")
+        prose, fence = catalog.prose_lines(text)
+        expected = [line for line in prose if catalog.marker_kind(line.content)]
+        assert catalog.marker_lines(text) == (expected, fence), repr(text)

@@ -8,22 +8,24 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import run_git
-from test_catalog_helpers import client_for, experiment, model_run
 
 from nf1prov import catalog, tracking
 from nf1prov.cli import cli
 from nf1prov.config import defaults
-from nf1prov.train.trainer import train_model
+from nf1prov.train.run import train_model
+from tests.catalog_runs import client_for, experiment, model_run
+from tests.conftest import run_git
 
 STILL_TRAINING = "> **Important!!!** This model is still training: its figures are not final <br>"
 
@@ -196,3 +198,128 @@ def test_runs_from_before_the_facts_show_their_field_counts(tmp_path, client):
     lines = render(tmp_path, client).splitlines()
     assert "- **Trained on:** `/data/nf1`; train 8 fields of view, val 1, test 1" in lines
     assert "- **Epochs:** best 7" in lines
+
+
+# --- a sqlite store read directly: the same runs as MLflow's search -----------------------------
+
+
+def varied_store(client) -> None:
+    """Model runs of every shape the catalogue meets, beside runs it must not list."""
+    exp, other = experiment(client), experiment(client, "second")
+    model_run(client, exp, "nan-newt-1", start_time=1_000,
+              metrics={"best_val_dice_background": float("nan"), "best_epoch": float("inf"),
+                       "epochs_run": -float("inf"), "holdout_dice_total": 0.1234567890123456789})
+    model_run(client, exp, "tie-toad-2", start_time=2_000, notes=["ünïcødé ✓", "x" * 7_000],
+              description={"data": ["a", ["b"]], "summary": "s"}, params={"data.root": "/d"})
+    model_run(client, exp, "tie-tern-3", start_time=2_000, status=None)  # same start: by run ID
+    model_run(client, other, "far-fox-4", start_time=3_000, status="FAILED",
+              extra_tags={tracking.FAILURE: "boom"})
+    gone = model_run(client, exp, "gone-gnu-5", start_time=4_000)
+    client.delete_run(gone.info.run_id)
+    dropped = experiment(client, "dropped")
+    model_run(client, dropped, "lost-lark-6", start_time=5_000)
+    client.delete_experiment(dropped)
+    db = sqlite3.connect(tracking.sqlite_path(client.tracking_uri))
+    with db:  # its run left active (MLflow marks it deleted with its experiment)
+        db.execute("UPDATE runs SET lifecycle_stage = 'active' WHERE name = 'lost-lark-6'")
+    db.close()
+    model_run(client, exp, "trial-tit-7", start_time=6_000,
+              extra_tags={tracking.KIND: tracking.KIND_TRIAL})
+    kindless = model_run(client, exp, "kindless-kea-8", start_time=7_000)
+    client.delete_tag(kindless.info.run_id, tracking.KIND)
+
+
+def same_runs(read: list, searched: list) -> None:
+    assert [r.info.run_id for r in read] == [r.info.run_id for r in searched]
+    for a, b in zip(read, searched, strict=True):
+        assert a.info.to_proto() == b.info.to_proto()
+        assert a.data.tags == b.data.tags and a.data.params == b.data.params
+        metrics = [repr(sorted(run.data.metrics.items())) for run in (a, b)]  # NaN: by repr
+        assert metrics[0] == metrics[1]
+
+
+def test_a_sqlite_store_is_read_directly_with_the_runs_mlflow_finds(client):
+    varied_store(client)
+    read = tracking.read_model_runs(client)
+    assert all(isinstance(run, tracking.RunRecord) for run in read)  # not MLflow's search
+    assert [r.info.run_name for r in read][::3] == ["far-fox-4", "nan-newt-1"]  # ties between
+    assert {r.info.run_name for r in read} == {"far-fox-4", "tie-tern-3", "tie-toad-2",
+                                               "nan-newt-1"}
+    same_runs(read, catalog.newest_first(tracking.model_runs(client)))
+    kinds = (tracking.KIND_MODEL, tracking.KIND_TRIAL)
+    same_runs(tracking.read_model_runs(client, kinds),
+              catalog.newest_first(tracking.model_runs(client, kinds)))
+
+    some = tracking.read_model_runs(client, params=("data.root",), metrics=("best_epoch", "x"))
+    assert {r.info.run_name: r.data.params for r in some if r.data.params} == {
+        "tie-toad-2": {"data.root": "/d"}}
+    assert {r.info.run_name: r.data.metrics for r in some if r.data.metrics} == {
+        "nan-newt-1": {"best_epoch": sys.float_info.max}}  # inf, as MLflow stores it
+    assert [run.data.tags for run in some] == [run.data.tags for run in read]
+
+
+def test_the_catalogue_of_a_direct_read_is_the_one_mlflows_search_gives(tmp_path, client):
+    varied_store(client)
+    readme = tmp_path / "README.md"
+    read = catalog.rebuild(readme, catalog.fetch_runs(client)).new
+    searched = catalog.rebuild(readme, catalog.newest_first(tracking.model_runs(client))).new
+    assert read == searched and "nan-newt-1" in read and "lost-lark-6" not in read
+
+
+def test_a_sqlite_store_of_another_schema_is_read_through_mlflow(client, monkeypatch):
+    varied_store(client)
+    monkeypatch.setitem(tracking.SQLITE_COLUMNS, "runs",
+                        tracking.SQLITE_COLUMNS["runs"] | {"a_column_of_a_future_mlflow"})
+    read = tracking.read_model_runs(client)
+    assert read and not any(isinstance(run, tracking.RunRecord) for run in read)
+    same_runs(read, catalog.newest_first(tracking.model_runs(client)))
+
+
+class Recording(dict):
+    """A run's params or metrics that note every name asked for ("*": all of them listed)."""
+
+    def __init__(self, values: dict, asked: set):
+        super().__init__(values)
+        self.asked = asked
+
+    def get(self, key, default=None):
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.asked.add(key)
+        return super().__contains__(key)
+
+    def __iter__(self):
+        self.asked.add("*")
+        return super().__iter__()
+
+    def keys(self):
+        self.asked.add("*")
+        return super().keys()
+
+    def items(self):
+        self.asked.add("*")
+        return super().items()
+
+
+def test_the_catalogue_reads_no_params_or_metrics_but_those_it_names(tmp_path, client):
+    """`fetch_runs` reads only `PARAMS_READ` and `METRICS_READ` of a sqlite store: whatever
+    else `entry` asked for would be missing there and nowhere else."""
+    varied_store(client)
+    exp = experiment(client)
+    model_run(client, exp, "old-owl-9", params={"data.root": "/data/nf1", "dataset.train_fields": 8,
+                                                "dataset.val_fields": 1, "other": 2},
+              metrics={f"holdout_{s}_{c}": 0.5 for s in ("dice", "iou") for c in catalog.CLASSES}
+              | {"epochs_run": 3.0, "best_epoch": 2.0, "val_loss": 0.1})
+    params, metrics = set(), set()
+    runs = [SimpleNamespace(info=run.info, data=SimpleNamespace(
+        tags=run.data.tags, params=Recording(run.data.params, params),
+        metrics=Recording(run.data.metrics, metrics))) for run in tracking.model_runs(client)]
+    catalog.build_context(runs)
+    assert params and params <= set(catalog.PARAMS_READ)
+    assert metrics and metrics <= set(catalog.METRICS_READ)

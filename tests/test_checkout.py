@@ -12,11 +12,11 @@ from mlflow.entities import FileInfo
 
 from models.unet import UNet
 from nf1prov import tracking, weights
-from nf1prov.checkout import checkout_model, download_artifacts, safe_artifact_path
 from nf1prov.cli import cli
 from nf1prov.config import defaults, to_toml
 from nf1prov.errors import UserError
-from nf1prov.resolve import resolve_model
+from nf1prov.provenance.checkout import checkout_model, download_artifacts, safe_artifact_path
+from nf1prov.provenance.resolve import resolve_model
 from nf1prov.train.trainer import log_model
 
 IDENTITY = {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "T",

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from nf1prov import tracking
+from nf1prov import git, tracking
 from nf1prov.cli import cli
 from nf1prov.errors import UserError
-from nf1prov.provenance import code_snapshot, commit, git
+from nf1prov.provenance import code_snapshot, commit
 from tests.conftest import REPO_ROOT, run_git
 from tests.test_provenance_flow import BIN, break_forward, subprocess_env, wait_for
 
@@ -171,5 +171,5 @@ def test_the_snapshot_is_the_commits_bytes_and_read_only(project):
         assert unet.read_text() == run_git(project, "show", f"{sha}:models/unet.py") + "\n"
         assert not os.access(unet, os.W_OK) or os.geteuid() == 0
         assert not unet.stat().st_mode & 0o222
-        assert (folder / "nf1prov" / "provenance" / "worker.py").is_file()
+        assert (folder / "nf1prov" / "provenance" / "training.py").is_file()
     assert not folder.exists()

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from nf1prov import tracking
+from nf1prov import git, tracking
 from nf1prov.cli import cli
-from nf1prov.provenance import commit, git, train_flow
+from nf1prov.provenance import commit, train_flow
 from tests.conftest import REPO_ROOT, run_git
 
 # (module, function) of each step of the model commit, in order.
@@ -162,7 +162,8 @@ def test_a_tag_named_model_is_refused_before_any_run(prepared, tracking_uri):
 
 DRIVER = textwrap.dedent("""
     import os, signal, sys
-    from nf1prov.provenance import commit, git, train_flow
+    from nf1prov import git
+    from nf1prov.provenance import commit, train_flow
     modules = {"git": git, "commit": commit, "train_flow": train_flow}
     module, name, when = sys.argv[1], sys.argv[2], sys.argv[3]
     original = getattr(modules[module], name)

@@ -29,7 +29,7 @@ def smooth_stack(shape, seed=0):
 
 
 def test_auto_device_is_cuda():
-    from nf1prov.inference import pick_device
+    from nf1prov.devices import pick_device
     from nf1prov.train.trainer import resolve_device
 
     assert pick_device("auto").type == "cuda"
@@ -86,7 +86,7 @@ def test_amp_training_steps_on_cuda(data_root, tmp_path):
 
 @pytest.mark.parametrize("tile_size", [32, None])
 def test_predict_stack_on_cuda_agrees_with_cpu(tile_size):
-    from nf1prov.inference import predict_stack
+    from nf1prov.segment.predict import predict_stack
 
     torch.manual_seed(0)
     model = UNet(3, 3, 4).eval()

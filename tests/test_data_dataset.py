@@ -3,7 +3,7 @@ import pytest
 import tifffile
 import torch
 
-from nf1prov.data.dataset import CropDataset, crop_starts, pad_to_multiple
+from nf1prov.data.dataset import CropDataset, crop_starts
 from nf1prov.data.layout import DataError, discover_fields
 from nf1prov.data.semantic import instance_to_semantic
 from nf1prov.data.synthetic import write_demo_dataset
@@ -20,13 +20,6 @@ def test_crop_starts_cover_the_extent():
     assert crop_starts(48, 32, 32).tolist() == [0, 16]
     assert crop_starts(64, 32, 32).tolist() == [0, 32]
     assert crop_starts(32, 32, 8).tolist() == [0]
-
-
-def test_pad_to_multiple():
-    a = np.arange(2 * 17 * 33, dtype=np.uint16).reshape(2, 17, 33)
-    padded = pad_to_multiple(a)
-    assert padded.shape == (2, 32, 48) and padded.dtype == np.uint16
-    np.testing.assert_array_equal(padded[:, :17, :33], a)
 
 
 def test_samples_shapes_normalisation_and_targets(data, tmp_path):

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from nf1prov import demo
+from nf1prov import demo, git
 from nf1prov.cli import cli
 from nf1prov.errors import UserError
-from nf1prov.provenance import git
 from tests.conftest import run_git
 
 SUBJECT = re.compile(r"^Model run codename: ([a-z]+-[a-z]+-[0-9]+) Run ID: [0-9a-f]{32} "

@@ -15,9 +15,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from nf1prov import tracking
-from nf1prov.provenance import git
-from nf1prov.provenance.ranks import SPEC_ENV
+from nf1prov import git, tracking
+from nf1prov.provenance.training import RANK_SPEC_ENV
 from nf1prov.train import distributed
 from nf1prov.train.distributed import GlobalBatchShards, Ranks
 from nf1prov.train.metrics import metric_names
@@ -101,7 +100,7 @@ def test_nproc_2_trains_one_model_with_the_metrics_of_one_process(project, track
     assert run.info.status == "FINISHED", result.output
     name = assert_contract(client, project, run.info.run_id)
     assert int(run_git(project, "rev-list", "--count", "HEAD")) == int(commits_before) + 1
-    assert list(git.tags_with_prefix(project)) == [f"model/{name}"]
+    assert run_git(project, "tag", "--list", "model/*").split() == [f"model/{name}"]
     tags = run.data.tags
     assert tags[distributed.WORLD_SIZE_TAG] == "2"
     assert tags[distributed.BACKEND_TAG] == "gloo"
@@ -141,7 +140,7 @@ def rank_processes(ancestor: int, rank: int | None = None) -> list[int]:
         return pid == ancestor
 
     return [pid for pid, environ in environs.items()
-            if descends(pid) and any(v.startswith(SPEC_ENV.encode() + b"=") for v in environ)
+            if descends(pid) and any(v.startswith(RANK_SPEC_ENV.encode() + b"=") for v in environ)
             and (rank is None or f"RANK={rank}".encode() in environ)]
 
 
@@ -228,7 +227,8 @@ def test_refusals_before_anything_exists(project, tracking_uri):
     small = invoke("train", "--config", "configs/tiny.toml", "--nproc", "8",
                    "--set", "train.batch_size=4", expect=2).output
     assert "train.batch_size = 4" in small and "at least 8" in small
-    assert tracking.search_runs_all(client) == [] and git.tags_with_prefix(project) == {}
+    assert tracking.search_runs_all(client) == []
+    assert run_git(project, "tag", "--list", "model/*") == ""
 
 
 # --- torchrun: several machines, simulated by two clones of one remote --------------------------
@@ -302,3 +302,14 @@ def test_torchrun_without_push_fails_the_run_naming_the_rank_that_lacks_the_comm
     assert run.info.status == "FAILED"
     failure = run.data.tags[tracking.FAILURE]
     assert failure.startswith("rank 1 could not start training: model ") and "--push" in failure
+
+
+def test_a_collective_broken_by_a_vanished_peer_is_a_consequence_not_a_cause():
+    from nf1prov.provenance.ranks import describe_failure
+
+    gone = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                        "[127.0.0.1]:35205: Connection reset by peer. This is typically caused "
+                        "by a remote worker hanging")
+    assert describe_failure(gone)[2] is True
+    assert describe_failure(RuntimeError("CUDA out of memory"))[2] is False
+    assert describe_failure(ValueError("Connection reset by peer"))[2] is False  # not gloo's

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nf1prov.evaluate import (
+from nf1prov.segment.evaluate import (
     THRESHOLDS,
     count_matches,
     instance_counts,

@@ -13,8 +13,8 @@ import tifffile
 from click.testing import CliRunner
 
 from nf1prov.cli import cli
-from nf1prov.inference import load_model
-from nf1prov.instances import PostProcess, probabilities_to_instances, score, tune
+from nf1prov.provenance.models import load_model
+from nf1prov.segment.instances import PostProcess, probabilities_to_instances, score, tune
 from tests.test_evaluate import log_tiny_model
 from tests.test_evaluate import write_field as write_eval_field
 from tests.test_trainer import tiny_config, train_in_run

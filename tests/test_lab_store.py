@@ -17,8 +17,10 @@ import time
 import numpy as np
 import pytest
 import tifffile
+from click.testing import CliRunner
 
 from nf1prov import tracking
+from nf1prov.cli import cli
 from tests.conftest import run_git, tiny_config
 from tests.test_provenance_flow import BIN, assert_contract
 
@@ -47,7 +49,26 @@ def finish(proc, expect=0, timeout=600):
 
 
 def nf1prov(cwd, uri, *args, expect=0):
-    return finish(start(cwd, uri, *args), expect)
+    """`nf1prov ARGS` in ``cwd`` as a collaborator runs it (the server's URI, no S3 settings),
+    by this process's CLI: a fresh interpreter would spend 2-3 s importing mlflow first. (The
+    trainings run as processes of their own: `start`.) Returns (stdout, stderr)."""
+    import mlflow
+
+    env = client_env(uri)
+    # what client_env leaves out is unset while the command runs (CliRunner: None unsets)
+    env = {**{k: None for k in os.environ if k not in env},
+           **{k: env[k] for k in ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS")}}
+    here, before = os.getcwd(), mlflow.get_tracking_uri()
+    os.chdir(cwd)
+    try:
+        mlflow.set_tracking_uri(uri)
+        result = CliRunner().invoke(cli, list(args), env=env)
+    finally:
+        os.chdir(here)
+        mlflow.set_tracking_uri(before)
+    assert result.exit_code == expect, (args, result.stdout[-2000:], result.stderr[-4000:],
+                                        result.exception)
+    return result.stdout, result.stderr
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from nf1prov import tracking
+from nf1prov import git, tracking
 from nf1prov.cli import cli
-from nf1prov.provenance import git, heartbeat, liveness
+from nf1prov.provenance import heartbeat, liveness
 
 
 @pytest.fixture
@@ -128,6 +128,20 @@ def test_show_model_with_files_changed(store):
 
     first_out = invoke("show", "brave-owl-1").output
     assert "first model: no previous model" in first_out
+
+    shown = json.loads(invoke("show", "calm-cat-2", "--json").output)
+    assert shown["codename"] == "calm-cat-2" and shown["run_id"] == run_id
+    assert shown["commit"] == second and shown["git_tag"] == "model/calm-cat-2"
+    assert shown["status"] == "FINISHED" and shown["failure"] == "ValueError: boom"
+    assert shown["params"] == {"train.epochs": "1"}
+    assert shown["metrics"]["best_val_dice_inner-cell"] == 0.5
+    assert shown["changes"]["previous"] == "brave-owl-1"
+    assert shown["changes"]["files"] == ["M\ta.py", "A\tb.py"]
+    assert json.loads(invoke("show", "brave-owl-1", "--json").output)["changes"] == {
+        "previous": None, "previous_sha": None, "files": None,
+        "note": "first model: no previous model to compare with"}
+    assert json.loads(invoke("list", "--json").output) == json.loads(
+        invoke("list", "--format", "json").output)
 
 
 def test_show_and_note_refuse_unknown_or_malformed_codenames(store):

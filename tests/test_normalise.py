@@ -12,7 +12,7 @@ from nf1prov.data.dataset import CropDataset
 from nf1prov.data.inputs import PERCENTILES, normalise, slice_ranges
 from nf1prov.data.layout import discover_fields, validate_fields
 from nf1prov.errors import UserError
-from nf1prov.inference import predict_stack, slice_windows
+from nf1prov.segment.predict import predict_stack, slice_windows
 
 
 def dim_stack(depth=4, size=48, seed=0):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from nf1prov import tracking
+from nf1prov import git, tracking
 from nf1prov.cli import cli
 from nf1prov.errors import UserError
-from nf1prov.provenance import git, preflight
+from nf1prov.provenance import preflight
 from tests.conftest import run_git
 
 
@@ -157,7 +157,8 @@ def test_a_holdout_patient_with_no_folder_is_reported_not_refused(committed, tra
                                                                   capsys):
     plan = preflight.preflight(config_path="configs/tiny.toml", tracking_uri=tracking_uri,
                                overrides=['data.holdout_patients=["NF9999", "NF0014"]'])
-    assert plan.fields and all(not f.patient.startswith("NF0014") for f in plan.fields)
+    fields = preflight.check_data(plan.config, plan.data_root)
+    assert fields and all(not f.patient.startswith("NF0014") for f in fields)
     err = capsys.readouterr().err
     assert "NF9999" in err and "NF0014" not in err.split("NF9999")[1].split("\n")[0]
 

@@ -17,9 +17,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from nf1prov import tracking
+from nf1prov import git, tracking
 from nf1prov.cli import cli
-from nf1prov.provenance import git
 from tests.conftest import run_git, tiny_config
 
 SUBJECT = re.compile(r"^Model run codename: ([a-z]+-[a-z]+-[0-9]+) Run ID: ([0-9a-f]{32}) "

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from nf1prov import tracking
+from nf1prov import git, tracking
 from nf1prov.errors import UserError
-from nf1prov.provenance import codename, commit, git, heartbeat, liveness, preflight, run_tags
+from nf1prov.provenance import codename, commit, heartbeat, liveness, preflight, run_tags
 from tests.conftest import REPO_ROOT, run_git
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,13 +15,12 @@ import pytest
 import tifffile
 from click.testing import CliRunner
 
-from nf1prov import tracking
+from nf1prov import git, tracking
 from nf1prov.cli import cli
 from nf1prov.data.layout import IMAGE_DIR, IMAGE_SUFFIX, MASK_DIR, MASK_NAME
 from nf1prov.data.synthetic import synthesize_field
 from nf1prov.errors import CheckFailed
-from nf1prov.provenance import git
-from nf1prov.reproduce import (
+from nf1prov.provenance.reproduce import (
     RESULT,
     Reproduction,
     check_identical,
@@ -28,7 +28,7 @@ from nf1prov.reproduce import (
     compare_splits,
     format_comparison,
 )
-from tests.conftest import run_git
+from tests.conftest import copy_workspace, hermetic_environment, project_files, run_git
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,6 +47,54 @@ def train_model(project: Path) -> tuple[str, str]:
     return name, run_id
 
 
+@dataclass(frozen=True)
+class Trained:
+    project: Path
+    tracking_uri: str
+    name: str
+    run_id: str
+
+
+@pytest.fixture(scope="module")
+def _trained_workspace(tmp_path_factory, _migrated_store, data_root):
+    """One tiny committed model, trained once for the module in a folder laid out as the
+    `project` and `tracking_uri` fixtures lay out a test's tmp_path (repo/, mlflow.db,
+    mlartifacts/); `trained` copies it for each test."""
+    import mlflow
+
+    base = tmp_path_factory.mktemp("reproduce-model")
+    repo = base / "repo"
+    repo.mkdir()
+    shutil.copyfile(_migrated_store, base / "mlflow.db")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        hermetic_environment(mp, tmp_path_factory)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.chdir(repo)
+        mlflow.set_tracking_uri(uri)
+        run_git(repo, "init", "--quiet", "--initial-branch=main")
+        project_files(repo, data_root)
+        name, run_id = train_model(repo)
+    return base, name, run_id
+
+
+@pytest.fixture
+def trained(_trained_workspace, tmp_path, monkeypatch) -> Trained:
+    """A copy of the module's one trained model for this test (its repository, store and
+    artifacts, which the test may change), as if the test had trained it in `project`."""
+    import mlflow
+
+    base, name, run_id = _trained_workspace
+    copy_workspace(base, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path / "repo")
+    mlflow.set_tracking_uri(uri)
+    return Trained(tmp_path / "repo", uri, name, run_id)
+
+
 def worktrees(repo: Path) -> list[str]:
     return [line for line in run_git(repo, "worktree", "list", "--porcelain").splitlines()
             if line.startswith("worktree ")]
@@ -56,9 +104,9 @@ def runs_in_store(client) -> set[str]:
     return {r.info.run_id for r in tracking.search_runs_all(client)}
 
 
-def test_reproduce_retrains_the_models_own_code_and_matches_exactly(project, tracking_uri):
-    name, run_id = train_model(project)
-    client = tracking.client(tracking_uri)
+def test_reproduce_retrains_the_models_own_code_and_matches_exactly(trained):
+    project, name, run_id = trained.project, trained.name, trained.run_id
+    client = tracking.client(trained.tracking_uri)
     sha = client.get_run(run_id).data.tags[tracking.GIT_COMMIT]
     # Today's code cannot even be imported: the reproduction must use the model commit's code.
     (project / "models" / "unet.py").write_text("raise RuntimeError('not the model code')\n")
@@ -123,11 +171,10 @@ def manifest_of(client, run_id: str) -> pd.DataFrame:
                        dtype={"well": str, "site": str})
 
 
-def test_fields_added_since_training_are_left_out(project, tracking_uri, data_root, tmp_path):
-    hold_package(project)
-    commit_all(project)
-    name, run_id = train_model(project)
-    client = tracking.client(tracking_uri)
+def test_fields_added_since_training_are_left_out(trained, data_root, tmp_path):
+    project, name, run_id = trained.project, trained.name, trained.run_id
+    assert (project / "nf1prov").is_dir()  # the model commit holds the code that ran
+    client = tracking.client(trained.tracking_uri)
     grown = tmp_path / "grown"
     shutil.copytree(data_root, grown)
     patient = sorted(p.name for p in grown.iterdir())[-1]
@@ -170,9 +217,9 @@ def test_added_fields_with_code_that_cannot_leave_them_out_are_refused(
     assert len(worktrees(project)) == 1
 
 
-def test_changed_data_is_refused_before_any_run(project, tracking_uri, data_root, tmp_path):
-    name, _ = train_model(project)
-    client = tracking.client(tracking_uri)
+def test_changed_data_is_refused_before_any_run(trained, data_root, tmp_path):
+    project, name = trained.project, trained.name
+    client = tracking.client(trained.tracking_uri)
     copy = tmp_path / "copy"
     shutil.copytree(data_root, copy)
     mask = sorted(copy.glob("*/segmentation_masks/*/cell_mask.tiff"))[0]
@@ -188,9 +235,9 @@ def test_changed_data_is_refused_before_any_run(project, tracking_uri, data_root
     assert len(worktrees(project)) == 1
 
 
-def test_failed_retraining_ends_its_run_failed(project, tracking_uri):
-    name, run_id = train_model(project)
-    client = tracking.client(tracking_uri)
+def test_failed_retraining_ends_its_run_failed(trained):
+    project, name, run_id = trained.project, trained.name, trained.run_id
+    client = tracking.client(trained.tracking_uri)
 
     # The stacks have 5 slices: a 7-slice window is refused by the retraining's preflight.
     result = invoke("reproduce", name, "--set", "data.input_slices=7", expect=1)
@@ -203,9 +250,9 @@ def test_failed_retraining_ends_its_run_failed(project, tracking_uri):
     assert len(worktrees(project)) == 1
 
 
-def test_a_running_model_is_refused(project, tracking_uri):
-    name, run_id = train_model(project)
-    client = tracking.client(tracking_uri)
+def test_a_running_model_is_refused(trained):
+    project, name, run_id = trained.project, trained.name, trained.run_id
+    client = tracking.client(trained.tracking_uri)
     client.update_run(run_id, status="RUNNING")
 
     result = invoke("reproduce", name, expect=2)

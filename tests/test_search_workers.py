@@ -21,7 +21,8 @@ from nf1prov import tracking
 from nf1prov.cli import cli
 from nf1prov.config import to_toml
 from nf1prov.train import search, search_worker
-from nf1prov.train.trainer import prepare_data, train_model
+from nf1prov.train.run import train_model
+from nf1prov.train.trainer import prepare_data
 from tests.conftest import run_git
 from tests.test_trainer import tiny_config as trainer_tiny_config
 

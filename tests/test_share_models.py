@@ -4,20 +4,31 @@ collaborator's `checkout` fetches a tag its clone lacks."""
 from __future__ import annotations
 
 import json
-import subprocess
+import os
 
 import pytest
+from click.testing import CliRunner
 
 from nf1prov import tracking
+from nf1prov.cli import cli
 from tests.conftest import run_git
-from tests.test_provenance_flow import BIN, subprocess_env
 
 
 def nf1prov(cwd, tracking_uri, *args, expect=0):
-    proc = subprocess.run([str(BIN / "nf1prov"), *args], cwd=cwd, env=subprocess_env(tracking_uri),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == expect, (args, proc.stdout[-2000:], proc.stderr[-3000:])
-    return proc
+    """`nf1prov ARGS` run in ``cwd`` by this process's CLI (a fresh interpreter would spend
+    2-3 s importing mlflow first); the training itself still runs in its own process."""
+    import mlflow
+
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        result = CliRunner().invoke(cli, list(args), env={"MLFLOW_TRACKING_URI": tracking_uri})
+    finally:
+        os.chdir(here)
+    assert result.exit_code == expect, (args, result.stdout[-2000:], result.stderr[-3000:],
+                                        result.exception)
+    return result
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from nf1prov import tracking
 from nf1prov.config import defaults
 from nf1prov.errors import UserError
 from nf1prov.train.metrics import CLASS_NAMES, metric_names
-from nf1prov.train.trainer import TrainResult, train_model
+from nf1prov.train.run import train_model
+from nf1prov.train.trainer import TrainResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,7 +2,7 @@
 
 import json
 
-from nf1prov.train.description import (
+from nf1prov.description import (
     decode_value,
     description_markdown,
     description_tags,

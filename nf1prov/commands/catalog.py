@@ -9,6 +9,7 @@ import click
 
 from nf1prov.commands.common import tracking_uri_option
 from nf1prov.errors import CheckFailed, UserError
+from nf1prov.tracking import gc_paused
 
 
 def _models(count: int) -> str:
@@ -17,7 +18,7 @@ def _models(count: int) -> str:
 
 def _readme_and_root(readme: str | None) -> tuple[Path, Path | None]:
     """(README path, git repo root or None); the default README is <repo root>/README.md."""
-    from nf1prov.provenance import git
+    from nf1prov import git
 
     if readme is None:
         root = git.repo_root(".")
@@ -50,6 +51,8 @@ def _readme_and_root(readme: str | None) -> tuple[Path, Path | None]:
 @click.option("--import-history", is_flag=True,
               help="First tag runs named by pre-nf1prov model commits (any branch) as models.")
 @tracking_uri_option
+@gc_paused()  # a short command that builds many objects (MLflow's imports, every model's
+# values): the cyclic collector's scans of them would be about a tenth of its time
 def command(readme, check, do_commit, force, template_dir, import_history, tracking_uri) -> None:
     """Rebuild the README model catalogue from MLflow.
 
@@ -58,7 +61,8 @@ def command(readme, check, do_commit, force, template_dir, import_history, track
     under '## Model Descriptions' when missing); the rest of the README is kept byte for byte.
     Uncommitted hand edits between the markers are refused unless --force.
     """
-    from nf1prov import catalog, catalog_git
+    from nf1prov import catalog
+    from nf1prov.catalog import repository
     from nf1prov.commands.common import open_store
 
     if check and (do_commit or import_history or force):
@@ -96,15 +100,15 @@ def command(readme, check, do_commit, force, template_dir, import_history, track
         click.echo(f"{path}: catalogue up to date ({_models(result.model_count)}).")
         return
     if not force:
-        catalog_git.refuse_hand_edits(result, root)
+        repository.refuse_hand_edits(result, root)
     if do_commit:
-        catalog_git.check_commit(root, result)
+        repository.check_commit(root, result)
     if result.changed:
         catalog.write_atomic(path, result.new)
-        catalog_git.remember_written(root, path, result.new_block)
+        repository.remember_written(root, path, result.new_block)
     click.echo(f"{path}: {_models(result.model_count)}, "
                f"{'written' if result.changed else 'unchanged'}.")
     if do_commit:
-        sha = catalog_git.commit_catalogue(root, result)
+        sha = repository.commit_catalogue(root, result)
         click.echo(f"Committed {path.name} as {sha} (the catalogue change only)." if sha
                    else "Nothing to commit.")

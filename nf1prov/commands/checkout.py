@@ -27,9 +27,9 @@ def command(codename: str, worktree: Path | None, run_id: str | None, all_artifa
 
     Example: nf1prov checkout fearless-eel-256 --worktree ../fearless-eel-256
     """
-    from nf1prov.checkout import DEFAULT_ARTIFACTS, checkout_model, describe
     from nf1prov.errors import UserError
-    from nf1prov.resolve import resolve_model
+    from nf1prov.provenance.checkout import DEFAULT_ARTIFACTS, checkout_model, describe
+    from nf1prov.provenance.resolve import resolve_model
 
     root, uri, client = open_store(tracking_uri)
     if root is None:

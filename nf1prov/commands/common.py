@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -17,9 +21,8 @@ tracking_uri_option = click.option(
 
 def open_store(tracking_uri: str | None, start: Path | str = "."):
     """(repo_root or None, resolved URI, checked MlflowClient) for a verb that reads the store."""
-    from nf1prov import tracking
+    from nf1prov import git, tracking
     from nf1prov.errors import UserError
-    from nf1prov.provenance import git
 
     try:
         root = git.repo_root(start)
@@ -27,3 +30,19 @@ def open_store(tracking_uri: str | None, start: Path | str = "."):
         root = None
     uri = tracking.resolve_tracking_uri(tracking_uri, root)
     return root, uri, tracking.client(uri)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to standard output, by this process and the processes it starts,
+    to standard error until the block ends, so that a ``--json`` verb's standard output holds its
+    JSON alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -38,10 +38,10 @@ def command(model_ref, patients, data_root, baseline, seed_threshold, foreground
     holdout_<metric>_<class>, holdout_instance_* (holdout_baseline_* with --baseline), with the
     per-patient table as the artifact evaluation/holdout_metrics.csv.
     """
+    from nf1prov import git
     from nf1prov.commands.predict import chosen_postprocess, load_for_command
     from nf1prov.errors import UserError
-    from nf1prov.evaluate import evaluate, format_report, holdout_fields, log_to_run
-    from nf1prov.provenance import git
+    from nf1prov.segment.evaluate import evaluate, format_report, holdout_fields, log_to_run
 
     loaded, client = load_for_command(model_ref, tracking_uri, device, run_id)
     data = loaded.config.get("data", {})

@@ -45,7 +45,7 @@ def command(codename: str, fmt: str, output: Path, overrides: tuple[str, ...],
     from nf1prov import tracking
     from nf1prov.errors import UserError
     from nf1prov.provenance import signals
-    from nf1prov.resolve import resolve_model
+    from nf1prov.provenance.resolve import resolve_model
     from nf1prov.share.bioimageio import export_model, require_bioimageio
 
     require_bioimageio()

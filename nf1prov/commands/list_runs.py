@@ -25,8 +25,7 @@ COLUMNS = ["codename", "date", "status", "kind", "sha", BEST_DICE, "remote", "ru
 
 def remote_column(root, runs, echo) -> dict[str, str]:
     """{codename: remotes holding its model tag, or 'none'} for the committed models."""
-    from nf1prov import tracking
-    from nf1prov.provenance import git
+    from nf1prov import git, tracking
 
     if root is None or not git.remotes(root):
         return {}
@@ -121,18 +120,21 @@ def render(table: list[dict], fmt: str) -> str:
 @click.command("list")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True, help="Output format (csv/json keep full SHAs and run IDs).")
+@click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
 @click.option("--reap", "do_reap", is_flag=True,
               help="Mark RUNNING runs whose process is gone (CRASHED) as FAILED, with the time "
                    "of their last heartbeat as nf1prov.failure.")
 @click.option("--all-kinds", is_flag=True, help="Include nested Optuna trial runs.")
 @tracking_uri_option
-def command(fmt, do_reap, all_kinds, tracking_uri) -> None:
+def command(fmt, as_json, do_reap, all_kinds, tracking_uri) -> None:
     """List models, newest first: codename, date, status (incl. CRASHED), SHA, best val Dice.
 
     Scratch runs (trained with --no-commit) are listed with kind 'scratch'.
     """
     from nf1prov import tracking
 
+    if as_json:
+        fmt = "json"
     root, _, client = open_store(tracking_uri)
     kinds = (tracking.KIND_MODEL, tracking.KIND_SCRATCH)
     if all_kinds:

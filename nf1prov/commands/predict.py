@@ -14,7 +14,7 @@ run_id_option = click.option("--run-id", default=None, metavar="RUN_ID",
 
 def postprocess_options(command):
     """--seed-threshold, --foreground-threshold, --min-size: override the instance parameters
-    chosen for the model at the end of its training (`nf1prov.instances`)."""
+    chosen for the model at the end of its training (`nf1prov.segment.instances`)."""
     threshold = click.FloatRange(0, 1, min_open=True, max_open=True)
     for option in reversed([
         click.option("--seed-threshold", type=threshold, default=None,
@@ -44,7 +44,7 @@ def load_for_command(model_ref: str, tracking_uri: str | None, device: str,
     run ID."""
     import os
 
-    from nf1prov.inference import load_model
+    from nf1prov.provenance.models import load_model
 
     # MLflow's own download progress bars would interleave with ours.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -90,7 +90,7 @@ def command(model_ref, inputs, outdir, seed_threshold, foreground_threshold, min
     uint16, uint32 above 65535 cells).
     """
     from nf1prov.errors import UserError
-    from nf1prov.inference import predict_files
+    from nf1prov.segment.files import predict_files
 
     loaded, _ = load_for_command(model_ref, tracking_uri, device, run_id)
     if overlap is not None and overlap >= loaded.tile_size:

@@ -24,7 +24,7 @@ def command(codename: str, alias: str | None, run_id: str | None,
 
     Example: nf1prov register fearless-eel-256 --alias champion
     """
-    from nf1prov.resolve import resolve_model
+    from nf1prov.provenance.resolve import resolve_model
     from nf1prov.share import registry
 
     if alias is not None:

@@ -35,8 +35,8 @@ def command(codename, data_root, run_id, overrides, tolerance, worktree, trackin
     Example: nf1prov reproduce fearless-eel-256 --data-root /data/nf1
     """
     from nf1prov.errors import UserError
-    from nf1prov.reproduce import check_identical, format_comparison, reproduce
-    from nf1prov.resolve import resolve_model
+    from nf1prov.provenance.reproduce import check_identical, format_comparison, reproduce
+    from nf1prov.provenance.resolve import resolve_model
 
     root, uri, client = open_store(tracking_uri)
     if root is None:

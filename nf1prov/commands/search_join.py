@@ -66,10 +66,10 @@ def join_search(root: Path, client, tracking_uri: str, ref: str, *, workers: int
     """Run trials of model ``ref``'s search here until its study holds its trials; returns the
     numbers of the trials this machine trained. Refusals are UserErrors, checked before any
     trial starts."""
-    from nf1prov import tracking
-    from nf1prov.provenance import code_snapshot, git
+    from nf1prov import git, tracking
+    from nf1prov.provenance import code_snapshot
     from nf1prov.provenance.preflight import CACHE_DIR, resolve_data_root
-    from nf1prov.resolve import resolve_model
+    from nf1prov.provenance.resolve import resolve_model
     from nf1prov.train import search_worker as sw
 
     model = resolve_model(client, ref, run_id=run_id, repo_root=root)

@@ -19,8 +19,7 @@ from nf1prov.errors import UserError
                    "its store.")
 def command(tracking_uri) -> None:
     """Log what trainings could not log while the tracking store was away."""
-    from nf1prov import outbox, tracking
-    from nf1prov.provenance import git
+    from nf1prov import git, outbox, tracking
     from nf1prov.provenance.preflight import CACHE_DIR
 
     root = git.repo_root(".")

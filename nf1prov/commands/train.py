@@ -9,13 +9,14 @@ training itself failed (the run is FAILED with nf1prov.failure; commit and tag s
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import sys
 import traceback
 
 import click
 
-from nf1prov.commands.common import tracking_uri_option
+from nf1prov.commands.common import stdout_to_stderr, tracking_uri_option
 from nf1prov.errors import Nf1provError, UserError
 
 
@@ -49,9 +50,13 @@ from nf1prov.errors import Nf1provError, UserError
               help="Data-parallel training in N processes on this machine (one GPU each on "
                    "CUDA; gloo on CPU); the same as --set train.nproc=N. train.batch_size stays "
                    "the global batch. See docs/training.md for several machines (torchrun).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the outcome as one JSON object on standard output (codename, run ID, "
+                   "commit, best epoch, validation Dice, instance parameters); everything else "
+                   "goes to standard error.")
 @tracking_uri_option
 def command(config_path, data_root, experiment, overrides, no_commit, resume_name, max_file_mb,
-            push, remote, nproc, tracking_uri) -> None:
+            push, remote, nproc, as_json, tracking_uri) -> None:
     """Train a model, commit its code and tag its MLflow run.
 
     Every change git does not ignore is committed as the model's one commit (subject
@@ -80,12 +85,23 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
         if no_commit:
             raise UserError("--push sends the model commit's tag, and --no-commit makes none: "
                             "drop one of the two.")
-        from nf1prov.provenance import git
+        from nf1prov import git
 
         remote = git.push_remote(git.repo_root("."), remote)
     try:
-        lead(config_path, data_root, experiment, overrides, no_commit, resume_name, max_file_mb,
-             push, remote, tracking_uri, world)
+        if as_json:
+            with stdout_to_stderr():
+                record = lead(config_path, data_root, experiment, overrides, no_commit,
+                              resume_name, max_file_mb, push, remote, tracking_uri, world,
+                              echo=lambda text: click.echo(text, err=True))
+            click.echo(json.dumps(record, indent=2))
+            for failure in record["push_failures"]:
+                click.echo(failure, err=True)
+            if record["push_failures"]:
+                sys.exit(1)
+        else:
+            lead(config_path, data_root, experiment, overrides, no_commit, resume_name,
+                 max_file_mb, push, remote, tracking_uri, world)
     except BaseException as exc:
         if world is not None and not isinstance(exc, SystemExit):
             with contextlib.suppress(Exception):  # tell the waiting ranks, if not yet told
@@ -94,8 +110,12 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
 
 
 def lead(config_path, data_root, experiment, overrides, no_commit, resume_name, max_file_mb,
-         push, remote, tracking_uri, world) -> None:
-    """`nf1prov train` proper: on its own, or as rank 0 of torchrun's processes (``world``)."""
+         push, remote, tracking_uri, world, echo=None) -> dict | None:
+    """`nf1prov train` proper: on its own, or as rank 0 of torchrun's processes (``world``).
+    With ``echo`` (``--json``), messages go through it and the outcome is returned as a dict
+    (`outcome_record`) instead of printed."""
+    as_json = echo is not None
+    echo = echo or click.echo
     from nf1prov.provenance import launched, preflight, train_flow
 
     adopt = train_flow.adopted_run_id()
@@ -130,7 +150,7 @@ def lead(config_path, data_root, experiment, overrides, no_commit, resume_name, 
     push_failures: list[str] = []
 
     def push_now(done: train_flow.Progress) -> None:
-        failure = push_model(done.codename, remote)
+        failure = push_model(done.codename, remote, echo)
         if failure:
             push_failures.append(failure)
 
@@ -143,10 +163,10 @@ def lead(config_path, data_root, experiment, overrides, no_commit, resume_name, 
     try:
         with train_flow.sigterm_as_exception():
             if resume_name:
-                outcome = train_flow.resume(plan, run, checkpoint, echo=click.echo,
+                outcome = train_flow.resume(plan, run, checkpoint, echo=echo,
                                             progress=progress)
             else:
-                outcome = train_flow.train(plan, echo=click.echo, progress=progress,
+                outcome = train_flow.train(plan, echo=echo, progress=progress,
                                            after_commit=after_commit)
     except (KeyboardInterrupt, train_flow.Interrupted) as exc:
         if world is not None:
@@ -174,19 +194,24 @@ def lead(config_path, data_root, experiment, overrides, no_commit, resume_name, 
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    print_outcome(outcome)
-    print_result(plan.client, outcome.run_id)
     if push and resume_name:  # a resumed model's commit is older: push it now
         push_now(progress)
+    record = outcome_record(outcome, plan.client)
+    record["pushed_to"] = remote if push and not push_failures else None
+    record["push_failures"] = push_failures
+    if as_json:
+        return record
+    print_outcome(record)
     for failure in push_failures:  # the model is fine; the command did not do all it was asked
         click.echo(failure, err=True)
     if push_failures:
         sys.exit(1)
+    return None
 
 
-def push_model(codename: str, remote: str) -> str | None:
+def push_model(codename: str, remote: str, echo=click.echo) -> str | None:
     """Push the model's tag; None, or the message that says how to push it later."""
-    from nf1prov.provenance import git
+    from nf1prov import git
 
     root = git.repo_root(".")
     try:
@@ -195,7 +220,7 @@ def push_model(codename: str, remote: str) -> str | None:
         return (f"nf1prov: the model {codename} is committed and tagged here, but pushing its "
                 f"tag to {remote} failed: {exc}. Push it later with "
                 f"`git push {remote} model/{codename}`.")
-    click.echo(f"pushed:     model/{codename} to {remote} ({git.remote_url(root, remote)})")
+    echo(f"pushed:     model/{codename} to {remote} ({git.remote_url(root, remote)})")
     return None
 
 
@@ -221,39 +246,62 @@ def after_stop(progress, client) -> str:
             f"with `nf1prov train --resume {name}`.")
 
 
-def print_outcome(outcome) -> None:
-    click.echo(f"codename:   {outcome.codename}")
-    click.echo(f"run ID:     {outcome.run_id}")
-    click.echo(f"experiment: {outcome.experiment_id}")
-    label = "commit:" if outcome.kind == "model" else "HEAD:"
-    click.echo(f"{label:<11} {outcome.sha or '(no commit yet)'}")
-    if outcome.kind == "model":
-        click.echo(f"git tag:    model/{outcome.codename}")
-    else:
-        click.echo("kind:       scratch (--no-commit: not a catalogued model)")
+def outcome_record(outcome, client) -> dict:
+    """What `train` reports about the model it made, as plain data (``--json``): its identity,
+    and the best epoch's validation Dice and the instance parameters chosen for it, read back
+    from its run (None when the store cannot say: the run holds them all the same)."""
+    from dataclasses import asdict
+
     from nf1prov import tracking
+    from nf1prov.segment.instances import PARAM_PREFIX, PostProcess
+    from nf1prov.share.bioimageio import public_uri
 
-    click.echo(f"MLflow UI:  {tracking.ui_hint(outcome.tracking_uri)}")
-
-
-def print_result(client, run_id: str) -> None:
-    """The best epoch's validation Dice and the instance parameters chosen for the model, read
-    back from its run (nothing when the store cannot say: the run holds them all the same)."""
-    from nf1prov.instances import PARAM_PREFIX, PostProcess
-
+    model = outcome.kind == "model"
+    record = {"codename": outcome.codename, "run_id": outcome.run_id,
+              "experiment_id": outcome.experiment_id, "kind": outcome.kind,
+              "commit": outcome.sha if model else None, "head": None if model else outcome.sha,
+              "git_tag": f"model/{outcome.codename}" if model else None,
+              "resumed": outcome.resumed, "tracking_uri": public_uri(outcome.tracking_uri),
+              "mlflow_ui": tracking.ui_hint(outcome.tracking_uri),
+              "best_epoch": None, "epochs_run": None, "best_val_dice": {}, "instances": None,
+              "val_instance_f1": None}
     try:
-        run = client.get_run(run_id)
+        run = client.get_run(outcome.run_id)
     except Exception:
-        return
+        return record
     metrics, params = run.data.metrics, run.data.params
     if "best_epoch" in metrics:
-        dice = ", ".join(f"{name} {metrics[f'best_val_dice_{name}']:.3f}"
-                         for name in ("inner-cell", "cell-boundary")
-                         if f"best_val_dice_{name}" in metrics)
-        click.echo(f"best epoch: {int(metrics['best_epoch'])} of "
-                   f"{int(metrics.get('epochs_run', metrics['best_epoch']))}; val Dice {dice}")
+        record["best_epoch"] = int(metrics["best_epoch"])
+        record["epochs_run"] = int(metrics.get("epochs_run", metrics["best_epoch"]))
+    record["best_val_dice"] = {key.removeprefix("best_val_dice_"): value
+                               for key, value in sorted(metrics.items())
+                               if key.startswith("best_val_dice_")}
     chosen = PostProcess.from_mapping(params, prefix=PARAM_PREFIX)
-    if chosen is not None:
-        scored = (f" (val instance F1 {metrics['val_instance_f1']:.3f})"
-                  if "val_instance_f1" in metrics else "")
-        click.echo(f"instances:  {chosen.describe()}{scored}")
+    record["instances"] = asdict(chosen) if chosen is not None else None
+    record["val_instance_f1"] = metrics.get("val_instance_f1")
+    return record
+
+
+def print_outcome(record: dict) -> None:
+    click.echo(f"codename:   {record['codename']}")
+    click.echo(f"run ID:     {record['run_id']}")
+    click.echo(f"experiment: {record['experiment_id']}")
+    if record["kind"] == "model":
+        click.echo(f"commit:     {record['commit'] or '(no commit yet)'}")
+        click.echo(f"git tag:    {record['git_tag']}")
+    else:
+        click.echo(f"HEAD:       {record['head'] or '(no commit yet)'}")
+        click.echo("kind:       scratch (--no-commit: not a catalogued model)")
+    click.echo(f"MLflow UI:  {record['mlflow_ui']}")
+    if record["best_epoch"] is not None:
+        dice = ", ".join(f"{name} {record['best_val_dice'][name]:.3f}"
+                         for name in ("inner-cell", "cell-boundary")
+                         if name in record["best_val_dice"])
+        click.echo(f"best epoch: {record['best_epoch']} of {record['epochs_run']}; "
+                   f"val Dice {dice}")
+    if record["instances"] is not None:
+        from nf1prov.segment.instances import PostProcess
+
+        scored = (f" (val instance F1 {record['val_instance_f1']:.3f})"
+                  if record["val_instance_f1"] is not None else "")
+        click.echo(f"instances:  {PostProcess(**record['instances']).describe()}{scored}")

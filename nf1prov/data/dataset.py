@@ -28,21 +28,6 @@ def crop_starts(length: int, crop: int, stride: int) -> np.ndarray:
     return starts
 
 
-def pad_to_multiple(array: np.ndarray, multiple: int = 16, mode: str = "reflect") -> np.ndarray:
-    """Pad the last two axes at the bottom/right up to a multiple of ``multiple``.
-
-    (..., H, W) -> (..., ceil(H/m)*m, ceil(W/m)*m), same dtype.
-    """
-    height, width = array.shape[-2:]
-    pad_h, pad_w = -height % multiple, -width % multiple
-    if not pad_h and not pad_w:
-        return array
-    if mode == "reflect" and (pad_h >= height or pad_w >= width):
-        mode = "symmetric"  # reflect needs more pixels than it pads
-    pad = [(0, 0)] * (array.ndim - 2) + [(0, pad_h), (0, pad_w)]
-    return np.pad(array, pad, mode=mode)
-
-
 class CropDataset(Dataset):
     """Every field × every centre slice × every crop position.
 

@@ -19,9 +19,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from nf1prov import git
 from nf1prov.code_origin import PACKAGES, foreign_modules
 from nf1prov.errors import UserError
-from nf1prov.provenance import git
 
 CODE_PATHS = [*PACKAGES, "templates", "configs"]
 # The files a repository must hold for its commits to be trainable.

@@ -1,32 +1,31 @@
 """The model commit: stage every change git does not ignore, commit with the message rendered
 from ``commit_message.txt.j2`` (DESIGN 3.2), tag ``model/<codename>``.
 
-Stage, commit and tag run under an exclusive ``fcntl.flock`` on a file in the repository's
-common git directory, so two trainings started at once (in one repository or in two worktrees
-of it) never interleave. `ModelCommit` makes commit and tag one step: everything is prepared
-aside (a copy of the index, the commit object) and HEAD and the tag move in one git ref
-transaction, so a failure (a pre-commit hook refused, a clashing ref) or an interrupt leaves the
-work tree, the index and the refs as they were. A journal in the git directory lets the next
-training settle a commit whose process was killed between the ref transaction and the end.
+Stage, commit and tag run under an exclusive file lock (``filelock``: flock on POSIX, msvcrt on
+Windows) on a file in the repository's common git directory, so two trainings started at once
+(in one repository or in two worktrees of it) never interleave. `ModelCommit` makes commit and
+tag one step: everything is prepared aside (a copy of the index, the commit object) and HEAD and
+the tag move in one git ref transaction, so a failure (a pre-commit hook refused, a clashing ref)
+or an interrupt leaves the work tree, the index and the refs as they were. A journal in the git
+directory lets the next training settle a commit whose process was killed between the ref
+transaction and the end.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
 
+from nf1prov import git
 from nf1prov.errors import UserError
-from nf1prov.provenance import git
 from nf1prov.resources import shipped_dir
 
 TEMPLATE_NAME = "commit_message.txt.j2"
@@ -80,22 +79,19 @@ def render_message(root: Path, *, codename: str, run_id: str, experiment_id: str
 @contextlib.contextmanager
 def commit_lock(root: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     """Exclusive lock on <common git dir>/nf1prov-commit.lock (released on exit or death)."""
+    from filelock import FileLock, Timeout
+
     path = git.common_dir(root) / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = FileLock(path, mode=0o644)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise UserError(f"Another nf1prov train held {path} for {timeout:.0f} s. "
-                                    "Wait for it to commit, then retry.") from None
-                time.sleep(0.05)
+        lock.acquire(timeout=timeout, poll_interval=0.05)
+    except Timeout:
+        raise UserError(f"Another nf1prov train held {path} for {timeout:.0f} s. "
+                        "Wait for it to commit, then retry.") from None
+    try:
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        lock.release()
 
 
 @dataclass

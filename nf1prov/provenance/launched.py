@@ -44,9 +44,9 @@ class World:
 def world() -> World | None:
     """This `nf1prov train`'s place among torchrun's processes; None when torchrun did not
     start it (or started it alone)."""
-    from nf1prov.provenance.ranks import SPEC_ENV
+    from nf1prov.provenance.training import RANK_SPEC_ENV
 
-    if SPEC_ENV in os.environ or "MASTER_ADDR" not in os.environ:
+    if RANK_SPEC_ENV in os.environ or "MASTER_ADDR" not in os.environ:
         return None
     size = int(os.environ.get("WORLD_SIZE", 1))
     return World(int(os.environ.get("RANK", 0)), size) if size > 1 else None
@@ -105,7 +105,8 @@ def await_ranks(size: int) -> None:
 def follow(rank: int, data_root: str | None) -> int:
     """A rank other than 0: wait for rank 0's model commit, then train this rank's shards from
     a snapshot of it. Returns the exit code of its training process."""
-    from nf1prov.provenance import code_snapshot, git, preflight, run_end, worker
+    from nf1prov import git
+    from nf1prov.provenance import code_snapshot, preflight, run_end, training
 
     root = git.repo_root(".")
     print(f"nf1prov: rank {rank}: waiting for rank 0 to commit the model...", file=sys.stderr)
@@ -130,10 +131,10 @@ def follow(rank: int, data_root: str | None) -> int:
     print(f"nf1prov: rank {rank}: training model {codename} (run {plan['run_id']}) from commit "
           f"{sha[:12]}, data {data_path}", file=sys.stderr)
     with code_snapshot.snapshot(root, sha) as code_root:
-        spec = worker.Spec(run_id=plan["run_id"], tracking_uri="", config=config,
+        spec = training.Spec(run_id=plan["run_id"], tracking_uri="", config=config,
                            data_root=str(data_path), cache_dir=str(root / preflight.CACHE_DIR),
                            code_root=str(code_root), argv=sys.argv[1:], parent_pid=os.getpid())
-        returncode = worker.launch(spec, None)
+        returncode = training.launch(spec, None)
     if returncode == 0:
         print(f"nf1prov: rank {rank}: done; rank 0 logs model {codename}.", file=sys.stderr)
     if returncode < 0:  # killed by a signal: report it the way a shell would

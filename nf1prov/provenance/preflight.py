@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from nf1prov import tracking
+from nf1prov import git, tracking
 from nf1prov.config import load_config
 from nf1prov.errors import UserError
-from nf1prov.provenance import code_snapshot, commit, git, uncommittable
+from nf1prov.provenance import code_snapshot, commit, uncommittable
 
 CACHE_DIR = ".nf1prov/cache"
 
@@ -31,7 +31,6 @@ class Plan:
     experiment_name: str
     no_commit: bool
     adopt_run_id: str | None = None  # MLFLOW_RUN_ID: the run `mlflow run` started
-    fields: list = field(default_factory=list)
 
     @property
     def cache_dir(self) -> Path:
@@ -232,10 +231,7 @@ def check_ranks(config: dict) -> None:
 
 
 def check_store(client, experiment_name: str) -> None:
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is not None and experiment.lifecycle_stage == "deleted":
-        raise UserError(f"MLflow experiment {experiment_name!r} is deleted: restore it in the "
-                        "MLflow UI or choose another name with --experiment.")
+    tracking.refuse_deleted(client.get_experiment_by_name(experiment_name), experiment_name)
 
 
 def preflight(*, config_path: str | Path, overrides=(), data_root: str | None = None,
@@ -258,7 +254,7 @@ def preflight(*, config_path: str | Path, overrides=(), data_root: str | None = 
     check_runtime_files_ignored(root, uri)
     data_path = resolve_data_root(root, config, data_root)
     check_data_not_committed(root, data_path)
-    fields = check_data(config, data_path)
+    check_data(config, data_path)
     if not no_commit:
         check_nothing_unsafe_to_commit(root)
         limit = max_file_mb if max_file_mb is not None else config["experiment"][
@@ -283,4 +279,4 @@ def preflight(*, config_path: str | Path, overrides=(), data_root: str | None = 
     return Plan(root=root, config=config, config_path=str(config_path),
                 overrides=tuple(overrides), data_root=data_path, tracking_uri=uri,
                 client=client, experiment_name=experiment_name, no_commit=no_commit,
-                adopt_run_id=adopt_run_id, fields=fields)
+                adopt_run_id=adopt_run_id)

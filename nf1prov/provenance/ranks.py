@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -28,21 +29,12 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-SPEC_ENV = "NF1PROV_RANK_SPEC"  # the spec file of the ranks (set by `launch`)
 OUTCOME_FILE = "outcome.json"  # rank 0: {"finished": bool}
 FAILURE_FILE = "rank-{rank}.json"  # {"reason", "time", "secondary"}
 SECONDARY_ERRORS = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")
-
-
-def is_rank() -> bool:
-    return SPEC_ENV in os.environ
-
-
-def rank_folder(spec) -> Path:
-    """Where `launch` keeps the ranks' spec and their failure records: the workspace's
-    ignored `.nf1prov/ranks/<run id>` (0700), which `worker.launch` removes even when this
-    process was killed."""
-    return Path(spec.cache_dir).parent / "ranks" / spec.run_id
+# gloo also reports a peer that vanished as a plain RuntimeError from its TCP transport
+PEER_GONE = re.compile(r"gloo.*(Connection reset by peer|Connection closed by peer|Broken pipe)",
+                       re.DOTALL)
 
 
 def run_rank(spec=None) -> None:
@@ -69,10 +61,10 @@ def launch(spec, client) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from nf1prov.provenance import run_end, signals, worker
+    from nf1prov.provenance import run_end, signals, training
 
     nproc = spec.config["train"]["nproc"]
-    folder = rank_folder(spec)
+    folder = training.rank_folder(spec)
     shutil.rmtree(folder, ignore_errors=True)  # a resumed run's records from before
     folder.mkdir(parents=True, mode=0o700)  # the spec names the store
     # The ranks say why they stopped (and the run says it once): torchrun's per-rank warnings
@@ -81,7 +73,7 @@ def launch(spec, client) -> int:
     try:
         spec_file = folder / "spec.json"
         spec_file.write_text(json.dumps(asdict(spec)), encoding="utf-8")
-        os.environ[SPEC_ENV] = str(spec_file)
+        os.environ[training.RANK_SPEC_ENV] = str(spec_file)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         config = LaunchConfig(
             min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
@@ -105,10 +97,10 @@ def launch(spec, client) -> int:
             return code
         outcome = folder / OUTCOME_FILE
         if outcome.is_file() and not json.loads(outcome.read_text())["finished"]:
-            return worker.LOGGING_PENDING_EXIT
+            return training.LOGGING_PENDING_EXIT
         return 0
     finally:
-        os.environ.pop(SPEC_ENV, None)
+        os.environ.pop(training.RANK_SPEC_ENV, None)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -148,7 +140,8 @@ def describe_failure(exc: BaseException) -> tuple[str, str, bool]:
 
     if isinstance(exc, Nf1provError):  # its message says what and where
         return f"failed: {exc}", "FAILED", False
-    secondary = any(cls.__name__ in SECONDARY_ERRORS for cls in type(exc).__mro__)
+    secondary = (any(cls.__name__ in SECONDARY_ERRORS for cls in type(exc).__mro__)
+                 or bool(PEER_GONE.search(str(exc))))
     return f"failed: {type(exc).__name__}: {exc}", "FAILED", secondary
 
 
@@ -181,16 +174,17 @@ def end_run_as_rank_0(spec, exc: BaseException) -> None:
 
 def rank_main(spec=None) -> int:
     """The body of one rank process: one that `launch` started (``spec`` None: it is read from
-    the `SPEC_ENV` file), or a training process started under torchrun (``spec`` given)."""
-    from nf1prov.provenance import signals, worker
+    the `training.RANK_SPEC_ENV` file), or a training process started under torchrun (``spec``
+    given)."""
+    from nf1prov.provenance import signals, training
     from nf1prov.train import distributed
 
     folder = None  # where our launcher reads why a rank stopped
     if spec is None:
-        spec_file = Path(os.environ[SPEC_ENV])
-        spec = worker.Spec(**json.loads(spec_file.read_text(encoding="utf-8")))
+        spec_file = Path(os.environ[training.RANK_SPEC_ENV])
+        spec = training.Spec(**json.loads(spec_file.read_text(encoding="utf-8")))
         folder = spec_file.parent
-        worker.watch_parent(os.getppid())  # the launcher: if it dies, so do the ranks
+        training.watch_parent(os.getppid())  # the launcher: if it dies, so do the ranks
     rank = distributed.environment_world()[0]
     try:
         with signals.sigterm_as_exception():
@@ -203,11 +197,11 @@ def rank_main(spec=None) -> int:
             distributed.init_from_environment(resolve_device(spec.config["train"]["device"]).type)
             try:
                 if rank == 0:
-                    finished = worker.train_in_run(spec, end_on_failure=False)
+                    finished = training.train_in_run(spec, end_on_failure=False)
                     if folder is not None:
                         (folder / OUTCOME_FILE).write_text(json.dumps({"finished": finished}))
                     elif not finished:
-                        return worker.LOGGING_PENDING_EXIT
+                        return training.LOGGING_PENDING_EXIT
                 else:
                     train_shard(spec)
             finally:
@@ -222,14 +216,14 @@ def rank_main(spec=None) -> int:
             print(f"nf1prov: rank {rank} stopped: {type(exc).__name__} (another rank "
                   "stopped first)", file=sys.stderr)
             return 1
-        return worker.exit_code(exc, f"nf1prov: error (rank {rank})")
+        return training.exit_code(exc, f"nf1prov: error (rank {rank})")
     return 0
 
 
 def train_shard(spec) -> None:
     """A rank other than 0: train its shard of every batch; nothing is logged."""
     from nf1prov.provenance import code_snapshot
-    from nf1prov.train.trainer import train_model
+    from nf1prov.train.run import train_model
 
     code_snapshot.check_modules_from(Path(spec.code_root))
     train_model(spec.config, Path(spec.data_root), cache_dir=Path(spec.cache_dir),

@@ -14,8 +14,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from nf1prov import tracking
-from nf1prov.provenance import git, heartbeat
+from nf1prov import git, tracking
+from nf1prov.provenance import heartbeat
 
 # Environment tags (nf1prov's own, not contract).
 ENV_PYTHON = "nf1prov.env.python"
@@ -31,7 +31,7 @@ UNCOMMITTED_DIFF_ARTIFACT = "git/uncommitted.diff"
 
 def creation_tags(kind: str, description: dict) -> dict[str, str]:
     """Kind, description (tags and Markdown note), host, pid and first heartbeat."""
-    from nf1prov.train.description import description_markdown, description_tags
+    from nf1prov.description import description_markdown, description_tags
 
     tags = {tracking.KIND: kind, tracking.NOTE_CONTENT: description_markdown(description)}
     tags.update(description_tags(description))

@@ -28,24 +28,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nf1prov import outbox, tracking
+from nf1prov import git, outbox, tracking
 from nf1prov.config import load_config
 from nf1prov.errors import Nf1provError, UserError
 from nf1prov.provenance import (
     code_snapshot,
-    git,
     liveness,
     preflight,
     run_end,
     run_tags,
     signals,
-    worker,
+    training,
 )
 from nf1prov.provenance import codename as codenames
 from nf1prov.provenance import commit as model_commit
 from nf1prov.provenance.run_end import end_run, run_guard
 
-RESUMED_AT = worker.RESUMED_AT
+RESUMED_AT = training.RESUMED_AT
 Interrupted = signals.Interrupted
 sigterm_as_exception = signals.sigterm_as_exception
 
@@ -187,8 +186,8 @@ def uncommitted_diff(root: Path) -> str:
 
 
 def training_spec(plan: preflight.Plan, run_id: str, code_root: Path,
-                  resume_from: Path | None = None) -> worker.Spec:
-    return worker.Spec(run_id=run_id, tracking_uri=plan.tracking_uri, config=plan.config,
+                  resume_from: Path | None = None) -> training.Spec:
+    return training.Spec(run_id=run_id, tracking_uri=plan.tracking_uri, config=plan.config,
                        data_root=str(plan.data_root), cache_dir=str(plan.cache_dir),
                        code_root=str(code_root), argv=sys.argv[1:], parent_pid=os.getpid(),
                        resume_from=str(resume_from) if resume_from else None)
@@ -204,10 +203,10 @@ def run_training(plan: preflight.Plan, run_id: str, code_sha: str | None,
             code_root = plan.root if code_sha is None else stack.enter_context(
                 code_snapshot.snapshot(plan.root, code_sha))
             spec = training_spec(plan, run_id, code_root, resume_from)
-        returncode = worker.launch(spec, client)
+        returncode = training.launch(spec, client)
     if returncode == 0:
         return
-    if returncode == worker.LOGGING_PENDING_EXIT:
+    if returncode == training.LOGGING_PENDING_EXIT:
         spool = outbox.spool_dir(plan.cache_dir, run_id)
         raise LoggingPending(
             f"The model trained, but the tracking store {plan.tracking_uri} stopped answering "
@@ -247,8 +246,9 @@ def train(plan: preflight.Plan, echo: Callable[[str], None] = print,
 
 
 def find_run(client, name: str):
-    """The one model (or scratch) run a codename or run ID names (see nf1prov.resolve)."""
-    from nf1prov.resolve import resolve_model
+    """The one model (or scratch) run a codename or run ID names
+    (`nf1prov.provenance.resolve`)."""
+    from nf1prov.provenance.resolve import resolve_model
 
     return resolve_model(client, name).run
 
@@ -315,7 +315,7 @@ def prepare_resume(*, name: str, config_path: str | None, overrides=(), data_roo
         config = load_config(config_path, tuple(overrides))
         preflight.check_ranks(config)
         data_path = preflight.resolve_data_root(root, config, data_root)
-        fields = preflight.check_data(config, data_path)
+        preflight.check_data(config, data_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -323,8 +323,7 @@ def prepare_resume(*, name: str, config_path: str | None, overrides=(), data_roo
                           overrides=tuple(overrides), data_root=data_path, tracking_uri=uri,
                           client=client,
                           experiment_name=client.get_experiment(run.info.experiment_id).name,
-                          no_commit=run.data.tags.get(tracking.KIND) == tracking.KIND_SCRATCH,
-                          fields=fields)
+                          no_commit=run.data.tags.get(tracking.KIND) == tracking.KIND_SCRATCH)
     return plan, run, checkpoint, tmp
 
 

@@ -1,172 +1,30 @@
-"""The training process: `python -m nf1prov.provenance.worker`, its `Spec` as JSON on stdin.
+"""Entry point of the training process: `python -m nf1prov.provenance.worker`, its `Spec` as
+JSON on stdin (`nf1prov.provenance.training`). It trains in this process, or starts the
+data-parallel ranks and waits for them (`ranks`), or is one of those ranks.
 
-`nf1prov train` (the parent) does preflight, the run, the commit and its tags; then it starts
-this module with the model commit's code first on `sys.path` (see `code_snapshot`) and waits.
-This process checks where its code came from, records the environment it trains in, trains
-inside the run, and ends the run itself: FINISHED, FAILED or KILLED with `nf1prov.failure`.
-The parent forwards Ctrl-C and SIGTERM to it; if the parent dies, it stops the training.
-
-With ``train.nproc`` > 1 this process starts the data-parallel ranks and waits for them
-instead (`nf1prov.provenance.ranks`); rank 0 then does what this docstring says.
-
-Exit codes: 0 trained; 1 the training failed; 2 a user error (the code check); 75 trained, but
-the tracking store stopped answering and some logging waits in the outbox (`nf1prov.outbox`);
-130/143 interrupted by SIGINT/SIGTERM.
+This module is what `nf1prov train` runs from the model commit's code, so its name stays.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import subprocess
 import sys
-import threading
-import time
-import traceback
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-SPEC_VERSION = 1
-PARENT_CHECK_S = 1.0
-RESUMED_AT = "nf1prov.resumed_at"  # unix seconds of each resume, JSON array
-# The model trained, but the store stopped answering: the rest of its logging waits in the
-# outbox (EX_TEMPFAIL).
-LOGGING_PENDING_EXIT = 75
-
-
-@dataclass
-class Spec:
-    """Everything the training process needs, as plain JSON data."""
-
-    run_id: str
-    tracking_uri: str
-    config: dict
-    data_root: str
-    cache_dir: str
-    code_root: str
-    resume_from: str | None = None
-    argv: list[str] = field(default_factory=list)
-    parent_pid: int = 0
-    version: int = SPEC_VERSION
-
-
-def child_environment(spec: Spec) -> dict[str, str]:
-    from nf1prov import tracking
-
-    env = tracking.child_environment(spec.tracking_uri)
-    for key, value in tracking.TRAINING_HTTP_SETTINGS.items():
-        env.setdefault(key, value)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [spec.code_root, env.get("PYTHONPATH")]))
-    return env
-
-
-def launch(spec: Spec, client) -> int:
-    """Run the training process for ``spec`` and wait; returns its exit code (negative: killed
-    by that signal). Ctrl-C and SIGTERM are forwarded to it; no run is left RUNNING."""
-    from nf1prov.provenance import run_end, signals
-
-    command = [sys.executable, "-m", "nf1prov.provenance.worker"]
-    returncode = None
-    try:
-        with signals.Forwarder() as forwarder:
-            # Its own session: a Ctrl-C at the terminal reaches it once, through this process.
-            process = subprocess.Popen(command, cwd=spec.code_root, env=child_environment(spec),
-                                       stdin=subprocess.PIPE, start_new_session=True, text=True)
-            forwarder.attach(process)
-            with contextlib.suppress(BrokenPipeError):  # it died before reading: wait says how
-                process.stdin.write(json.dumps(asdict(spec)))
-                process.stdin.close()
-            returncode = process.wait()
-    finally:
-        from nf1prov.provenance import ranks
-
-        shutil.rmtree(ranks.rank_folder(spec), ignore_errors=True)  # left if it was killed
-        # client None: a rank other than 0 under torchrun, which leaves the run to rank 0
-        if returncode != LOGGING_PENDING_EXIT and client is not None:
-            run_end.end_if_running(client, spec.run_id, returncode, "the training process")
-    return returncode
-
-
-# --- inside the training process --------------------------------------------------------------
-
-
-def watch_parent(parent_pid: int) -> None:
-    """Stop the training (as on SIGTERM) when the `nf1prov train` process that waits for it
-    is gone: nobody would report its outcome."""
-    from nf1prov.provenance import signals
-
-    def loop():
-        while os.getppid() == parent_pid:
-            time.sleep(PARENT_CHECK_S)
-        signals.interrupt_main("the nf1prov train process that started this training died")
-
-    if parent_pid:
-        threading.Thread(target=loop, name="nf1prov-parent-watch", daemon=True).start()
-
-
-def train_in_run(spec: Spec, end_on_failure: bool = True) -> bool:
-    """Train in the run; True when everything reached the store, False when some logging is
-    saved in the run's outbox for `nf1prov sync` (the store stopped answering). A failure ends
-    the run FAILED or KILLED unless ``end_on_failure`` is false (rank 0 of a data-parallel
-    training: the launcher ends it with the first cause, `nf1prov.provenance.ranks`)."""
-    import mlflow
-
-    from nf1prov import outbox, tracking
-    from nf1prov.provenance import code_snapshot, run_end, run_tags
-    from nf1prov.provenance.heartbeat import Heartbeat
-
-    client = outbox.patiently(lambda: tracking.client(spec.tracking_uri), "opening the store")
-    code_root = Path(spec.code_root)
-    guard = run_end.run_guard(client, spec.run_id) if end_on_failure else contextlib.nullcontext()
-    with guard:
-        from nf1prov.train.trainer import train_model  # noqa: I001 - imported here: slow
-        import models  # noqa: F401 - checked below with everything else
-
-        code_snapshot.check_modules_from(code_root)
-        mlflow.set_tracking_uri(spec.tracking_uri)
-        spool = outbox.spool_dir(Path(spec.cache_dir), spec.run_id)
-        # The run is ended by the outbox (FINISHED, possibly later by `nf1prov sync`) or by
-        # run_guard (FAILED, KILLED), not by a `with mlflow.start_run()` that would call the
-        # store once more on the way out. The calls before the training starts wait for a
-        # store that does not answer (`patiently`); the training's own logging is queued.
-        with outbox.opened(client, spool, store=spec.tracking_uri) as box:
-            outbox.patiently(lambda: run_tags.log_environment(client, spec.run_id, spec.argv),
-                             "recording the environment")
-            if spec.resume_from:
-                outbox.patiently(lambda: record_resume(client, spec.run_id),
-                                 "recording the resume")
-            outbox.patiently(lambda: mlflow.start_run(run_id=spec.run_id), "starting the run")
-            with Heartbeat(client, spec.run_id) as beat:
-                train_model(spec.config, Path(spec.data_root), cache_dir=Path(spec.cache_dir),
-                            resume_from=Path(spec.resume_from) if spec.resume_from else None,
-                            # no beat while the store is away: each would wait on it
-                            on_epoch=lambda *_: None if box.pending else beat.beat())
-                # Modules imported late (or by a search trial) must be the commit's too,
-                # before the run may end FINISHED.
-                code_snapshot.check_modules_from(code_root)
-            finished = box.finish(spec.run_id)
-    for line in box.outage_lines():
-        print(f"nf1prov: note: {line}.", file=sys.stderr)
-    return finished
-
-
-def record_resume(client, run_id: str) -> None:
-    from nf1prov import tracking
-
-    run = client.get_run(run_id)
-    if tracking.FAILURE in run.data.tags:
-        client.delete_tag(run_id, tracking.FAILURE)
-    resumed = json.loads(run.data.tags.get(RESUMED_AT, "[]")) + [round(time.time(), 3)]
-    client.set_tag(run_id, RESUMED_AT, json.dumps(resumed))
+from nf1prov.provenance.training import (
+    LOGGING_PENDING_EXIT,
+    SPEC_VERSION,
+    Spec,
+    exit_code,
+    is_rank,
+    train_in_run,
+    watch_parent,
+)
 
 
 def main() -> int:
     from nf1prov import process_spec
     from nf1prov.provenance import ranks, signals
 
-    if ranks.is_rank():  # one of the processes `ranks.launch` started
+    if is_rank():  # one of the processes `ranks.launch` started
         ranks.run_rank()
     spec = process_spec.read(Spec, SPEC_VERSION, "training")
     if spec is None:
@@ -190,22 +48,6 @@ def main() -> int:
         return exit_code(exc)  # the run says why; the parent reports it
     return 0
 
-
-def exit_code(exc: BaseException, error_prefix: str = "nf1prov: error") -> int:
-    """The exit code of a training process (or rank) that ``exc`` stopped, after saying why on
-    stderr: 130 Ctrl-C, 128 + n a signal, a user error's own code, else 1 with the traceback."""
-    from nf1prov.errors import Nf1provError
-    from nf1prov.provenance import signals
-
-    if isinstance(exc, KeyboardInterrupt):
-        return 130
-    if isinstance(exc, signals.Interrupted):
-        return exc.exit_code
-    if isinstance(exc, Nf1provError):
-        print(f"{error_prefix}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    traceback.print_exc(file=sys.stderr)
-    return 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ What goes into the zip (docs/sharing.md has the reader's side):
   repeats the model's ``data.normalisation`` (`preprocessing`);
 - one output ``probabilities``: batch, channel (background, inner-cell, cell-boundary), y, x
   sized from the input; postprocessing ``sigmoid``, as nf1prov turns logits into
-  probabilities (`nf1prov.inference`);
+  probabilities (`nf1prov.segment.predict`);
 - test tensors cut from one validation stack of the model's own split manifest
   (`make_test_tensors`) and the expected output computed with nf1prov's own prediction
   (`predict_stack`);
@@ -40,13 +40,15 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import tifffile
 
-from nf1prov import catalog
+from nf1prov import catalog, git
 from nf1prov.data.inputs import PERCENTILES, dtype_maximum, normalise, slice_windows
 from nf1prov.data.manifest import sha256_file
+from nf1prov.data.semantic import CLASS_NAMES
 from nf1prov.errors import CheckFailed, UserError
-from nf1prov.inference import CLASS_NAMES, model_postprocess, predict_stack, read_stack
-from nf1prov.provenance import git
-from nf1prov.resolve import ResolvedModel
+from nf1prov.provenance.models import model_postprocess
+from nf1prov.provenance.resolve import ResolvedModel
+from nf1prov.segment.files import read_stack
+from nf1prov.segment.predict import predict_stack
 
 INSTALL_HINT = ("pip install -e '.[export]' in the nf1prov repository (or: pip install "
                 "'bioimageio.core>=0.11' 'pydantic<2.12') into the environment nf1prov runs in")
@@ -415,8 +417,8 @@ probabilities).
 ## What differs from `nf1prov predict`
 
 - nf1prov predicts a whole slice in tiles of the training crop size overlapping by half, blended
-  with a raised-cosine window, with reflect padding at the image border; a bioimage.io consumer
-  tiles (or not) in its own way, so results differ slightly at tile and image borders.
+  with raised-cosine ramps; a bioimage.io consumer tiles (or not) in its own way, so results
+  differ slightly near tile borders.
 - Instance labels (one label per cell) are nf1prov's own post-processing of these
   probabilities (`nf1prov predict`); they are not part of this package.
 
@@ -452,7 +454,7 @@ def export_model(root: Path, client, tracking_uri: str, model: ResolvedModel, ou
     `test_model` before it takes the name ``output`` (`write_package`). Raises UserError (or
     CheckFailed) with nothing written."""
     from nf1prov.config import export_settings
-    from nf1prov.inference import load_model, read_config_file
+    from nf1prov.provenance.models import load_model, read_config_file
     from nf1prov.weights import read_architecture
 
     require_bioimageio()
@@ -505,8 +507,9 @@ def export_model(root: Path, client, tracking_uri: str, model: ResolvedModel, ou
 
 def download_model(client, model: ResolvedModel, destination: Path) -> Path:
     """The run's ``model/``, ``config/`` and ``manifest/`` artifacts under ``destination``
-    (`nf1prov.checkout.download_artifacts`); UserError when one that export needs is missing."""
-    from nf1prov.checkout import download_artifacts
+    (`nf1prov.provenance.checkout.download_artifacts`); UserError when one that export needs
+    is missing."""
+    from nf1prov.provenance.checkout import download_artifacts
 
     download_artifacts(client, model.run, destination, ARTIFACTS)
     for needed in (CONFIG_ARTIFACT, MANIFEST_ARTIFACT, Path("model")):

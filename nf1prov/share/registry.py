@@ -7,8 +7,8 @@ finds its version instead of adding another. An alias (e.g. ``champion``) is mov
 version: MLflow keeps one version per alias.
 
 ``models:/<name>@<alias>`` and ``models:/<name>/<version>`` name a model wherever a codename
-does (`run_of`, used by `nf1prov.resolve`). `labels_by_run` gives the catalogue what each run
-is registered as.
+does (`nf1prov.provenance.resolve.registered_run`). `labels_by_run` gives the catalogue what each
+run is registered as.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ from dataclasses import dataclass
 
 from nf1prov import tracking
 from nf1prov.errors import UserError
+from nf1prov.provenance.resolve import every_page, quoted
 
 CODENAME_TAG = "nf1prov.codename"
 COMMIT_TAG = "nf1prov.commit"
-MODELS_PREFIX = "models:/"
 # MLflow's own rule for aliases, plus its reserved words (checked here for a clear message)
 ALIAS_RE = re.compile(r"[A-Za-z0-9_-]{1,255}")
 RESERVED_ALIAS_RE = re.compile(r"(?i)latest|v\d+")
-MODELS_URI_RE = re.compile(r"models:/(?P<name>[^@/]+)(?:@(?P<alias>[^@/]+)|/(?P<version>\d+))")
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,8 @@ def check_alias(alias: str) -> str:
 
 
 def register(client, resolved, alias: str | None = None) -> Registration:
-    """Register the model ``resolved`` (`nf1prov.resolve.ResolvedModel`); move ``alias``."""
+    """Register the model ``resolved`` (`nf1prov.provenance.resolve.ResolvedModel`); move
+    ``alias``."""
     from mlflow.exceptions import MlflowException
 
     if alias is not None:
@@ -79,7 +79,7 @@ def register(client, resolved, alias: str | None = None) -> Registration:
         except MlflowException:  # another process created it meanwhile
             client.get_registered_model(registered)
     existing = client.search_model_versions(
-        f"name = '{_quoted(registered)}' and run_id = '{resolved.run_id}'")
+        f"name = '{quoted(registered)}' and run_id = '{resolved.run_id}'")
     if existing:
         version, created = str(existing[0].version), False
     else:
@@ -95,73 +95,18 @@ def register(client, resolved, alias: str | None = None) -> Registration:
     return Registration(registered, version, created, alias, moved_from)
 
 
-def _quoted(text: str) -> str:
-    return text.replace("'", "\\'")
-
-
-def run_of(client, uri: str) -> str:
-    """The run ID behind ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
-    from mlflow.exceptions import MlflowException
-
-    match = MODELS_URI_RE.fullmatch(uri)
-    if not match:
-        raise UserError(f"{uri!r} is not a model registry URI: use models:/<name>@<alias> or "
-                        "models:/<name>/<version> (the catalogue's Registered lines show them; "
-                        "'latest' is not supported: name an alias).")
-    name = match["name"]
-    try:
-        if match["alias"]:
-            version = client.get_model_version_by_alias(name, match["alias"])
-        else:
-            version = client.get_model_version(name, match["version"])
-    except MlflowException:
-        raise UserError(f"{uri} names no model version in the registry of {client.tracking_uri}."
-                        f"{_what_there_is(client, name)} Register a model with `nf1prov "
-                        "register CODENAME --alias NAME`.") from None
-    if not version.run_id:
-        raise UserError(f"{uri} was registered outside nf1prov and names no run: pass the "
-                        "model's codename instead.")
-    return version.run_id
-
-
-def _what_there_is(client, name: str) -> str:
-    """A hint: the registered model's versions and aliases, or the registered models."""
-    try:
-        model = client.get_registered_model(name)
-    except Exception:  # noqa: BLE001 - only for a hint
-        names = sorted(m.name for m in _every(client.search_registered_models))
-        return (f" Registered models: {', '.join(names)}." if names
-                else " Nothing is registered there yet.")
-    versions = sorted(int(v.version) for v in _every(
-        client.search_model_versions, f"name = '{_quoted(name)}'"))
-    aliases = ", ".join(f"@{a} (v{v})" for a, v in sorted((model.aliases or {}).items()))
-    return (f" {name} has versions {', '.join(map(str, versions)) or 'none'}"
-            f"{'; aliases ' + aliases if aliases else ''}.")
-
-
 def labels_by_run(client) -> dict[str, list[str]]:
     """``{run_id: ["<name> v<version> @alias ...", ...]}`` for every registered version that
     names a run."""
     labels: dict[str, list[str]] = {}
-    for model in _every(client.search_registered_models):
+    for model in every_page(client.search_registered_models):
         by_version: dict[str, list[str]] = {}
         for alias, version in (model.aliases or {}).items():
             by_version.setdefault(str(version), []).append(alias)
-        for version in _every(client.search_model_versions, f"name = '{_quoted(model.name)}'"):
+        for version in every_page(client.search_model_versions, f"name = '{quoted(model.name)}'"):
             if version.run_id:
                 aliases = "".join(f" @{a}" for a in sorted(by_version.get(str(version.version),
                                                                           [])))
                 labels.setdefault(version.run_id, []).append(
                     f"{model.name} v{version.version}{aliases}")
     return labels
-
-
-def _every(search, *args) -> list:
-    """Every page of an MLflow registry search."""
-    found, token = [], None
-    while True:
-        page = search(*args, page_token=token)
-        found.extend(page)
-        token = page.token
-        if not token:
-            return found

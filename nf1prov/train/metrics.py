@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-CLASS_NAMES = ("background", "inner-cell", "cell-boundary")
+from nf1prov.data.semantic import CLASS_NAMES
+
 METRICS = ("dice", "iou", "bce", "precision", "recall")
 
 
@@ -64,12 +65,14 @@ class EpochMetrics:
         mean BCE of this batch per class; loss: scalar batch loss."""
         pred = logits > 0  # sigmoid(x) > 0.5
         true = target > 0.5
-        dims = (0, 2, 3)
-        self.tp += (pred & true).sum(dim=dims)
-        self.pred += pred.sum(dim=dims)
-        self.true += true.sum(dim=dims)
         n, _, h, w = logits.shape
         batch_pixels = n * h * w
+        # A batch's counts in int32 (exact below 2**31 pixels per class; on the CPU the sum of
+        # a bool tensor into int32 is several times faster than into int64), the epoch's int64.
+        dims, count = (0, 2, 3), torch.int32 if batch_pixels < 2**31 else torch.int64
+        self.tp += (pred & true).sum(dim=dims, dtype=count)
+        self.pred += pred.sum(dim=dims, dtype=count)
+        self.true += true.sum(dim=dims, dtype=count)
         self.pixels += batch_pixels
         self.bce += per_class_bce.double() * batch_pixels
         self.loss += loss.detach().double() * n

@@ -1,7 +1,7 @@
 """The training loop. Read it top to bottom: data, model, loss, loop, logging.
 
-`train_model` trains inside the *active* MLflow run (the caller starts it, ends it, and marks it
-FAILED when this raises) and logs into it:
+`train_one` (through `nf1prov.train.run.train_model`) trains inside the *active* MLflow run (the
+caller starts it, ends it, and marks it FAILED when this raises) and logs into it:
 
 - params: the flattened config (`nf1prov.config.flatten`; lists as JSON) and dataset sizes;
 - artifacts: `config/config.toml`, `manifest/split_manifest.csv`, `overlays/epoch_NNN/*.png`,
@@ -45,10 +45,11 @@ from torch.utils.data import DataLoader
 
 from nf1prov import outbox, tracking
 from nf1prov.config import flatten, to_toml
+from nf1prov.description import description_markdown, description_tags
+from nf1prov.devices import pick_device
 from nf1prov.errors import UserError
 from nf1prov.tracking import NOTE_CONTENT
 from nf1prov.train import distributed
-from nf1prov.train.description import description_markdown, description_tags
 from nf1prov.train.loss import WeightedBCELoss, initial_class_weights
 from nf1prov.train.metrics import CLASS_NAMES, EpochMetrics
 
@@ -87,35 +88,26 @@ class PreparedData:
 # entry point
 # --------------------------------------------------------------------------------------------
 
-def train_model(config: dict, data_root: Path, *, cache_dir: Path,
-                resume_from: Path | None = None,
-                on_epoch: EpochCallback | None = None) -> TrainResult:
-    """Train the model of ``config`` on ``data_root`` inside the active MLflow run.
-
-    ``cache_dir``: where decoded stacks are cached. ``resume_from``: a `checkpoints/last.pt`
-    file of this run (the caller re-opens the same run): training continues at the next epoch.
-    ``on_epoch(epoch, metrics)`` is called after each epoch is logged (e.g. a heartbeat).
-    With ``train.trials > 1`` this runs the Optuna search (`nf1prov.train.search`) instead.
-    Raises UserError for bad data/config; any exception leaves the run for the caller to fail.
-    """
+def check_can_train(config: dict, resume_from: Path | None) -> None:
+    """Refusals before anything is logged: no active run, no such device, no checkpoint."""
     import mlflow
 
-    ranks = distributed.current()
-    if ranks.logs and mlflow.active_run() is None:
+    if distributed.current().logs and mlflow.active_run() is None:
         raise RuntimeError("train_model must be called inside an active MLflow run "
                            "(mlflow.start_run()); the caller owns the run.")
-    resolve_device(config["train"]["device"])  # fail before anything is logged
+    resolve_device(config["train"]["device"])
     if resume_from is not None and not Path(resume_from).is_file():
         raise UserError(f"Checkpoint {resume_from} does not exist: pass the checkpoints/last.pt "
                         "of the run to resume.")
-    if config["train"]["trials"] > 1:
-        if resume_from is not None:
-            raise UserError("--resume is not supported with train.trials > 1 (an Optuna search "
-                            "cannot be resumed); rerun the search, or set train.trials=1.")
-        from nf1prov.train.search import run_search
 
-        return run_search(config, Path(data_root), cache_dir=Path(cache_dir), on_epoch=on_epoch)
 
+def train_one(config: dict, data_root: Path, *, cache_dir: Path,
+              resume_from: Path | None = None,
+              on_epoch: EpochCallback | None = None) -> TrainResult:
+    """Train the one model of ``config`` on ``data_root`` inside the active MLflow run (what
+    `nf1prov.train.run.train_model` does when ``train.trials`` is 1); see there."""
+    check_can_train(config, resume_from)
+    ranks = distributed.current()
     # One rank per machine decodes the stacks into the cache; the others then read it.
     if ranks.local_rank != 0:
         ranks.barrier()
@@ -352,12 +344,8 @@ def sample_class_weights(dataset, samples: int, seed: int, margin: int) -> torch
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device = 'cuda' but no CUDA device is available: use "
-                        "--set train.device=cpu (or auto).")
-    return torch.device(name)
+    """The device ``train.device`` names (`nf1prov.devices.pick_device`)."""
+    return pick_device(name, setting="train.device")
 
 
 def seed_everything(seed: int) -> None:
@@ -511,18 +499,18 @@ MAX_TUNE_PIXELS = 16_000_000  # validation pixels segmented per candidate when c
 
 
 def log_postprocess(config: dict, data: PreparedData, model: nn.Module) -> None:
-    """Choose the instance parameters of ``model`` (`nf1prov.instances.tune`) on the validation
-    split, or take the config's when ``postprocess.tune`` is false, and log them to the active
-    run: params ``instances.*``, the artifact ``config/instances.json`` and, when chosen, the
-    metrics ``val_instance_f1`` and ``val_instance_ap`` they reach.
+    """Choose the instance parameters of ``model`` (`nf1prov.segment.instances.tune`) on the
+    validation split, or take the config's when ``postprocess.tune`` is false, and log them to
+    the active run: params ``instances.*``, the artifact ``config/instances.json`` and, when
+    chosen, the metrics ``val_instance_f1`` and ``val_instance_ap`` they reach.
 
     Validation stacks are predicted whole, as `predict` does; past `MAX_TUNE_PIXELS` the centre
     slices are an evenly spaced subset, so that the search stays seconds on a large split."""
     import mlflow
 
     from nf1prov.data.cache import read_tiff
-    from nf1prov.inference import predict_stack
-    from nf1prov.instances import POSTPROCESS_ARTIFACT, PostProcess, tune
+    from nf1prov.segment.instances import POSTPROCESS_ARTIFACT, PostProcess, tune
+    from nf1prov.segment.predict import predict_stack
 
     d, p = config["data"], config["postprocess"]
     start = PostProcess(p["seed_threshold"], p["foreground_threshold"], p["min_size"])

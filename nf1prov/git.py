@@ -300,10 +300,6 @@ def create_tag(root: Path, name: str, sha: str) -> None:
     git("tag", name, validate_sha(sha), cwd=root)
 
 
-def delete_tag(root: Path, name: str) -> None:
-    git("tag", "--delete", "--", name, cwd=root, check=False)
-
-
 def tag_sha(root: Path, name: str) -> str | None:
     """The commit a tag points at, or None."""
     if name.startswith("-"):
@@ -344,12 +340,6 @@ def log_subjects(root: Path, all_refs: bool = True) -> list[tuple[str, str, int]
         sha, subject, ctime = line.split("\0")
         rows.append((sha, subject, int(ctime)))
     return rows
-
-
-def branches_containing(root: Path, sha: str) -> list[str]:
-    out = git("branch", "--all", "--format=%(refname:short)", "--contains", validate_sha(sha),
-              cwd=root, check=False).stdout
-    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def checkout_detached(root: Path, sha: str) -> None:
@@ -433,17 +423,11 @@ def paths_differing_from(root: Path, sha: str) -> list[str]:
     return sorted(changed)
 
 
-def tags_with_prefix(root: Path, prefix: str = MODEL_TAG_PREFIX) -> dict[str, str]:
-    """{tag name: commit SHA} of every tag starting with ``prefix`` (default ``model/``)."""
-    if prefix.startswith("-"):
-        raise UserError(f"refusing git tag prefix {prefix!r}: it starts with '-'.")
-    out = git("for-each-ref", "--format=%(refname:short)%00%(objectname)%00%(*objectname)",
-              f"refs/tags/{prefix}", cwd=root).stdout
-    tags = {}
-    for line in out.splitlines():
-        name, obj, peeled = line.split("\0")
-        tags[name] = peeled or obj
-    return tags
+def git_path(root: Path, name: str) -> Path:
+    """``git rev-parse --git-path name`` as an absolute path (per worktree where git says so)."""
+    out = git("rev-parse", "--git-path", name, cwd=root).stdout.strip()
+    path = Path(out)
+    return path if path.is_absolute() else (Path(root) / path).resolve()
 
 
 # --- the model commit as one transaction (provenance.commit) -----------------------------------
@@ -464,12 +448,6 @@ OPERATIONS = (
     ("BISECT_LOG", "a bisect", "git bisect reset"),
 )
 
-
-def git_path(root: Path, name: str) -> Path:
-    """``git rev-parse --git-path name`` as an absolute path (per worktree where git says so)."""
-    out = git("rev-parse", "--git-path", name, cwd=root).stdout.strip()
-    path = Path(out)
-    return path if path.is_absolute() else (Path(root) / path).resolve()
 
 
 def operation_in_progress(root: Path) -> tuple[str, str] | None:

@@ -30,9 +30,10 @@ import json
 import os
 from pathlib import Path
 
-from nf1prov import catalog
+from nf1prov.catalog import readme as catalog
 from nf1prov.errors import UserError
 
+COMMIT_SUBJECT = "Update model catalogue"
 STATE_NAME = "nf1prov-catalog.json"
 
 
@@ -57,7 +58,7 @@ def normalised(block: str) -> str:
 
 def state_file(root: Path) -> Path:
     """<git dir>/nf1prov-catalog.json (per worktree): {repository path: last block written}."""
-    from nf1prov.provenance import git
+    from nf1prov import git
 
     return git.git_path(root, STATE_NAME)
 
@@ -87,7 +88,7 @@ def remember_written(root: Path | None, readme: Path, block: str) -> None:
 def head_block(root: Path, path: str) -> str | None:
     """The catalogue block of ``path`` at HEAD; None when HEAD lacks the file, its markers, or
     readable markers (then there is nothing committed to compare with)."""
-    from nf1prov.provenance import git
+    from nf1prov import git
 
     entry = git.blob_in_head(root, path)
     if entry is None:
@@ -160,7 +161,7 @@ def _committed_text(root: Path, path: str, result: catalog.Rebuild,
                     head: tuple[str, str] | None) -> str:
     """The README as the catalogue commit records it: HEAD's text with only the block
     replaced, or (not in HEAD yet) the README as written."""
-    from nf1prov.provenance import git
+    from nf1prov import git
 
     if head is None:
         return result.new
@@ -194,7 +195,7 @@ def commit_path(root: Path | None, readme: Path) -> str:
 
 def check_commit(root: Path | None, result: catalog.Rebuild) -> None:
     """Everything --commit needs, checked before the README is written (nothing committed)."""
-    from nf1prov.provenance import git
+    from nf1prov import git
 
     path = commit_path(root, result.readme)
     git.blob_in_index(root, path)  # refuses a conflicted README
@@ -209,7 +210,7 @@ def commit_catalogue(root: Path | None, result: catalog.Rebuild) -> str | None:
     staged their own version, that version with the new block, so their staged and unstaged
     edits stay exactly as uncommitted as before.
     """
-    from nf1prov.provenance import git
+    from nf1prov import git
     from nf1prov.provenance.commit import commit_lock
 
     path = commit_path(root, result.readme)
@@ -221,7 +222,7 @@ def commit_catalogue(root: Path | None, result: catalog.Rebuild) -> str | None:
             return None
         mode = head[0] if head is not None else _file_mode(result.readme)
         staged = git.blob_in_index(root, path)
-        sha = git.commit_blob(root, path, mode, blob, catalog.COMMIT_SUBJECT + "\n")
+        sha = git.commit_blob(root, path, mode, blob, COMMIT_SUBJECT + "\n")
         _restage(root, path, result, mode, blob, staged, head)
     return sha
 
@@ -229,7 +230,7 @@ def commit_catalogue(root: Path | None, result: catalog.Rebuild) -> str | None:
 def _restage(root: Path, path: str, result: catalog.Rebuild, mode: str, blob: str,
              staged: tuple[str, str] | None, head: tuple[str, str] | None) -> None:
     """Set the README's index entry after the commit (see `commit_catalogue`)."""
-    from nf1prov.provenance import git
+    from nf1prov import git
 
     if staged is None or staged == head:
         git.stage_blob(root, path, mode, blob)

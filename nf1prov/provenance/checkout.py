@@ -16,10 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from nf1prov import tracking
+from nf1prov import git, tracking
 from nf1prov.errors import UserError
-from nf1prov.provenance import git
-from nf1prov.resolve import ResolvedModel
+from nf1prov.provenance.resolve import ResolvedModel
 
 MODELS_DIR = Path(".nf1prov") / "models"
 DEFAULT_ARTIFACTS = ("model", "config", "manifest")
@@ -211,6 +210,6 @@ def describe(model: ResolvedModel, checked_out: CheckedOut, root: Path,
     ]
     if (checked_out.artifacts / "model").is_dir():
         lines += ["Load the model in Python (model.predict(stack) gives probabilities):",
-                  "  from nf1prov.inference import load_model; "
+                  "  from nf1prov.provenance.models import load_model; "
                   f"model = load_model('{checked_out.artifacts / 'model'}')"]
     return "\n".join(lines)

@@ -138,9 +138,9 @@ def probabilities_to_instances(prob: np.ndarray, min_size: int = 0, *,
 
 
 def score(params: PostProcess, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict:
-    """Instance scores (`nf1prov.evaluate.instance_scores`) of ``params`` on (prob, mask) pairs,
-    counts pooled over the pairs."""
-    from nf1prov.evaluate import THRESHOLDS, instance_counts, instance_scores
+    """Instance scores (`nf1prov.segment.evaluate.instance_scores`) of ``params`` on (prob,
+    mask) pairs, counts pooled over the pairs."""
+    from nf1prov.segment.evaluate import THRESHOLDS, instance_counts, instance_scores
 
     counts = np.zeros((len(THRESHOLDS), 3), np.int64)
     for prob, mask in pairs:

@@ -32,7 +32,7 @@ def encode_value(value: str | list) -> str:
 
 def decode_value(text: str) -> str | list:
     """Inverse of ``encode_value``: a JSON array back to a list, anything else as the string."""
-    if text.startswith("["):
+    if text.lstrip().startswith("["):
         try:
             value = json.loads(text)
         except json.JSONDecodeError:

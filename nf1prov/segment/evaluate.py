@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nf1prov.data.semantic import CLASS_NAMES
 from nf1prov.errors import UserError
-from nf1prov.inference import CLASS_NAMES
 
 THRESHOLDS = np.round(np.arange(0.5, 0.951, 0.05), 2)
 
@@ -266,16 +266,16 @@ class Evaluation:
 def evaluate(loaded, fields: Sequence, *, baseline: bool = False, postprocess=None,
              baseline_min_size: int = 10, batch_size: int = 8,
              progress: bool = True) -> Evaluation:
-    """Predict every field of view with ``loaded`` (a `nf1prov.inference.LoadedModel`) and
+    """Predict every field of view with ``loaded`` (a `nf1prov.provenance.models.LoadedModel`) and
     score it; with ``baseline`` the classical pipeline is scored on the same stacks.
 
-    ``postprocess``: the model's instance parameters (`nf1prov.instances.PostProcess`;
+    ``postprocess``: the model's instance parameters (`nf1prov.segment.instances.PostProcess`;
     default ``loaded.postprocess``); ``baseline_min_size``: the baseline's smallest object."""
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from nf1prov.baseline import labels_to_probabilities, segment_baseline
-    from nf1prov.inference import read_stack
+    from nf1prov.segment.baseline import labels_to_probabilities, segment_baseline
+    from nf1prov.segment.files import read_stack
 
     postprocess = postprocess or loaded.postprocess
     methods = ("model", "baseline") if baseline else ("model",)

@@ -37,12 +37,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from nf1prov import tracking
-from nf1prov.checkout import checkout_model
+from nf1prov import git, tracking
 from nf1prov.errors import CheckFailed, Nf1provError, UserError
-from nf1prov.provenance import git, run_tags
+from nf1prov.provenance import run_tags
+from nf1prov.provenance.checkout import checkout_model
 from nf1prov.provenance.preflight import CACHE_DIR
-from nf1prov.resolve import ResolvedModel
+from nf1prov.provenance.resolve import ResolvedModel
 
 RESULT = "nf1prov.reproduction"  # "identical" or "differs: ..." on the reproducing run
 COMPARISON_ARTIFACT = "reproduction/comparison.csv"

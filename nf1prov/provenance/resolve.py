@@ -9,13 +9,12 @@ Every ref is validated before it reaches MLflow's filter language or git, so tex
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from nf1prov import tracking
+from nf1prov import git, tracking
 from nf1prov.errors import UserError
-from nf1prov.provenance import git
-from nf1prov.share import registry
 
 MODEL_KINDS = (tracking.KIND_MODEL, tracking.KIND_SCRATCH)
 
@@ -42,8 +41,8 @@ def resolve_model(client, ref: str, run_id: str | None = None,
             raise UserError(f"--run-id {run_id} is run {run.info.run_name!r}, not {ref!r}.")
     elif git.RUN_ID_RE.match(ref or ""):
         run = _get_run(client, ref)
-    elif (ref or "").startswith(registry.MODELS_PREFIX):  # models:/<name>@<alias> or /<version>
-        run = _get_run(client, registry.run_of(client, ref))
+    elif (ref or "").startswith(MODELS_PREFIX):  # models:/<name>@<alias> or /<version>
+        run = _get_run(client, registered_run(client, ref))
     else:
         run = _run_by_codename(client, git.validate_codename(ref.removeprefix(
             git.MODEL_TAG_PREFIX)))
@@ -112,3 +111,64 @@ def _with_local_commit(resolved: ResolvedModel, root: Path) -> ResolvedModel:
         f"Fetch it{where}: `git fetch origin tag {tag_name}` (or `git fetch --all --tags`), "
         "then retry."
     )
+
+
+# --- the model registry: models:/<name>@<alias> and models:/<name>/<version> -----------------
+
+MODELS_PREFIX = "models:/"
+MODELS_URI_RE = re.compile(r"models:/(?P<name>[^@/]+)(?:@(?P<alias>[^@/]+)|/(?P<version>\d+))")
+
+
+def quoted(text: str) -> str:
+    return text.replace("'", "\\'")
+
+
+def registered_run(client, uri: str) -> str:
+    """The run ID behind ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
+    from mlflow.exceptions import MlflowException
+
+    match = MODELS_URI_RE.fullmatch(uri)
+    if not match:
+        raise UserError(f"{uri!r} is not a model registry URI: use models:/<name>@<alias> or "
+                        "models:/<name>/<version> (the catalogue's Registered lines show them; "
+                        "'latest' is not supported: name an alias).")
+    name = match["name"]
+    try:
+        if match["alias"]:
+            version = client.get_model_version_by_alias(name, match["alias"])
+        else:
+            version = client.get_model_version(name, match["version"])
+    except MlflowException:
+        raise UserError(f"{uri} names no model version in the registry of {client.tracking_uri}."
+                        f"{_what_there_is(client, name)} Register a model with `nf1prov "
+                        "register CODENAME --alias NAME`.") from None
+    if not version.run_id:
+        raise UserError(f"{uri} was registered outside nf1prov and names no run: pass the "
+                        "model's codename instead.")
+    return version.run_id
+
+
+def _what_there_is(client, name: str) -> str:
+    """A hint: the registered model's versions and aliases, or the registered models."""
+    try:
+        model = client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - only for a hint
+        names = sorted(m.name for m in every_page(client.search_registered_models))
+        return (f" Registered models: {', '.join(names)}." if names
+                else " Nothing is registered there yet.")
+    versions = sorted(int(v.version) for v in every_page(
+        client.search_model_versions, f"name = '{quoted(name)}'"))
+    aliases = ", ".join(f"@{a} (v{v})" for a, v in sorted((model.aliases or {}).items()))
+    return (f" {name} has versions {', '.join(map(str, versions)) or 'none'}"
+            f"{'; aliases ' + aliases if aliases else ''}.")
+
+
+def every_page(search, *args) -> list:
+    """Every page of an MLflow registry search."""
+    found, token = [], None
+    while True:
+        page = search(*args, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found

@@ -1,0 +1,189 @@
+"""Files for prediction: which inputs, reading z-stacks from TIFF, writing the outputs.
+
+`predict_files` runs a loaded model (anything with ``predict(stack, ...)``, ``normalisation``
+and ``postprocess``, e.g. `nf1prov.provenance.models.LoadedModel`) over files, folders and glob
+patterns, checking every file's header before predicting any.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nf1prov.data.semantic import CLASS_NAMES
+from nf1prov.errors import UserError
+from nf1prov.segment.predict import class_map
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+# What `write_outputs` names its files: a folder of earlier predictions is not an input.
+OUTPUT_ENDINGS = ("_probabilities.tif", "_probabilities.ome.tif", "_classes.ome.tif",
+                  "_labels.ome.tif")
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[tuple[Path, Path]]:
+    """(file, base) pairs from files, folders and glob patterns; ``base`` is the folder the
+    outputs mirror the file's relative location from.
+
+    A folder contributes the ``*_TRANS.tif`` files under it (recursively), or, when it has none,
+    every .tif/.tiff under it except the outputs of an earlier `predict` (`OUTPUT_ENDINGS`).
+    Raises UserError for an input that matches nothing.
+    """
+    import glob
+
+    found: list[tuple[Path, Path]] = []
+    for text in inputs:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            files = sorted(path.rglob("*_TRANS.tif"))
+            if not files:
+                files = sorted(p for p in path.rglob("*")
+                               if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES
+                               and not p.name.endswith(OUTPUT_ENDINGS))
+            if not files:
+                raise UserError(f"Input folder {path} holds no *_TRANS.tif or .tif/.tiff files "
+                                "(other than the outputs of an earlier `nf1prov predict`).")
+            found.extend((f, path) for f in files)
+        elif path.is_file():
+            found.append((path, path.parent))
+        elif glob.has_magic(text):
+            files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            if not files:
+                raise UserError(f"Input pattern {text!r} matches no files.")
+            found.extend((f, f.parent) for f in files)
+        else:
+            raise UserError(f"Input {path} does not exist. Pass z-stack files (.tif), folders "
+                            "of them, or glob patterns.")
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise UserError("No input files given.")
+    return unique
+
+
+def check_stack(path: Path, shape: tuple[int, ...], dtype, axes: str,
+                normalisation: str = "dtype_max") -> tuple[int, int, int]:
+    """The (Z, H, W) shape a file of this ``shape``/``dtype``/``axes`` is predicted as.
+
+    Raises UserError naming the file for RGB/multi-channel images, more than three non-singleton
+    dimensions, empty images, and dtypes the model's ``normalisation`` cannot scale (only
+    unsigned integers have a dtype maximum; ``percentile`` takes any real dtype).
+    """
+    dtype = np.dtype(dtype)
+    # Interleaved samples (axes ending in S: Y, X, RGB) are colour. A planar 'SYX' file is what
+    # tifffile writes for a plain (3, H, W) array by default, so it is read as a 3-slice stack.
+    if axes.endswith("S") and shape[-1] > 1:
+        raise UserError(f"{path} is an RGB/multi-sample image (axes {axes}, shape {shape}); "
+                        "the model takes single-channel brightfield z-stacks (Z, H, W). Save the "
+                        "brightfield channel alone.")
+    squeezed = tuple(s for s in shape if s != 1) if len(shape) > 3 else tuple(shape)
+    if len(squeezed) == 2:
+        squeezed = (1, *squeezed)
+    if len(squeezed) != 3:
+        raise UserError(f"{path} has shape {tuple(shape)} (axes {axes}); the model takes a "
+                        "(Z, H, W) z-stack or a 2-D (H, W) image.")
+    if min(squeezed) < 1:
+        raise UserError(f"{path} is empty (shape {tuple(shape)}).")
+    if normalisation == "dtype_max" and dtype.kind != "b" and \
+            not np.issubdtype(dtype, np.unsignedinteger):
+        raise UserError(f"{path} has dtype {dtype}; the model was trained on unsigned integer "
+                        "images normalised by their dtype maximum (uint8/uint16). Convert the "
+                        "file to uint8 or uint16.")
+    if dtype.kind not in "biuf":
+        raise UserError(f"{path} has dtype {dtype}, which is not a real-valued image type.")
+    return squeezed
+
+
+def _open_series(path: Path, read: bool):
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return series.shape, series.dtype, series.axes, (series.asarray() if read else None)
+    except Exception as exc:
+        raise UserError(f"Cannot read {path} as a TIFF image: {exc}.") from None
+
+
+def read_stack(path: Path, normalisation: str = "dtype_max") -> np.ndarray:
+    """A brightfield image file as a (Z, H, W) array; a 2-D image becomes Z = 1.
+
+    Raises UserError naming the file when a model normalising with ``normalisation`` cannot
+    take it (see `check_stack`).
+    """
+    shape, dtype, axes, data = _open_series(path, read=True)
+    return data.reshape(check_stack(path, shape, dtype, axes, normalisation))
+
+
+def output_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+@dataclass(frozen=True)
+class PredictionFiles:
+    probabilities: Path
+    classes: Path
+    labels: Path
+    n_cells: int
+
+
+def write_outputs(outdir: Path, stem: str, prob: np.ndarray, labels: np.ndarray,
+                  probabilities_dtype: str = "float16") -> PredictionFiles:
+    """Write one stack's predictions under ``outdir``:
+
+    - ``<stem>_probabilities.ome.tif``: float32 (C, Z, Y, X) OME-TIFF, channels named by class;
+      with float16 (the default, half the size) ``<stem>_probabilities.tif`` instead, because
+      OME-XML has no half-float pixel type: a tifffile "shaped" TIFF whose JSON description
+      holds the axes ``CZYX`` (``tifffile.TiffFile(...).series[0].axes``);
+    - ``<stem>_classes.ome.tif``: uint8 (Z, Y, X) class map (argmax), OME-TIFF;
+    - ``<stem>_labels.ome.tif``: uint16/uint32 (Z, Y, X) instance labels, OME-TIFF.
+    """
+    import tifffile
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    if probabilities_dtype == "float16":
+        prob_path = outdir / f"{stem}_probabilities.tif"
+        tifffile.imwrite(prob_path, prob.astype(np.float16), metadata={"axes": "CZYX"})
+    else:
+        prob_path = outdir / f"{stem}_probabilities.ome.tif"
+        tifffile.imwrite(prob_path, prob.astype(np.float32), ome=True,
+                         metadata={"axes": "CZYX", "Channel": {"Name": list(CLASS_NAMES)}})
+    files = PredictionFiles(prob_path, outdir / f"{stem}_classes.ome.tif",
+                            outdir / f"{stem}_labels.ome.tif", int(labels.max(initial=0)))
+    tifffile.imwrite(files.classes, class_map(prob), ome=True, compression="zlib",
+                     metadata={"axes": "ZYX"})
+    tifffile.imwrite(files.labels, labels, ome=True, compression="zlib",
+                     metadata={"axes": "ZYX"})
+    return files
+
+
+def predict_files(loaded, inputs: Iterable[str], outdir: Path, *,
+                  postprocess=None, batch_size: int = 8,
+                  overlap: int | None = None, probabilities_dtype: str = "float16",
+                  progress: bool = True) -> Iterator[tuple[Path, PredictionFiles]]:
+    """Predict every input file and write its outputs; yields (input, PredictionFiles).
+
+    ``postprocess``: instance parameters (default: the model's, ``loaded.postprocess``).
+    Outputs mirror each input's location relative to the folder it was found in, so
+    same-named stacks of different patients do not overwrite each other.
+    """
+    if probabilities_dtype not in ("float16", "float32"):
+        raise UserError(f"--probabilities-dtype must be float16 or float32, "
+                        f"not {probabilities_dtype!r}.")
+    postprocess = postprocess or loaded.postprocess
+    pairs = expand_inputs(inputs)
+    for path, _ in pairs:  # check every header before predicting any: a bad file fails fast
+        check_stack(path, *_open_series(path, read=False)[:3], loaded.normalisation)
+    outdir = Path(outdir)
+    for path, base in pairs:
+        stack = read_stack(path, loaded.normalisation)
+        rel = path.parent.relative_to(base)
+        prob = loaded.predict(stack, overlap=overlap, batch_size=batch_size, progress=progress,
+                              description=path.name)
+        yield path, write_outputs(outdir / rel, output_stem(path), prob,
+                                  postprocess.segment(prob), probabilities_dtype)
