@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from nf1prov.errors import UserError
 
@@ -54,6 +55,14 @@ def child_environment(tracking_uri: str | None = None) -> dict[str, str]:
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     return env
+
+
+def public_uri(uri: str) -> str:
+    """``uri`` without a user name or password (a tracking URI may hold them)."""
+    parts = urlsplit(uri)
+    if not parts.netloc or "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def ui_hint(tracking_uri: str) -> str:

@@ -254,14 +254,14 @@ def outcome_record(outcome, client) -> dict:
 
     from nf1prov import tracking
     from nf1prov.segment.instances import PARAM_PREFIX, PostProcess
-    from nf1prov.share.bioimageio import public_uri
 
     model = outcome.kind == "model"
     record = {"codename": outcome.codename, "run_id": outcome.run_id,
               "experiment_id": outcome.experiment_id, "kind": outcome.kind,
               "commit": outcome.sha if model else None, "head": None if model else outcome.sha,
               "git_tag": f"model/{outcome.codename}" if model else None,
-              "resumed": outcome.resumed, "tracking_uri": public_uri(outcome.tracking_uri),
+              "resumed": outcome.resumed,
+              "tracking_uri": tracking.public_uri(outcome.tracking_uri),
               "mlflow_ui": tracking.ui_hint(outcome.tracking_uri),
               "best_epoch": None, "epochs_run": None, "best_val_dice": {}, "instances": None,
               "val_instance_f1": None}

@@ -35,12 +35,11 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import tifffile
 
-from nf1prov import catalog, git
+from nf1prov import catalog, git, tracking
 from nf1prov.data.inputs import PERCENTILES, dtype_maximum, normalise, slice_windows
 from nf1prov.data.manifest import sha256_file
 from nf1prov.data.semantic import CLASS_NAMES
@@ -317,14 +316,6 @@ def architecture_source(root: Path, sha: str, arch) -> bytes:
     return git.read_blob(root, blob)
 
 
-def public_uri(uri: str) -> str:
-    """``uri`` without a user name or password (a tracking URI may hold them)."""
-    parts = urlsplit(uri)
-    if not parts.netloc or "@" not in parts.netloc:
-        return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
 # ---------------------------------------------------------------------------------------------
 # The flow
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +480,8 @@ def export_model(root: Path, client, tracking_uri: str, model: ResolvedModel, ou
         provenance = {
             "codename": model.codename, "commit": model.sha,
             "git_tag": git.model_tag(model.codename), "run_id": model.run_id,
-            "experiment_id": model.experiment_id, "tracking_uri": public_uri(tracking_uri),
+            "experiment_id": model.experiment_id,
+            "tracking_uri": tracking.public_uri(tracking_uri),
             **({"run_url": entry["url"]} if entry.get("url") else {}),
             "data_manifest_sha256": sha256_file(artifacts / MANIFEST_ARTIFACT),
             "test_field": fov_id, "input_slices": loaded.input_slices,
@@ -573,7 +565,7 @@ def model_descr(*, model: ResolvedModel, root: Path, loaded, arch, files: dict, 
         f"z-stacks of NF1 organoids; nf1prov model {model.codename}.")
     started = model.run.info.start_time
     remote = git.remote_url(root) or ""
-    repo = public_uri(remote) if remote.startswith(("https://", "http://")) else None
+    repo = tracking.public_uri(remote) if remote.startswith(("https://", "http://")) else None
     tags = list(dict.fromkeys([*TAGS, *settings["tags"]]))
     parameters = sum(p.numel() for p in loaded.model.parameters())
     fields = dict(
