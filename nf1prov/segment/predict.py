@@ -98,12 +98,6 @@ class TileGrid:
     starts: tuple[np.ndarray, np.ndarray]
     weights: tuple[np.ndarray, np.ndarray]
 
-    @property
-    def origins(self) -> np.ndarray:
-        """int64 (N, 2): the (y, x) of each tile's top-left corner, row by row."""
-        ys, xs = np.meshgrid(*self.starts, indexing="ij")
-        return np.stack([ys.ravel(), xs.ravel()], axis=1)
-
 
 def tile_grid(height: int, width: int, tile_size: int | None, overlap: int = 0) -> TileGrid:
     """The tile grid of an (H, W) slice, padded at the bottom and right to multiples of 16 as a
