@@ -67,8 +67,9 @@ def test_cross_field_checks(tmp_path):
         load_config(write(tmp_path, "[data]\ninput_slices = 2\n"))
     with pytest.raises(UserError, match="multiple of 16"):
         load_config(write(tmp_path, "[data]\ncrop_size = 100\n"))
-    with pytest.raises(UserError, match="architecture 'vit'"):
-        load_config(write(tmp_path, "[model]\narchitecture = 'vit'\n"))
+    # the architecture is checked against the repository's models/ by preflight, not here
+    assert load_config(write(tmp_path, "[model]\narchitecture = 'vit'\n"))["model"][
+        "architecture"] == "vit"
 
 
 def test_bad_toml_and_missing_file_name_the_file(tmp_path):
@@ -162,6 +163,14 @@ BAD_VALUES = [
     ("postprocess.seed_threshold=1", "a probability in (0, 1)"),
     ("postprocess.foreground_threshold=0", "a probability in (0, 1)"),
     ("postprocess.min_size=-1", "an integer >= 0"),
+    ('experiment.name=""', "a non-empty MLflow experiment name"),
+    ('experiment.name=" nf1 "', "without leading or trailing spaces"),
+    ('data.root=" "', "a folder"),
+    ('data.holdout_patients=["NF0014/C4-2"]', "distinct patient folder names"),
+    ('data.holdout_patients=[""]', "distinct patient folder names"),
+    ('data.holdout_patients=["NF0014", "NF0014"]', "distinct patient folder names"),
+    ('model.architecture="my net"', "a name of ARCHITECTURES"),
+    ('export.tags=["cells", ""]', "a list of non-empty tags"),
     ('export.license="MIT License"', "an SPDX licence id"),
     ('export.cite_doi="https://doi.org/10.5281/zenodo.1"', "a DOI such as"),
     ('export.cite_url="github.com/lab/project"', "an http(s) URL"),
@@ -187,13 +196,18 @@ def test_out_of_range_values_are_refused_naming_key_and_range(tmp_path, override
         load_config(path)
 
 
-def test_every_numeric_setting_has_a_rule_and_a_bad_value():
+def test_every_setting_has_a_rule_and_a_bad_value():
     numeric = {
         f"{section}.{key}" for section, values in SCHEMA.items() for key, value in values.items()
         if isinstance(value, int | float) and not isinstance(value, bool)
         or isinstance(value, list) and value and isinstance(value[0], int | float)
     }
     assert numeric <= set(RANGES)
+    # every other setting too, but yes/no switches and free text
+    free_text = {"export.cite_text"}
+    checked = {f"{section}.{key}" for section, values in SCHEMA.items() if section != "description"
+               for key, value in values.items() if not isinstance(value, bool)} - free_text
+    assert checked <= set(RANGES), checked - set(RANGES)
     tested = {override.split("=")[0] for override, _ in BAD_VALUES}
     assert set(RANGES) <= tested
 
@@ -209,6 +223,9 @@ def test_every_numeric_setting_has_a_rule_and_a_bad_value():
     'train.search_storage="sqlite:////srv/optuna/optuna.db"',
     'export.license="CC-BY-4.0"', 'export.cite_doi="10.5281/zenodo.1234567"',
     'export.cite_url="https://github.com/lab/project"', 'export.license=""',
+    'data.holdout_patients=[]', 'data.holdout_patients=["NF0014", "NF0014_T1"]',
+    'model.architecture="unet_v2"', 'export.tags=["nuclei", "brightfield"]',
+    'experiment.name="nf1 segmentation (lab A)"',
 ])
 def test_values_at_the_edges_of_the_ranges_are_accepted(tmp_path, override):
     load_config(write(tmp_path, ""), [override])

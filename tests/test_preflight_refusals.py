@@ -258,6 +258,42 @@ def test_git_ignored_training_code_is_refused(committed, tracking_uri):
     assert "nf1prov/data/" in output and ".gitignore:" in output and "'/data/'" in output
 
 
+def test_an_unknown_architecture_is_refused_naming_the_workspace_models(committed,
+                                                                      tracking_uri):
+    output = refused(committed, tracking_uri, "--set", "model.architecture=vit")
+    assert "model.architecture 'vit'" in output
+    assert str(committed / "models" / "__init__.py") in output and "known: unet" in output
+
+
+def test_an_architecture_the_workspace_adds_passes_preflight(committed, tracking_uri):
+    """The names come from the repository's own models/ (what the commit will hold), not from
+    an installed copy of nf1prov, which knows only its own."""
+    init = committed / "models" / "__init__.py"
+    init.write_text(init.read_text().replace('ARCHITECTURES = {"unet": UNet}',
+                                             'ARCHITECTURES = {"unet": UNet, "wide": UNet}'))
+    git.stage_all(committed)
+    git.commit(committed, "a second architecture\n")
+    plan = preflight.preflight(config_path="configs/tiny.toml", tracking_uri=tracking_uri,
+                               overrides=["model.architecture=wide"])
+    assert plan.config["model"]["architecture"] == "wide"
+
+
+@pytest.mark.parametrize("source, names", [
+    ('from models.unet import UNet\nARCHITECTURES = {"unet": UNet, "b": UNet}\n', ["b", "unet"]),
+    ('ARCHITECTURES: dict = {"x": object}\n', ["x"]),
+    ("ARCHITECTURES = dict(unet=object)\n", None),  # not a literal: checked when built
+    ('ARCHITECTURES = {NAME: object}\n', None),
+    ("ARCHITECTURES = {\n", None),  # a syntax error: the training process will report it
+    ("", None),
+])
+def test_architecture_names_are_read_without_importing_models(tmp_path, source, names):
+    from nf1prov.provenance.code_snapshot import architecture_names
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text(source)
+    assert architecture_names(tmp_path) == names
+
+
 def test_preflight_error_names_the_fix_for_a_refusal(committed, tracking_uri):
     with pytest.raises(UserError, match="--no-commit"):
         _merge(committed)

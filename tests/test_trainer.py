@@ -222,6 +222,9 @@ def test_user_errors_name_the_problem(tracking_uri, data_root, tmp_path):
         with pytest.raises(UserError, match="does not exist"):
             train_model(tiny_config(), data_root, cache_dir=tmp_path / "cache",
                         resume_from=tmp_path / "missing.pt")
+        with pytest.raises(UserError, match="model.architecture 'vit'.*known: unet"):
+            train_model(tiny_config() | {"model": {"architecture": "vit", "base_width": 4}},
+                        data_root, cache_dir=tmp_path / "cache")
     if not torch.cuda.is_available():
         with mlflow.start_run():
             with pytest.raises(UserError, match="train.device"):

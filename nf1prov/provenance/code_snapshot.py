@@ -11,6 +11,7 @@ module it imported lies in that folder.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import shutil
@@ -62,6 +63,36 @@ def check_tree_holds_code(root: Path) -> None:
             "repository it commits to: work in a clone of the nf1prov repository (or copy its "
             "nf1prov/ and models/ folders into this one), then train again."
         )
+
+
+def architecture_names(root: Path) -> list[str] | None:
+    """The keys of ``ARCHITECTURES`` in the repository's ``models/__init__.py``, read from its
+    source without importing it (torch); None when that file does not spell the dict out as a
+    literal with string keys (the training process then checks the name when it builds)."""
+    try:
+        tree = ast.parse((Path(root) / "models" / "__init__.py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        if any(isinstance(t, ast.Name) and t.id == "ARCHITECTURES" for t in targets):
+            keys = node.value.keys if isinstance(node.value, ast.Dict) else [None]
+            if all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in keys):
+                return sorted(k.value for k in keys)
+            return None
+    return None
+
+
+def check_architecture(root: Path, config: dict, source: str) -> None:
+    """Preflight: ``model.architecture`` names a class in the repository's own models package
+    (the code the commit will hold, not an installed copy)."""
+    name = config["model"]["architecture"]
+    known = architecture_names(root)
+    if known is not None and name not in known:
+        raise UserError(f"{source}: model.architecture {name!r} is not in ARCHITECTURES of "
+                        f"{Path(root) / 'models' / '__init__.py'} (known: {', '.join(known)}). "
+                        "Set model.architecture to one of those, or add the class there.")
 
 
 def check_commit_holds_code(root: Path, sha: str, name: str) -> None:

@@ -249,6 +249,7 @@ def preflight(*, config_path: str | Path, overrides=(), data_root: str | None = 
         check_model_tags_possible(root)
     code_snapshot.check_tree_holds_code(root)
     config = load_config(config_path, tuple(overrides))
+    code_snapshot.check_architecture(root, config, source=str(config_path))
     check_ranks(config)
     uri = tracking.resolve_tracking_uri(tracking_uri, root)
     check_runtime_files_ignored(root, uri)

@@ -24,6 +24,7 @@ model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -33,7 +34,7 @@ import random
 import re
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,13 +90,21 @@ class PreparedData:
 # --------------------------------------------------------------------------------------------
 
 def check_can_train(config: dict, resume_from: Path | None) -> None:
-    """Refusals before anything is logged: no active run, no such device, no checkpoint."""
+    """Refusals before anything is logged: no active run, no such device or architecture, no
+    checkpoint."""
     import mlflow
 
     if distributed.current().logs and mlflow.active_run() is None:
         raise RuntimeError("train_model must be called inside an active MLflow run "
                            "(mlflow.start_run()); the caller owns the run.")
     resolve_device(config["train"]["device"])
+    from models import ARCHITECTURES
+
+    name = config["model"]["architecture"]
+    if name not in ARCHITECTURES:
+        raise UserError(f"model.architecture {name!r} is not in models.ARCHITECTURES (known: "
+                        f"{', '.join(sorted(ARCHITECTURES))}): set it to one of those, or add "
+                        "the class there.")
     if resume_from is not None and not Path(resume_from).is_file():
         raise UserError(f"Checkpoint {resume_from} does not exist: pass the checkpoints/last.pt "
                         "of the run to resume.")
@@ -164,94 +173,76 @@ def prepare_data(config: dict, data_root: Path, cache_dir: Path) -> PreparedData
 # the loop
 # --------------------------------------------------------------------------------------------
 
+@dataclass
+class Training:
+    """What a training step changes, and a checkpoint saves and restores: the model (and
+    ``trained``, the same model inside DDP when data-parallel), optimiser, gradient scaler, loss
+    weights, the shuffle generator, the early-stopping state and the per-epoch metrics."""
+
+    model: nn.Module
+    trained: nn.Module  # what the training steps call: model, or DDP around it
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: WeightedBCELoss
+    generator: torch.Generator  # the shuffle order is part of the seeded state
+    build: Callable[[], nn.Module]  # a fresh plain network of the config's architecture
+    state: dict = field(default_factory=lambda: {
+        "epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0})
+    best_weights: dict[str, torch.Tensor] | None = None  # on the CPU
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
 def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
         on_epoch: EpochCallback | None = None, checkpoint: bool = True) -> TrainResult:
     """Train with early stopping on validation loss; log per-epoch metrics, overlays and (with
     ``checkpoint``) `checkpoints/last.pt` to the active run. Returns the best epoch's model."""
-
-    d, t, m = config["data"], config["train"], config["model"]
+    d, t = config["data"], config["train"]
     ranks = distributed.current()
     device = distributed.device_for(resolve_device(t["device"]), ranks)
     use_amp = device.type == "cuda"  # AMP only on CUDA (CPU autocast is slow and imprecise)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(device.type == "cpu")
-    try:
+    with deterministic(device.type == "cpu"):
         seed_everything(t["seed"])
         log.info("seed %d (torch, numpy, random, DataLoader generator)", t["seed"])
         # each epoch's crop transforms come from (seed, epoch): resumable by construction
         data.train.augment(config["augment"], t["seed"])
-
-        # model, optimiser, loss
-        from models import ARCHITECTURES
-
-        def build() -> nn.Module:
-            return ARCHITECTURES[m["architecture"]](
-                in_channels=d["input_slices"], num_classes=len(CLASS_NAMES),
-                base_width=m["base_width"])
-
-        model = build().to(device)
-        trained = model  # what the training steps call: model, or DDP around it
-        if ranks.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            trained = DistributedDataParallel(
-                distributed.global_batch_norm(model, ranks),
-                device_ids=[device.index] if device.type == "cuda" else None)
-        optimizer = torch.optim.Adam(model.parameters(), lr=t["learning_rate"], betas=(0.5, 0.999))
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-        weights = sample_class_weights(data.train, t["weight_samples"], t["seed"], d["crop_margin"])
-        criterion = WeightedBCELoss(weights, alpha=t["alpha"], ranks=ranks).to(device)
-
-        # data loaders: the generator makes the shuffle order part of the seeded state
-        generator = torch.Generator().manual_seed(t["seed"])
-        train_loader, val_loader = make_loaders(data, t, generator, ranks, device)
+        run = build_training(config, data, device, ranks, use_amp)
+        train_loader, val_loader = make_loaders(data, t, run.generator, ranks, device)
         overlay_indices = pick_overlay_crops(len(data.val), t["overlay_crops"])
-
-        # early-stopping state; a checkpoint restores all of it
-        state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
-        best_weights: dict[str, torch.Tensor] | None = None
-        history: list[dict[str, float]] = []
         if resume_from is not None:
-            ckpt = load_checkpoint(Path(resume_from), config)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            criterion.weights.copy_(ckpt["loss_weights"])
-            generator.set_state(ckpt["rng"]["generator"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            state, best_weights, history = ckpt["state"], ckpt["best_weights"], ckpt["history"]
-            log.info("resuming after epoch %d from %s", state["epoch"], resume_from)
+            restore(run, load_checkpoint(Path(resume_from), config))
+            log.info("resuming after epoch %d from %s", run.state["epoch"], resume_from)
+        state = run.state
 
         for epoch in range(state["epoch"] + 1, t["epochs"] + 1):
             if state["bad_epochs"] >= t["patience"]:
                 break  # a resumed run that had already stopped early
             label = f"epoch {epoch}/{t['epochs']}"
             data.train.set_epoch(epoch)
-            scores = run_epoch("train", trained, train_loader, criterion, device, use_amp,
-                               d["crop_margin"], t["max_batches_per_epoch"], label,
-                               optimizer=optimizer, scaler=scaler, ranks=ranks)
-            scores |= run_epoch("val", model, val_loader, criterion, device, use_amp,
+            scores = run_epoch("train", run.trained, train_loader, run.criterion, device,
+                               use_amp, d["crop_margin"], t["max_batches_per_epoch"], label,
+                               optimizer=run.optimizer, scaler=run.scaler, ranks=ranks)
+            scores |= run_epoch("val", run.model, val_loader, run.criterion, device, use_amp,
                                 d["crop_margin"], t["max_batches_per_epoch"], label, ranks=ranks)
             if not math.isfinite(scores["train_loss"]):
                 raise FloatingPointError(f"training loss is {scores['train_loss']} at epoch "
                                          f"{epoch}: lower train.learning_rate.")
             if ranks.logs:
                 outbox.current().log_metrics(scores, step=epoch)
-            history.append(scores)
+            run.history.append(scores)
 
             state["epoch"] = epoch
             if scores["val_loss"] < state["best_val_loss"]:
                 state.update(best_val_loss=scores["val_loss"], best_epoch=epoch, bad_epochs=0)
-                best_weights = {k: v.detach().to("cpu", copy=True)
-                                for k, v in model.state_dict().items()}
+                run.best_weights = {k: v.detach().to("cpu", copy=True)
+                                    for k, v in run.model.state_dict().items()}
             else:
                 state["bad_epochs"] += 1
 
             if ranks.logs:
-                log_overlays(model, data.val, overlay_indices, epoch, device, d["input_slices"])
+                log_overlays(run.model, data.val, overlay_indices, epoch, device,
+                             d["input_slices"])
                 if checkpoint:
-                    log_checkpoint(config, model, optimizer, scaler, criterion, generator, state,
-                                   best_weights, history)
+                    log_checkpoint(config, run)
                 if on_epoch is not None:
                     on_epoch(epoch, scores)
             if state["bad_epochs"] >= t["patience"]:
@@ -259,18 +250,49 @@ def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
                          epoch, t["patience"])
                 break
 
-        if best_weights is None:
-            raise RuntimeError("no epoch was trained (train.epochs already reached?)")
         ranks.barrier()  # every rank is done with the group before rank 0 goes on alone
-        model = build()  # the plain architecture (no DDP, no global batch norm) for export
-        model.load_state_dict(best_weights)
-        model = model.eval()
-        best_metrics = history[state["best_epoch"] - 1]
-        return TrainResult(best_epoch=state["best_epoch"], best_val_loss=state["best_val_loss"],
-                           best_metrics=best_metrics, model=model, epochs_run=state["epoch"],
-                           history=history)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
+        return best_result(run)
+
+
+def build_training(config: dict, data: PreparedData, device: torch.device,
+                   ranks: distributed.Ranks, use_amp: bool) -> Training:
+    """The network (from ``models.ARCHITECTURES``), optimiser, scaler and loss of a new
+    training, seeded; the order of construction is part of what makes a run reproducible."""
+    d, t, m = config["data"], config["train"], config["model"]
+    from models import ARCHITECTURES
+
+    def build() -> nn.Module:
+        return ARCHITECTURES[m["architecture"]](
+            in_channels=d["input_slices"], num_classes=len(CLASS_NAMES),
+            base_width=m["base_width"])
+
+    model = build().to(device)
+    trained = model
+    if ranks.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(
+            distributed.global_batch_norm(model, ranks),
+            device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t["learning_rate"], betas=(0.5, 0.999))
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    weights = sample_class_weights(data.train, t["weight_samples"], t["seed"], d["crop_margin"])
+    criterion = WeightedBCELoss(weights, alpha=t["alpha"], ranks=ranks).to(device)
+    generator = torch.Generator().manual_seed(t["seed"])
+    return Training(model=model, trained=trained, optimizer=optimizer, scaler=scaler,
+                    criterion=criterion, generator=generator, build=build)
+
+
+def best_result(run: Training) -> TrainResult:
+    """The best epoch's weights in a plain network (no DDP, no global batch norm) for export."""
+    if run.best_weights is None:
+        raise RuntimeError("no epoch was trained (train.epochs already reached?)")
+    model = run.build()
+    model.load_state_dict(run.best_weights)
+    state = run.state
+    return TrainResult(best_epoch=state["best_epoch"], best_val_loss=state["best_val_loss"],
+                       best_metrics=run.history[state["best_epoch"] - 1], model=model.eval(),
+                       epochs_run=state["epoch"], history=run.history)
 
 
 def run_epoch(split: str, model: nn.Module, loader: DataLoader, criterion: WeightedBCELoss,
@@ -354,30 +376,50 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+@contextlib.contextmanager
+def deterministic(mode: bool) -> Iterator[None]:
+    """`torch.use_deterministic_algorithms(mode)` inside the block, restored after it."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(mode)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 # --------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------
 
-def log_checkpoint(config, model, optimizer, scaler, criterion, generator, state, best_weights,
-                   history) -> None:
+def log_checkpoint(config: dict, run: Training) -> None:
     """Everything needed to continue exactly where this epoch ended, as `checkpoints/last.pt`."""
-
     ckpt = {
         "format": CHECKPOINT_FORMAT,
         "config": config,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "loss_weights": criterion.weights.detach().cpu(),
-        "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
-        "state": dict(state),
-        "best_weights": best_weights,
-        "history": history,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "loss_weights": run.criterion.weights.detach().cpu(),
+        "rng": {"generator": run.generator.get_state(), "torch": torch.get_rng_state()},
+        "state": dict(run.state),
+        "best_weights": run.best_weights,
+        "history": run.history,
     }
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "last.pt"
         torch.save(ckpt, path)
         outbox.current().log_artifact(path, artifact_path="checkpoints")
+
+
+def restore(run: Training, ckpt: dict) -> None:
+    """Put a checkpoint (`load_checkpoint`) back into a newly built training."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.criterion.weights.copy_(ckpt["loss_weights"])
+    run.generator.set_state(ckpt["rng"]["generator"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    run.state, run.best_weights, run.history = ckpt["state"], ckpt["best_weights"], ckpt["history"]
 
 
 def load_checkpoint(path: Path, config: dict) -> dict:
