@@ -261,7 +261,7 @@ def test_git_ignored_training_code_is_refused(committed, tracking_uri):
 def test_an_unknown_architecture_is_refused_naming_the_workspace_models(committed,
                                                                       tracking_uri):
     output = refused(committed, tracking_uri, "--set", "model.architecture=vit")
-    assert "model.architecture 'vit'" in output
+    assert "--set model.architecture=vit: model.architecture 'vit'" in output
     assert str(committed / "models" / "__init__.py") in output and "known: unet" in output
 
 
@@ -282,6 +282,10 @@ def test_an_architecture_the_workspace_adds_passes_preflight(committed, tracking
     ('from models.unet import UNet\nARCHITECTURES = {"unet": UNet, "b": UNet}\n', ["b", "unet"]),
     ('ARCHITECTURES: dict = {"x": object}\n', ["x"]),
     ("ARCHITECTURES = dict(unet=object)\n", None),  # not a literal: checked when built
+    # changed after the literal: the source alone does not settle the names
+    ('ARCHITECTURES = {"unet": object}\nARCHITECTURES["tiny"] = object\n', None),
+    ('ARCHITECTURES = {"unet": object}\nARCHITECTURES.update(tiny=object)\n', None),
+    ('from models.more import ARCHITECTURES\n', None),
     ('ARCHITECTURES = {NAME: object}\n', None),
     ("ARCHITECTURES = {\n", None),  # a syntax error: the training process will report it
     ("", None),

@@ -67,26 +67,33 @@ def check_tree_holds_code(root: Path) -> None:
 
 def architecture_names(root: Path) -> list[str] | None:
     """The keys of ``ARCHITECTURES`` in the repository's ``models/__init__.py``, read from its
-    source without importing it (torch); None when that file does not spell the dict out as a
-    literal with string keys (the training process then checks the name when it builds)."""
+    source without importing it (torch). None when the source does not settle them: the dict is
+    not one literal with string keys, or the module mentions ``ARCHITECTURES`` anywhere else
+    (``ARCHITECTURES["x"] = X``, ``.update``, an import); the training process then checks the
+    name when it builds the network."""
     try:
         tree = ast.parse((Path(root) / "models" / "__init__.py").read_text(encoding="utf-8"))
     except (OSError, SyntaxError, ValueError):
         return None
+    mentions = [node for node in ast.walk(tree)
+                if isinstance(node, ast.Name) and node.id == "ARCHITECTURES"
+                or isinstance(node, ast.alias) and "ARCHITECTURES" in (node.name, node.asname)]
+    if len(mentions) != 1:
+        return None
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else (
-            [node.target] if isinstance(node, ast.AnnAssign) else [])
-        if any(isinstance(t, ast.Name) and t.id == "ARCHITECTURES" for t in targets):
-            keys = node.value.keys if isinstance(node.value, ast.Dict) else [None]
-            if all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in keys):
-                return sorted(k.value for k in keys)
-            return None
+        if isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(node.value, ast.Dict):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if mentions[0] in targets:
+                keys = node.value.keys
+                if all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in keys):
+                    return sorted(k.value for k in keys)
     return None
 
 
 def check_architecture(root: Path, config: dict, source: str) -> None:
     """Preflight: ``model.architecture`` names a class in the repository's own models package
-    (the code the commit will hold, not an installed copy)."""
+    (the code the commit will hold, not an installed copy). ``source`` names where the value
+    came from (the config file or its --set)."""
     name = config["model"]["architecture"]
     known = architecture_names(root)
     if known is not None and name not in known:

@@ -249,7 +249,9 @@ def preflight(*, config_path: str | Path, overrides=(), data_root: str | None = 
         check_model_tags_possible(root)
     code_snapshot.check_tree_holds_code(root)
     config = load_config(config_path, tuple(overrides))
-    code_snapshot.check_architecture(root, config, source=str(config_path))
+    given = [f"--set {item}" for item in overrides
+             if item.split("=", 1)[0].strip() == "model.architecture"]
+    code_snapshot.check_architecture(root, config, source=(given or [str(config_path)])[-1])
     check_ranks(config)
     uri = tracking.resolve_tracking_uri(tracking_uri, root)
     check_runtime_files_ignored(root, uri)
