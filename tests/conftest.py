@@ -141,6 +141,11 @@ weight_samples = 4
 overlay_crops = 1
 max_batches_per_epoch = 2
 
+# the instance parameters as given: choosing them costs each training process about a CPU
+# second; tests/test_trainer.py and the demo and dogfood tests (shipped configs) choose them
+[postprocess]
+tune = false
+
 [description]
 architecture = "UNet (width 4)"
 task = "Three-to-One slice segmentation mask prediction"

@@ -1,9 +1,11 @@
 """The README's own loop, in a copy of this very repository (its real README.md, .gitignore and
 configs), run with the installed `nf1prov` command, which comes from another checkout (this
-one): demo-data -> train -> catalog -> catalog --check -> catalog --commit."""
+one): demo-data -> train (--json) -> show --json -> catalog -> catalog --check -> catalog
+--commit, with the README's pre-commit hook installed."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -52,55 +54,23 @@ def test_a_fresh_clone_with_an_empty_store_passes_catalog_check(tmp_path, tracki
     assert "catalogue up to date (0 models)" in proc.stdout
 
 
-def test_the_readme_loop_in_a_clone_of_this_repository(tmp_path, tracking_uri, monkeypatch):
+def test_the_readme_loop_in_a_clone_with_the_documented_hook(tmp_path, tracking_uri,
+                                                              monkeypatch):
+    """The README's loop with its documented pre-commit hook (`nf1prov catalog --check`):
+    model commits go through (a model commit cannot hold its own catalogue entry), `train
+    --json` prints one JSON object on standard output even while the hook prints on its own,
+    any other commit with a stale catalogue is refused until `catalog --commit` (itself checked
+    by the hook) brings it up to date."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the README's default: <repo>/mlflow.db
-    repo = clone_of_this_repository(tmp_path / "nf1prov")
-    env = subprocess_env(tracking_uri)
-    del env["MLFLOW_TRACKING_URI"]
-
-    def nf1prov(*args, expect=0):
-        proc = subprocess.run([str(BIN / "nf1prov"), *args], cwd=repo, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == expect, (args, proc.stdout[-2000:], proc.stderr[-3000:])
-        return proc
-
-    readme_before = (repo / "README.md").read_text()
-    nf1prov("demo-data", "demo-data", "--patients", "3", "--sites", "2", "--slices", "5",
-            "--height", "48", "--width", "48")
-    overrides = [arg for item in TINY for arg in ("--set", item)]
-    nf1prov("train", "--config", "configs/demo.toml", *overrides)
-    sha = run_git(repo, "rev-parse", "HEAD")
-    committed = run_git(repo, "show", "--name-only", "--format=", sha).splitlines()
-    assert not [path for path in committed if path.startswith("demo-data/")]
-    assert git_status(repo) == []
-
-    nf1prov("catalog", "--check", expect=1)  # a new model: the README is stale
-    nf1prov("catalog")
-    readme = (repo / "README.md").read_text()
-    assert outside_markers(readme) == outside_markers(readme_before)
-    client = tracking.client(tracking.default_tracking_uri(repo))
-    (run,) = tracking.model_runs(client)
-    assert f"**Codename:** {run.info.run_name}" in readme and sha in readme
-    nf1prov("catalog", "--check")
-    assert git_status(repo) == [" M README.md"]
-    nf1prov("catalog", "--commit")
-    nf1prov("catalog", "--check")
-    assert git_status(repo) == []
-
-
-def test_the_documented_pre_commit_hook_checks_commits_but_lets_models_through(
-        tmp_path, tracking_uri, monkeypatch):
-    """README: `nf1prov catalog --check` as a pre-commit hook. A model commit cannot hold its
-    own catalogue entry, so the hook lets it through; any other commit with a stale catalogue
-    is refused until `catalog --commit` (itself checked by the hook) brings it up to date."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     repo = clone_of_this_repository(tmp_path / "nf1prov")
     readme = (REPO_ROOT / "README.md").read_text()
     assert "entry: nf1prov catalog --check" in readme  # what the README documents
     env = subprocess_env(tracking_uri)
     del env["MLFLOW_TRACKING_URI"]
     hook = repo / ".git" / "hooks" / "pre-commit"
-    hook.write_text("#!/bin/sh\nexec nf1prov catalog --check\n")
+    # the hook also prints on standard output, as hooks do, and counts its runs
+    hook.write_text("#!/bin/sh\necho pre-commit hook ran\necho ran >> .git/hook-runs\n"
+                    "exec nf1prov catalog --check\n")
     hook.chmod(0o755)
 
     def run(*args, expect=0):
@@ -109,17 +79,58 @@ def test_the_documented_pre_commit_hook_checks_commits_but_lets_models_through(
         assert proc.returncode == expect, (args, proc.stdout[-2000:], proc.stderr[-3000:])
         return proc
 
-    run(str(BIN / "nf1prov"), "demo-data", "demo-data", "--patients", "3", "--sites", "2",
-        "--slices", "5", "--height", "48", "--width", "48")
+    def nf1prov(*args, expect=0):
+        return run(str(BIN / "nf1prov"), *args, expect=expect)
+
+    readme_before = (repo / "README.md").read_text()
+    nf1prov("demo-data", "demo-data", "--patients", "3", "--sites", "2", "--slices", "5",
+            "--height", "48", "--width", "48")
     overrides = [arg for item in TINY for arg in ("--set", item)]
-    for _ in range(2):  # the second one's catalogue is stale: still a model commit
-        run(str(BIN / "nf1prov"), "train", "--config", "configs/demo.toml", *overrides)
+    trained = nf1prov("train", "--config", "configs/demo.toml", *overrides, "--json")
+    record = json.loads(trained.stdout)  # nothing else on standard output, the hook's included
+    assert f"Model {record['codename']} (run" in trained.stderr
+    assert (repo / ".git" / "hook-runs").read_text() == "ran\n"  # and let the model through
+    sha = run_git(repo, "rev-parse", "HEAD")
+    committed = run_git(repo, "show", "--name-only", "--format=", sha).splitlines()
+    assert not [path for path in committed if path.startswith("demo-data/")]
+    assert git_status(repo) == []
+
+    client = tracking.client(tracking.default_tracking_uri(repo))
+    (run_1,) = tracking.model_runs(client)
+    assert record["codename"] == run_1.info.run_name and record["kind"] == "model"
+    assert record["run_id"] == run_1.info.run_id
+    assert record["experiment_id"] == run_1.info.experiment_id
+    assert record["commit"] == sha == run_1.data.tags[tracking.GIT_COMMIT]
+    assert record["commit"] == run_git(repo, "rev-parse", f"model/{record['codename']}^{{}}")
+    assert record["git_tag"] == f"model/{record['codename']}" and record["head"] is None
+    assert record["best_epoch"] == int(run_1.data.metrics["best_epoch"])
+    assert record["best_val_dice"]["inner-cell"] == run_1.data.metrics[
+        "best_val_dice_inner-cell"]
+    assert set(record["instances"]) == {"seed_threshold", "foreground_threshold", "min_size"}
+    assert record["push_failures"] == [] and record["pushed_to"] is None
+    shown = json.loads(nf1prov("show", record["codename"], "--json").stdout)
+    assert (shown["run_id"], shown["commit"], shown["status"]) == (
+        record["run_id"], record["commit"], "FINISHED")
+    assert shown["metrics"]["best_epoch"] == record["best_epoch"]
+
+    nf1prov("catalog", "--check", expect=1)  # a new model: the README is stale
+    nf1prov("train", "--config", "configs/demo.toml", *overrides)  # still a model commit
     assert len(run("git", "tag", "--list", "model/*").stdout.split()) == 2
     (repo / "notes.txt").write_text("an ordinary change\n")
     run("git", "add", "notes.txt")
     refused = run("git", "commit", "-m", "notes", expect=1)
     assert "out of date" in refused.stderr
-    run(str(BIN / "nf1prov"), "catalog", "--commit")
+
+    nf1prov("catalog")
+    readme = (repo / "README.md").read_text()
+    assert outside_markers(readme) == outside_markers(readme_before)
+    for model in tracking.model_runs(client):
+        assert f"**Codename:** {model.info.run_name}" in readme
+        assert model.data.tags[tracking.GIT_COMMIT] in readme
+    nf1prov("catalog", "--check")
+    assert git_status(repo) == [" M README.md", "A  notes.txt"]
+    nf1prov("catalog", "--commit")
+    nf1prov("catalog", "--check")
     run("git", "commit", "-m", "notes")
     assert git_status(repo) == []
 

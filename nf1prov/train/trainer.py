@@ -92,9 +92,7 @@ class PreparedData:
 def check_can_train(config: dict, resume_from: Path | None) -> None:
     """Refusals before anything is logged: no active run, no such device or architecture, no
     checkpoint."""
-    import mlflow
-
-    if distributed.current().logs and mlflow.active_run() is None:
+    if distributed.current().logs and _active_run() is None:
         raise RuntimeError("train_model must be called inside an active MLflow run "
                            "(mlflow.start_run()); the caller owns the run.")
     resolve_device(config["train"]["device"])
@@ -108,6 +106,12 @@ def check_can_train(config: dict, resume_from: Path | None) -> None:
     if resume_from is not None and not Path(resume_from).is_file():
         raise UserError(f"Checkpoint {resume_from} does not exist: pass the checkpoints/last.pt "
                         "of the run to resume.")
+
+
+def _active_run():
+    import mlflow  # here, not above: the ranks that never log need not import MLflow (seconds)
+
+    return mlflow.active_run()
 
 
 def train_one(config: dict, data_root: Path, *, cache_dir: Path,
