@@ -278,6 +278,23 @@ def test_an_architecture_the_workspace_adds_passes_preflight(committed, tracking
     assert plan.config["model"]["architecture"] == "wide"
 
 
+def test_preflight_imports_neither_torch_nor_the_models_package(committed, tracking_uri):
+    """The command line's own process stays light (seconds per `train`): the architecture is
+    read from the workspace's source, not imported (docs/architecture.md)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from nf1prov.provenance import preflight\n"
+            f"plan = preflight.preflight(config_path='configs/tiny.toml', "
+            f"tracking_uri={tracking_uri!r})\n"
+            "print(sorted(m for m in ('torch', 'models') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=committed, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("source, names", [
     ('from models.unet import UNet\nARCHITECTURES = {"unet": UNet, "b": UNet}\n', ["b", "unet"]),
     ('ARCHITECTURES: dict = {"x": object}\n', ["x"]),
