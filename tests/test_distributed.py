@@ -161,7 +161,7 @@ def test_a_killed_rank_stops_every_rank_and_the_run_fails_once_then_resumes(
     assert proc.returncode == 1, (out, err)
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FAILED"
-    assert run.data.tags[tracking.FAILURE] == "rank 1 of 2 was killed by SIGKILL"
+    assert run.data.tags[tracking.FAILURE] == "rank 1 of 2 was killed by SIGKILL", err[-4000:]
     assert len(ranks) == 2
     deadline = time.monotonic() + 30
     while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
@@ -302,6 +302,26 @@ def test_torchrun_without_push_fails_the_run_naming_the_rank_that_lacks_the_comm
     assert run.info.status == "FAILED"
     failure = run.data.tags[tracking.FAILURE]
     assert failure.startswith("rank 1 could not start training: model ") and "--push" in failure
+
+
+def test_the_first_cause_survives_a_failure_record_cut_short(tmp_path):
+    """A rank stopped while it wrote its record leaves half a file: the launcher still names the
+    rank that started it (here the one killed first), never fails on the record."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from nf1prov.provenance.ranks import FAILURE_FILE, first_cause, record_failure
+
+    killed = ProcessFailure(local_rank=1, pid=101, exitcode=-signal.SIGKILL, error_file="")
+    stopped = ProcessFailure(local_rank=0, pid=100, exitcode=1, error_file="")
+    stopped.timestamp = killed.timestamp + 1
+    (tmp_path / FAILURE_FILE.format(rank=0)).write_text('{"reason": "failed: Runt')
+    assert first_cause({0: stopped, 1: killed}, tmp_path, 2) == (
+        "FAILED", "rank 1 of 2 was killed by SIGKILL")
+
+    record_failure(tmp_path, 0, RuntimeError("Connection reset by peer"))  # gloo-like, whole
+    assert [p.name for p in tmp_path.iterdir()] == [FAILURE_FILE.format(rank=0)]
+    assert first_cause({0: stopped, 1: killed}, tmp_path, 2)[1] == (
+        "rank 1 of 2 was killed by SIGKILL")
 
 
 def test_a_collective_broken_by_a_vanished_peer_is_a_consequence_not_a_cause():

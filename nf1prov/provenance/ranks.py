@@ -110,9 +110,8 @@ def first_cause(failures: dict, folder: Path, nproc: int) -> tuple[str, str]:
     that vanished); among those only, the earliest."""
     causes = []
     for rank, failure in failures.items():
-        record = folder / FAILURE_FILE.format(rank=rank)
-        if record.is_file():
-            written = json.loads(record.read_text(encoding="utf-8"))
+        written = read_failure(folder / FAILURE_FILE.format(rank=rank))
+        if written is not None:
             causes.append((written["secondary"], written["time"], rank, written["reason"],
                            written.get("status", "FAILED")))
             continue
@@ -125,6 +124,17 @@ def first_cause(failures: dict, folder: Path, nproc: int) -> tuple[str, str]:
         causes.append((False, float(failure.timestamp), rank, reason, status))
     _, _, rank, reason, status = min(causes)
     return status, f"rank {rank} of {nproc} {reason}"
+
+
+def read_failure(path: Path) -> dict | None:
+    """A rank's failure record, or None when there is none or it cannot be read (a rank killed
+    while it wrote it): the launcher then goes by how the process ended."""
+    try:
+        written = json.loads(path.read_text(encoding="utf-8"))
+        return {"secondary": bool(written["secondary"]), "time": float(written["time"]),
+                "reason": str(written["reason"]), "status": written.get("status", "FAILED")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def describe_failure(exc: BaseException) -> tuple[str, str, bool]:
@@ -149,7 +159,10 @@ def record_failure(folder: Path, rank: int, exc: BaseException) -> None:
     """Say why this rank stopped, for the launcher (see `first_cause`)."""
     reason, status, secondary = describe_failure(exc)
     record = {"reason": reason, "time": time.time(), "secondary": secondary, "status": status}
-    (folder / FAILURE_FILE.format(rank=rank)).write_text(json.dumps(record), encoding="utf-8")
+    path = folder / FAILURE_FILE.format(rank=rank)
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(record), encoding="utf-8")
+    os.replace(partial, path)  # whole or absent, even if this rank is killed meanwhile
 
 
 def end_run_as_rank_0(spec, exc: BaseException) -> None:

@@ -38,10 +38,12 @@ def main() -> int:
         with signals.sigterm_as_exception():
             if spec.config["train"].get("nproc", 1) > 1:
                 from nf1prov import outbox, tracking
+                from nf1prov.provenance import run_end
 
                 client = outbox.patiently(lambda: tracking.client(spec.tracking_uri),
                                           "opening the store")
-                return ranks.launch(spec, client)
+                with run_end.run_guard(client, spec.run_id):  # what launch does not foresee
+                    return ranks.launch(spec, client)
             if not train_in_run(spec):
                 return LOGGING_PENDING_EXIT
     except (KeyboardInterrupt, signals.Interrupted, Exception) as exc:  # noqa: BLE001
