@@ -180,6 +180,11 @@ def apply_override(config: dict, item: str) -> str:
     return f"{section}.{key}"
 
 
+def override_key(item: str) -> str:
+    """The dotted key a ``--set SECTION.KEY=VALUE`` item sets, as written."""
+    return item.split("=", 1)[0].strip()
+
+
 def set_value(config: dict, section: str, key: str, value: Any, source: str) -> None:
     if section not in SCHEMA:
         raise UserError(f"{source}: unknown section {section!r}. Known: {', '.join(SCHEMA)}.")
@@ -411,7 +416,7 @@ def export_settings(logged: dict, overrides: list[str] | tuple[str, ...] = (),
         set_value(config, "export", key, value, source)
     origins = {}
     for item in overrides:
-        if not item.split("=", 1)[0].strip().startswith("export."):
+        if not override_key(item).startswith("export."):
             raise UserError(f"--set {item!r}: only export.* settings can be set when exporting "
                             "(the other sections record how the model was trained), e.g. "
                             "--set export.license=MIT.")

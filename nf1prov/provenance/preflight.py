@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nf1prov import git, tracking
-from nf1prov.config import load_config
+from nf1prov.config import load_config, override_key
 from nf1prov.errors import UserError
 from nf1prov.provenance import code_snapshot, commit, uncommittable
 
@@ -249,8 +249,7 @@ def preflight(*, config_path: str | Path, overrides=(), data_root: str | None = 
         check_model_tags_possible(root)
     code_snapshot.check_tree_holds_code(root)
     config = load_config(config_path, tuple(overrides))
-    given = [f"--set {item}" for item in overrides
-             if item.split("=", 1)[0].strip() == "model.architecture"]
+    given = [f"--set {item}" for item in overrides if override_key(item) == "model.architecture"]
     code_snapshot.check_architecture(root, config, source=(given or [str(config_path)])[-1])
     check_ranks(config)
     uri = tracking.resolve_tracking_uri(tracking_uri, root)

@@ -113,7 +113,7 @@ def first_cause(failures: dict, folder: Path, nproc: int) -> tuple[str, str]:
         written = read_failure(folder / FAILURE_FILE.format(rank=rank))
         if written is not None:
             causes.append((written["secondary"], written["time"], rank, written["reason"],
-                           written.get("status", "FAILED")))
+                           written["status"]))
             continue
         if failure.signal_name() != "<N/A>":
             reason, status = f"was killed by {failure.signal_name()}", "FAILED"
