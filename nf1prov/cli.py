@@ -27,12 +27,13 @@ from nf1prov.commands import (
     sync,
     train,
 )
-from nf1prov.errors import Nf1provError
+from nf1prov.errors import Nf1provError, disk_full, quiet_disk_full_logging
 
 
 class Nf1provGroup(click.Group):
     """Turns an Nf1provError from any verb into its message and exit code, so the same
-    behaviour holds for `nf1prov`, `python -m nf1prov` and click's test runner."""
+    behaviour holds for `nf1prov`, `python -m nf1prov` and click's test runner. A full disk
+    met anywhere (ENOSPC, sqlite's "database or disk is full") becomes such an error too."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -40,6 +41,23 @@ class Nf1provGroup(click.Group):
         except Nf1provError as exc:
             click.echo(f"nf1prov: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except Exception as exc:
+            if disk_full(exc) is None:
+                raise
+            full = disk_full(exc, default_store_database())
+            click.echo(f"nf1prov: error: {full}", err=True)
+            ctx.exit(full.exit_code)
+
+
+def default_store_database():
+    """The sqlite file of $MLFLOW_TRACKING_URI or of this repository's default store (what a
+    full-disk message names when sqlite's error names no file), else None."""
+    from nf1prov import git, tracking
+
+    try:
+        return tracking.sqlite_path(tracking.resolve_tracking_uri(None, git.repo_root(".")))
+    except Exception:  # noqa: BLE001 - only a better message is at stake
+        return None
 
 
 @click.group(cls=Nf1provGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,6 +68,7 @@ def cli() -> None:
     The MLflow store is --tracking-uri, else $MLFLOW_TRACKING_URI, else
     sqlite:///<repo root>/mlflow.db.
     """
+    quiet_disk_full_logging()  # here, so that click's test runner gets it too
 
 
 for module in (demo_data, train, catalog, checkout, reproduce, list_runs, show, note, predict,

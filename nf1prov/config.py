@@ -247,6 +247,7 @@ def _type_error(source: str, section: str, key: str, value: Any, expected: str) 
 Rule = tuple[Callable[[Any, dict], bool], str]
 SEED_MAX = 2**32 - 1  # NumPy's seed range
 SPLIT_TOLERANCE = 1e-6
+LEARNING_RATE_MAX = 1.0  # train.learning_rate and the search range: Adam diverges above
 FIELDS_PARAM_MAX = 500  # characters of data.fields logged as a param (MLflow's oldest limit)
 
 FIELD_ID_RE = re.compile(r"^[^/\s]+/[^/\s-]+-[^/\s]+$")
@@ -320,7 +321,10 @@ RANGES: dict[str, Rule] = {
     "model.base_width": (_at_least(1), "an integer >= 1 (channels of the first UNet block)"),
     "train.epochs": (_at_least(1), "an integer >= 1"),
     "train.batch_size": (_at_least(1), "an integer >= 1"),
-    "train.learning_rate": (lambda v, _: v > 0, "a finite number > 0 (e.g. 1e-4)"),
+    # Adam moves each weight by about the learning rate per step: above 1 a training only
+    # diverges (its loss becomes NaN/inf), so such a value is a typo, refused before any commit.
+    "train.learning_rate": (lambda v, _: 0 < v <= LEARNING_RATE_MAX,
+                            f"a finite number in (0, {LEARNING_RATE_MAX:g}] (e.g. 1e-4)"),
     "train.alpha": (lambda v, _: 0 <= v <= 1, "a finite number in [0, 1] (the EMA factor)"),
     "train.weight_samples": (_at_least(1), "an integer >= 1"),
     "train.patience": (_at_least(1),
@@ -331,9 +335,10 @@ RANGES: dict[str, Rule] = {
     "train.trials": (_at_least(1), "an integer >= 1 (1 = no search)"),
     "train.search_batch_size": (_search_batch_ok,
                                 "two integers [low, high] with 1 <= low <= high"),
-    "train.search_learning_rate": (lambda v, _: len(v) == 2 and 0 < v[0] <= v[1],
-                                   "two finite numbers [low, high] with 0 < low <= high (a "
-                                   "log-uniform range)"),
+    "train.search_learning_rate": (lambda v, _: len(v) == 2 and 0 < v[0] <= v[1]
+                                   <= LEARNING_RATE_MAX,
+                                   "two finite numbers [low, high] with 0 < low <= high <= "
+                                   f"{LEARNING_RATE_MAX:g} (a log-uniform range)"),
     "train.nproc": (_at_least(1),
                     "an integer >= 1 (data-parallel training processes on this machine; "
                     "train.batch_size is the global batch they share)"),

@@ -17,7 +17,9 @@ from nf1prov.errors import UserError
 
 CODENAME_RE = re.compile(r"^[a-z]+-[a-z]+-[0-9]+$")
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-SHA_RE = re.compile(r"^[0-9a-f]{4,40}$")
+# Object names: 40 hex digits (SHA-1), or 64 in a `git init --object-format=sha256` repository;
+# abbreviated ones have at least 4.
+SHA_RE = re.compile(r"^[0-9a-f]{4,64}$")
 MODEL_TAG_PREFIX = "model/"
 
 # How long to keep retrying when another process holds .git/index.lock (two trainings committing
@@ -50,7 +52,8 @@ def validate_run_id(run_id: str) -> str:
 
 def validate_sha(sha: str) -> str:
     if not isinstance(sha, str) or not SHA_RE.match(sha):
-        raise UserError(f"{sha!r} is not a git commit SHA (4 to 40 lowercase hex digits).")
+        raise UserError(f"{sha!r} is not a git commit SHA (4 to 64 lowercase hex digits: 40 "
+                        "for SHA-1, 64 for SHA-256 repositories).")
     return sha
 
 
@@ -74,12 +77,35 @@ def git(*args: str, cwd: Path | str, check: bool = True, input: str | bytes | No
         ["git", *map(str, args)], cwd=str(cwd), capture_output=True, text=text,
         input=input, env=full_env,
     )
-    if check and proc.returncode != 0:
+    if proc.returncode != 0:
         stderr, stdout = (proc.stderr, proc.stdout) if text else (
             proc.stderr.decode("utf-8", "replace"), proc.stdout.decode("utf-8", "replace"))
-        output = stderr.strip() or stdout.strip()
-        raise GitError(f"git {' '.join(args[:2])} failed in {cwd}: {output}")
+        refuse_dubious_ownership(stderr)  # whether checked or not: no git command would work
+        if check:
+            output = stderr.strip() or stdout.strip()
+            raise GitError(f"git {' '.join(args[:2])} failed in {cwd}: {output}")
     return proc
+
+
+DUBIOUS_OWNERSHIP_RE = re.compile(r"detected dubious ownership in repository at '(?P<path>.*)'")
+SAFE_DIRECTORY_RE = re.compile(r"^\s*(?P<command>git config --global --add safe\.directory .+)$",
+                               re.MULTILINE)
+
+
+def refuse_dubious_ownership(stderr: str) -> None:
+    """Raise GitError when git refused a repository owned by another user (its safe.directory
+    check), naming the repository and git's own fix; otherwise return."""
+    match = DUBIOUS_OWNERSHIP_RE.search(stderr)
+    if not match:
+        return
+    path = match["path"]
+    fix = SAFE_DIRECTORY_RE.search(stderr)
+    command = fix["command"].strip() if fix else f"git config --global --add safe.directory {path}"
+    raise GitError(
+        f"The git repository at {path} is owned by another user, so git refuses to work in it "
+        "(git's safe.directory check against repositories planted by someone else). If you "
+        f"trust it, mark it safe with git's own fix: `{command}`, then retry; or work in a "
+        "clone of your own.")
 
 
 def repo_root(path: Path | str = ".") -> Path:
@@ -147,9 +173,14 @@ def push_remote(root: Path, name: str | None = None) -> str:
 
 
 def push_model_tag(root: Path, remote: str, codename: str) -> None:
-    """Push ``model/<codename>`` (and so its commit) to ``remote``; GitError on failure."""
+    """Push ``model/<codename>`` (and so its commit) to ``remote``; GitError on failure, with
+    every line git printed (a pre-push hook's stdout too, which `git` alone would drop)."""
     ref = f"refs/tags/{model_tag(codename)}"
-    git("push", "--quiet", remote, f"{ref}:{ref}", cwd=root)
+    proc = git("push", "--quiet", remote, f"{ref}:{ref}", cwd=root, check=False)
+    if proc.returncode != 0:
+        said = [text.strip() for text in (proc.stdout, proc.stderr) if text.strip()]
+        output = "\n".join(said) or f"exit {proc.returncode}"
+        raise GitError(f"git push {remote} failed in {root}:\n{output}")
 
 
 def fetch_model_tag(root: Path, codename: str) -> str | None:
@@ -221,12 +252,6 @@ def files_to_commit(root: Path) -> list[Path]:
         if candidate.is_file():
             paths.append(candidate)
     return paths
-
-
-def new_paths(root: Path) -> list[str]:
-    """Files a commit of everything would add (untracked, or added to the index), not those
-    already in HEAD."""
-    return [path for code, path in status_porcelain(root) if code == "??" or code[0] in "ACR"]
 
 
 def paths_under(root: Path, rel: str) -> list[str]:
@@ -312,13 +337,6 @@ def tag_sha(root: Path, name: str) -> str | None:
 def commit_exists(root: Path, sha: str) -> bool:
     proc = git("cat-file", "-e", f"{validate_sha(sha)}^{{commit}}", cwd=root, check=False)
     return proc.returncode == 0
-
-
-def diff_head(root: Path) -> str:
-    """The uncommitted diff against HEAD (tracked files), for --no-commit runs on a dirty tree."""
-    if head_sha(root) is None:
-        return ""
-    return git("diff", "HEAD", "--", cwd=root).stdout
 
 
 def changed_files(root: Path, old_sha: str, new_sha: str) -> list[str]:
@@ -432,6 +450,8 @@ def git_path(root: Path, name: str) -> Path:
 
 # --- the model commit as one transaction (provenance.commit) -----------------------------------
 
+# "No such ref" for update_refs; it stands for the repository's own null object name, as
+# long as its object names (40 zeros, or 64 in a SHA-256 repository).
 ZERO_SHA = "0" * 40
 
 # Operations that leave git waiting for the user; a model commit in their middle would conclude
@@ -514,6 +534,53 @@ def embedded_repositories(root: Path) -> list[str]:
     return found
 
 
+def dirty_submodules(root: Path) -> list[tuple[str, list[str]]]:
+    """[(path, what)] for each submodule whose work tree differs from its own checked-out
+    commit: 'modified files' and/or 'untracked files' (`git status --porcelain=v2`, whatever
+    the submodule's `ignore` setting). A submodule merely at another commit is not listed."""
+    out = git("status", "--porcelain=v2", "-z", "--ignore-submodules=none",
+              "--untracked-files=normal", cwd=root).stdout
+    fields = out.split("\0")
+    found = []
+    i = 0
+    while i < len(fields):
+        field = fields[i]
+        i += 1
+        kind = field[:2]
+        if kind not in ("1 ", "2 "):
+            continue
+        parts = field.split(" ", 8 if kind == "1 " else 9)
+        if kind == "2 ":
+            i += 1  # a rename's original path follows in the next field
+        state, path = parts[2], parts[-1]
+        if state.startswith("S"):
+            what = [name for flag, name in ((state[2], "modified files"),
+                                            (state[3], "untracked files")) if flag != "."]
+            if what:
+                found.append((path, what))
+    return found
+
+
+def head_blobs(root: Path, paths: list[str]) -> dict[str, bytes]:
+    """{path: its content in HEAD} for those of ``paths`` that HEAD holds as a file, read in
+    one `git cat-file --batch`."""
+    asked = [p for p in paths if "\n" not in p]
+    if not asked or head_sha(root) is None:
+        return {}
+    out = _git_bytes(root, "cat-file", "--batch",
+                     input="".join(f"HEAD:{p}\n" for p in asked).encode())
+    blobs, offset = {}, 0
+    for path in asked:
+        end = out.index(b"\n", offset)
+        header = out[offset:end].split()
+        offset = end + 1
+        if len(header) == 3 and header[1] == b"blob":
+            size = int(header[2])
+            blobs[path] = out[offset:offset + size]
+            offset += size + 1  # the content, then a newline
+    return blobs
+
+
 def run_hook(root: Path, name: str, *args: str, env: dict[str, str] | None = None) -> None:
     """Run the repository's ``name`` hook as `git commit` would (core.hooksPath respected);
     raises GitError with its output when it fails. A missing hook is fine."""
@@ -547,12 +614,28 @@ def commit_tree(root: Path, tree: str, parent: str | None, message: str,
 def update_refs(root: Path, updates: list[tuple[str, str, str]], reason: str) -> None:
     """Move every ref in ``updates`` [(ref, new SHA, expected old SHA)] in one transaction:
     all of them or none (ZERO_SHA as new deletes, as old means "must not exist yet")."""
+    zero = null_sha(root)
+
+    def oid(sha: str) -> str:
+        return zero if sha == ZERO_SHA else validate_sha(sha)
+
     lines = []
     for ref, new, old in updates:
         if ref.startswith("-") or any(c.isspace() for c in ref):
             raise UserError(f"refusing git ref {ref!r}.")
-        lines.append(f"update {ref} {validate_sha(new)} {validate_sha(old)}")
+        lines.append(f"update {ref} {oid(new)} {oid(old)}")
     git("update-ref", "-m", reason, "--stdin", cwd=root, input="\n".join(lines) + "\n")
+
+
+def object_format(root: Path) -> str:
+    """The repository's object hash: ``sha1`` or ``sha256``."""
+    proc = git("rev-parse", "--show-object-format", cwd=root, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else "sha1"
+
+
+def null_sha(root: Path) -> str:
+    """The all-zero object name git uses for "no object" in this repository."""
+    return "0" * (64 if object_format(root) == "sha256" else 40)
 
 
 def symbolic_head(root: Path) -> str | None:

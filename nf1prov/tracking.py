@@ -7,7 +7,10 @@ these constants.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,9 @@ KIND = "nf1prov.kind"
 CODENAME = "nf1prov.codename"
 GIT_TAG = "nf1prov.git_tag"
 DESCRIPTION_PREFIX = "nf1prov.description."
-NOTES = "nf1prov.notes"
+NOTES = "nf1prov.notes"  # before one tag per note: all notes in one JSON array (read only)
+# one tag per note: nf1prov.notes.<13-digit number ordering the notes>.<8 random hex digits>
+NOTE_PREFIX = NOTES + "."
 FAILURE = "nf1prov.failure"
 
 # --- nf1prov's own tags (not contract, documented in docs/architecture.md) -------------------
@@ -68,23 +73,29 @@ def public_uri(uri: str) -> str:
 def ui_hint(tracking_uri: str) -> str:
     """How to look at the store in MLflow's UI: a server is its own UI; a local store needs
     `mlflow ui` started on it."""
+    import shlex
+
     if tracking_uri.startswith(("http://", "https://")):
         return tracking_uri
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"  # pastes into a shell
 
 
 def default_tracking_uri(repo_root: Path) -> str:
     """MLflow's own default form, anchored at the repository root: sqlite:///<root>/mlflow.db."""
-    return f"sqlite:///{Path(repo_root).resolve() / 'mlflow.db'}"
+    path = str(Path(repo_root).resolve() / "mlflow.db")
+    # SQLAlchemy percent-decodes the path (`sqlite_path`): a '%' or '?' in a folder name must
+    # be encoded to name that folder
+    return "sqlite:///" + path.replace("%", "%25").replace("?", "%3F")
 
 
 def resolve_tracking_uri(cli_value: str | None, repo_root: Path | None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db."""
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db (a
+    percent-encoded sqlite path decoded, `plain_sqlite_uri`)."""
     if cli_value:
-        return cli_value
+        return plain_sqlite_uri(cli_value)
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env
+        return plain_sqlite_uri(env)
     if repo_root is None:
         raise UserError(
             "No MLflow tracking store given and not inside a git repository to put mlflow.db in: "
@@ -94,10 +105,26 @@ def resolve_tracking_uri(cli_value: str | None, repo_root: Path | None) -> str:
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (query string dropped), else None."""
+    """The database file of a ``sqlite:///`` URI (query string dropped), else None: the file
+    SQLAlchemy (so MLflow) opens, which percent-decodes the path (``my%20store`` is the folder
+    ``my store``)."""
+    from urllib.parse import unquote
+
     if not tracking_uri.startswith("sqlite:///"):
         return None
-    return Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    return Path(unquote(tracking_uri[len("sqlite:///"):].split("?", 1)[0]))
+
+
+def plain_sqlite_uri(tracking_uri: str) -> str:
+    """``tracking_uri`` with a percent-encoded sqlite path written out (``my%20store`` ->
+    ``my store``): the same file to SQLAlchemy, and MLflow, which creates the database's folder
+    from the path as written, then creates no literal ``my%20store`` folder. A path that holds
+    '%' or '?' itself must stay encoded; other URIs are returned as they are."""
+    db = sqlite_path(tracking_uri)
+    if db is None or "%" not in tracking_uri.split("?", 1)[0] or any(c in str(db) for c in "%?"):
+        return tracking_uri
+    query = tracking_uri.partition("?")[1:]
+    return f"sqlite:///{db}" + "".join(query)
 
 
 def store_lock_path(db: Path) -> str:
@@ -148,21 +175,26 @@ def _impatient_http():
             os.environ.pop(key, None)
 
 
-def client(tracking_uri: str):
+def client(tracking_uri: str, read_only: bool = False):
     """An MlflowClient on ``tracking_uri`` that has been checked to answer.
 
     A sqlite store is created (tables and migrations) under a file lock, so that several
     processes starting on a brand-new store create it once instead of racing each other into a
     half-created database. A server gets one quick try (about 20 seconds at most). Raises
     UserError (`store_problem`) naming the store and the fix when it cannot be used.
+
+    A sqlite store this user cannot write is refused up front (its first write would fail half
+    way), unless ``read_only``: the verbs that only read (list, show, checkout, predict, ...)
+    use it as it is, which MLflow does without writing to an existing, migrated database.
     """
     import mlflow
     from filelock import FileLock
     from mlflow.tracking import MlflowClient
 
+    tracking_uri = plain_sqlite_uri(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     db = sqlite_path(tracking_uri)
-    if db is not None and not _writable(db):  # reads would work; the first write would not
+    if db is not None and not _writable(db) and not (read_only and db.is_file()):
         raise UserError(store_problem(tracking_uri, PermissionError("read-only")))
     lock = FileLock(store_lock_path(db)) if db is not None else contextlib.nullcontext()
     try:
@@ -426,3 +458,177 @@ def _sqlite_model_runs(db: Path, kinds: tuple[str, ...], experiments: set[str],
                        name or data[run_id].tags.get(RUN_NAME))  # as MLflow names a run
         runs.append(RunRecord(info, data[run_id]))
     return sorted(runs, key=lambda r: (-(r.info.start_time or 0), r.info.run_id))
+
+
+# --- tag values longer than MLflow keeps ------------------------------------------------------
+
+# MLflow's mlflow.utils.validation.MAX_TAG_VAL_LENGTH: a longer tag value is cut to this many
+# characters with only a warning (by a server's or PostgreSQL's store too). Written out, since
+# importing mlflow for it costs seconds in verbs that need no MLflow; tests/test_long_tags.py
+# checks that it is MLflow's.
+TAG_VALUE_LIMIT = 8000
+_MORE = ".more."  # <key>.more.<i>: the i-th continuation of a value split by `long_tag`
+_LENGTH = ".length"  # <key>.length: the split value's whole length, in characters
+_PART = re.compile(r"(.+)\.more\.[1-9][0-9]*")
+_NOTE_KEY = re.compile(r"nf1prov\.notes\.([0-9]{13})\.[0-9a-f]{8}")
+
+
+def long_tag(key: str, value: str, rewritable: bool = False) -> dict[str, str]:
+    """The tags that keep ``value`` under ``key`` whole, each within `TAG_VALUE_LIMIT`.
+
+    A value that fits is ``{key: value}``. A longer one is split: ``key`` holds its first part
+    (what MLflow's UI shows), ``key.more.1``, ``key.more.2``, ... the rest in order, and
+    ``key.length`` its whole length, so that `read_long_tags` tells a whole value from one
+    missing a part. Write them in one call (``log_batch``, ``create_run``). ``rewritable``: the
+    key may be written again with a shorter value; ``key.length`` is then always written, so
+    that the parts of an earlier, longer value are not read as part of this one.
+    """
+    if len(value) <= TAG_VALUE_LIMIT:
+        return {key: value, f"{key}{_LENGTH}": str(len(value))} if rewritable else {key: value}
+    parts = [value[i:i + TAG_VALUE_LIMIT] for i in range(0, len(value), TAG_VALUE_LIMIT)]
+    tags = {key: parts[0]} | {f"{key}{_MORE}{i}": part for i, part in enumerate(parts[1:], 1)}
+    return tags | {f"{key}{_LENGTH}": str(len(value))}
+
+
+def long_tags(tags: dict[str, str]) -> dict[str, str]:
+    """`long_tag` of every item of ``tags``."""
+    return {k: v for key, value in tags.items() for k, v in long_tag(key, value).items()}
+
+
+def read_long_tags(tags: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """(``tags`` with every value `long_tag` split joined back and its parts left out, a
+    sentence for each value that lacks a part: it is read as far as its parts go)."""
+    lengths = {key[:-len(_LENGTH)]: value for key, value in tags.items()
+               if key.endswith(_LENGTH) and value.isdigit() and key[:-len(_LENGTH)] in tags}
+    if not lengths:  # nothing was split: the common case, one pass over the keys
+        return tags, []
+    joined, problems = {}, []
+    for key, value in tags.items():
+        part = _PART.fullmatch(key)
+        if ((part and part.group(1) in lengths)
+                or (key.endswith(_LENGTH) and key[:-len(_LENGTH)] in lengths)):
+            continue
+        if key in lengths:
+            value, problem = _join_parts(tags, key, int(lengths[key]))
+            problems += [problem] if problem else []
+        joined[key] = value
+    return joined, problems
+
+
+def _join_parts(tags: dict[str, str], key: str, length: int) -> tuple[str, str | None]:
+    value, i = tags[key], 1
+    while len(value) < length and f"{key}{_MORE}{i}" in tags:
+        value += tags[f"{key}{_MORE}{i}"]
+        i += 1
+    if len(value) == length:
+        return value, None
+    return value[:length], (f"tag {key} holds {min(len(value), length)} of its {length} "
+                            f"characters: part {key}{_MORE}{i} is missing from the store")
+
+
+def json_array_prefix(text: str) -> list | None:
+    """The complete items of a JSON array, or of one cut short (nested arrays too, each as far
+    as it got), or None when ``text`` is not the start of a JSON array (or is broken before its
+    end).
+
+    ``'["a", "b", ["c", "d'`` -> ``["a", "b", ["c"]]``: a string, number or literal that reaches
+    the end of ``text`` may have been cut, so it is left out.
+    """
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if not text.startswith("[", pos):
+        return None
+    root: list = []
+    stack = [root]
+    pos += 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos == len(text):
+            return root
+        if text[pos] == "[":
+            stack[-1].append([])
+            stack.append(stack[-1][-1])
+            pos += 1
+        elif text[pos] == "]":
+            stack.pop()
+            pos += 1
+            if len(stack) == 0:  # the whole array: nothing cut, nothing may follow
+                return None if text[pos:].strip() else root
+        else:
+            try:
+                value, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as exc:
+                return root if _cut_at_end(text, pos, exc) else None
+            if end == len(text) and text[pos] != '"':
+                return root
+            stack[-1].append(value)
+            pos = end
+
+
+def _cut_at_end(text: str, pos: int, exc: json.JSONDecodeError) -> bool:
+    """Whether the value at ``pos`` failed to parse only because ``text`` ends inside it."""
+    if text[pos] == '"':
+        return exc.msg.startswith("Unterminated string") or (
+            exc.pos >= len(text) - 6 and "\\" in text[-6:])  # inside an escape
+    rest = text[pos:]
+    return (any(word.startswith(rest) for word in ("true", "false", "null"))
+            or re.fullmatch(r"-?[0-9]*\.?[0-9]*([eE][-+]?[0-9]*)?", rest) is not None)
+
+
+def cut_array(tag: str, raw: str, kept: int, what: str) -> str:
+    """The sentence saying that the JSON array ``raw`` of ``tag`` was cut short, of which
+    ``kept`` complete ``what`` are read."""
+    why = (f"was cut by MLflow's {TAG_VALUE_LIMIT:,}-character limit (before nf1prov kept long "
+           "values whole)" if len(raw) >= TAG_VALUE_LIMIT else "ends inside its JSON array")
+    return (f"its tag {tag} {why}: the {kept} complete {what} before the cut are read, the "
+            "rest is lost")
+
+
+def note_key(tags: dict[str, str]) -> str:
+    """The tag key of a new note on a run whose tags are ``tags``: it sorts after each note
+    there (the current unix time in milliseconds, or one more than the newest note's number),
+    and a random suffix keeps apart two notes added at the same moment by two processes."""
+    import secrets
+    import time
+
+    newest = max((int(m.group(1)) for m in map(_NOTE_KEY.fullmatch, tags) if m), default=0)
+    number = max(time.time_ns() // 1_000_000, newest + 1)
+    return f"{NOTE_PREFIX}{number:013d}.{secrets.token_hex(4)}"
+
+
+def is_note_tag(key: str) -> bool:
+    """Whether ``key`` holds notes: the old `NOTES` array or a note of its own."""
+    return key == NOTES or _NOTE_KEY.fullmatch(key) is not None
+
+
+def read_notes(tags: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(a run's notes, oldest first; a sentence for each problem found reading them).
+
+    ``tags``: as `read_long_tags` gives them. The old `NOTES` array comes first (one that
+    MLflow cut, read as far as it parses), then one tag per note in key order.
+    """
+    notes, problems = _old_notes(tags.get(NOTES))
+    notes += [tags[key] for key in sorted(k for k in tags if _NOTE_KEY.fullmatch(k))]
+    return [note for note in notes if note.strip()], problems
+
+
+def _old_notes(raw: str | None) -> tuple[list[str], list[str]]:
+    if not raw:
+        return [], []
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        prefix = json_array_prefix(raw)
+        if prefix is None:  # not a JSON array: a note written by hand
+            return [raw], []
+        notes = [str(n) for n in prefix if not isinstance(n, list)]
+        return notes, [cut_array(NOTES, raw, len(notes), "notes")]
+    return ([str(n) for n in parsed] if isinstance(parsed, list) else [str(parsed)]), []
+
+
+def warn_damaged(run, problems: list[str]) -> None:
+    """Each of ``problems`` (`read_long_tags`, `read_notes`) on stderr, naming the run."""
+    for problem in problems:
+        print(f"nf1prov: warning: {run.info.run_name} (run {run.info.run_id}): {problem}.",
+              file=sys.stderr)

@@ -37,7 +37,9 @@ PICKLED_MARKER = "MLmodel"  # what a folder of the earlier pickled-module format
 
 
 def blob_hash(data: bytes) -> str:
-    """The git blob SHA-1 of ``data`` (what ``git hash-object`` prints)."""
+    """The git blob SHA-1 of ``data`` (what ``git hash-object`` prints in a SHA-1 repository;
+    a SHA-256 repository's blob names differ, so the source is then found by the model's
+    commit and checked against this hash)."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
@@ -155,9 +157,33 @@ def load(folder: Path, *, ref: str | None = None, device="cpu", repo: Path | Non
     except FileNotFoundError:
         raise UserError(f"Model {ref!r} has no weights file {weights}.") from None
     except Exception as exc:  # unpickling refused, truncated file, shape mismatch
-        raise UserError(f"Cannot load the weights of model {ref!r} from {weights}: {exc}") \
-            from None
+        raise UserError(f"Cannot load the weights of model {ref!r} from {weights}: "
+                        f"{load_failure(exc)}") from None
     return model.to(device).eval()
+
+
+# torch's advice on a refused file: load it unsafely (weights_only=False, safe_globals), which
+# is what a tampered store wants; nf1prov never repeats it.
+UNSAFE_ADVICE = re.compile(r"weights_only|safe_globals|trusted source|trust this|"
+                           r"documentation of torch\.load|two options", re.IGNORECASE)
+FORBIDDEN_GLOBAL = re.compile(r"(?:unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)",
+                              re.IGNORECASE)
+
+
+def load_failure(exc: Exception) -> str:
+    """Why torch could not read a weights (or checkpoint) file, in one line, without torch's
+    advice to load the file unsafely."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        found = FORBIDDEN_GLOBAL.search(str(exc))
+        asks = f" (it asks to import {found[1]})" if found else ""
+        return (f"the file is not tensors only{asks}, and nf1prov reads tensors only, never "
+                "running code from a file: it was not written by nf1prov, or it was changed "
+                "since.")
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(str(exc).split()))
+    kept = [s for s in sentences if s and not UNSAFE_ADVICE.search(s)]
+    return " ".join(kept) or type(exc).__name__
 
 
 def architecture_class(arch: Architecture, *, ref: str, repo: Path | None,
@@ -208,12 +234,21 @@ def _source_from_git(arch: Architecture, repo: Path | None, codename: str | None
         return None
     from nf1prov import git
 
+    tagged = codename and git.CODENAME_RE.match(codename)
+
     def read() -> str | None:
-        proc = git.git("cat-file", "blob", arch.source_blob, cwd=repo, check=False)
-        return proc.stdout if proc.returncode == 0 else None
+        # By the recorded blob name (a SHA-1 repository), else as the file in the model's
+        # commit (a SHA-256 repository names the same bytes otherwise); the bytes must hash to
+        # the recorded blob either way.
+        specs = [arch.source_blob] + ([f"{git.model_tag(codename)}:{arch.source_path}"]
+                                      if tagged else [])
+        for spec in specs:
+            proc = git.git("cat-file", "blob", spec, cwd=repo, check=False, text=False)
+            if proc.returncode == 0 and blob_hash(proc.stdout) == arch.source_blob:
+                return proc.stdout.decode("utf-8")
+        return None
 
     source = read()
-    if source is None and codename and git.CODENAME_RE.match(codename):
-        if git.fetch_model_tag(repo, codename):
-            source = read()
+    if source is None and tagged and git.fetch_model_tag(repo, codename):
+        source = read()
     return source

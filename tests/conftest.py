@@ -196,3 +196,52 @@ def copy_workspace(template: Path, destination: Path) -> None:
         conn.execute("UPDATE experiments SET artifact_location = "
                      "replace(artifact_location, ?, ?)", (old, new))
         conn.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+
+
+class SmallDisk:
+    """A real filesystem of its own (a tmpfs) mounted at ``path``: `fill` takes all of its free
+    space (as a growing dataset or log would), `free` gives it back."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.filler = path / "filler"
+
+    def fill(self) -> None:
+        import errno
+
+        with open(self.filler, "ab", buffering=0) as out:
+            for chunk in (1 << 20, 1 << 12, 1):
+                try:
+                    while True:
+                        out.write(b"\0" * chunk)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+        assert shutil.disk_usage(self.path).free == 0
+
+    def free(self) -> None:
+        self.filler.unlink()
+
+
+@pytest.fixture
+def small_disk():
+    """``mount(path, size="64m", required=True)``: a real full-disk-to-be (`SmallDisk`, a tmpfs)
+    at ``path``, unmounted after the test. Mounting needs root (CI's container runs as root):
+    elsewhere the test is skipped, or with ``required=False`` ``mount`` returns None."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str = "64m", required: bool = True) -> SmallDisk | None:
+        path.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                               str(path)], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            if required:
+                pytest.skip("a full disk needs a filesystem of its own, and `mount -t tmpfs` "
+                            f"failed here (needs root): {proc.stderr.strip()}")
+            return None
+        mounted.append(path)
+        return SmallDisk(path)
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "--lazy", str(path)], check=False)

@@ -138,6 +138,49 @@ def test_a_symlinked_readme_stays_a_link_and_its_target_is_written(repo, client,
     assert run_git(repo, "status", "--porcelain") == ""
 
 
+def test_a_readme_link_out_of_the_repository_or_dangling_is_refused(repo, client, capsys,
+                                                                     tmp_path):
+    """Writing through such a link would change (or create) a file the repository does not
+    hold: refused, naming the link and where it points, and nothing is written anywhere."""
+    model_run(client, experiment(client), "first-fox-1")
+    outside = tmp_path / "outside.md"
+    outside.write_text(README)
+    link = repo / "README.md"
+    link.unlink()
+    for target, says in ((outside, "outside the repository"),
+                         (tmp_path / "nowhere.md", "does not exist"),
+                         (Path("docs/README.md"), "does not exist")):
+        if link.is_symlink():
+            link.unlink()
+        os.symlink(target, link)
+        for args in (["catalog"], ["catalog", "--check"]):
+            code, out, err = nf1prov(capsys, *args)
+            assert code == 2 and f"{link} is a symbolic link to {target}" in err, (out, err)
+            assert says in err and "Traceback" not in err
+    assert outside.read_text() == README
+    assert not (tmp_path / "nowhere.md").exists() and not (repo / "docs").exists()
+
+
+def test_from_a_subfolder_with_its_own_readme_it_says_which_readme_it_wrote(repo, client,
+                                                                            capsys,
+                                                                            monkeypatch):
+    """A monorepo: the default stays the top README (DESIGN 3.1); from a folder with a README
+    of its own, the output names the file written, that README, and how to pick it."""
+    model_run(client, experiment(client), "first-fox-1")
+    project = repo / "projects" / "seg"
+    (project / "src").mkdir(parents=True)
+    (project / "README.md").write_text(README)
+    monkeypatch.chdir(project / "src")
+    code, out, err = nf1prov(capsys, "catalog")
+    assert code == 0 and f"{repo / 'README.md'}: 1 model, written." in out
+    assert f"{project / 'README.md'}" in err and "--readme ../README.md" in err
+    assert (project / "README.md").read_text() == README
+    code, out, err = nf1prov(capsys, "catalog", "--readme", "../README.md")
+    assert code == 0 and f"{project / 'README.md'}: 1 model, written." in out and not err
+    monkeypatch.chdir(repo)  # at the top: nothing to point out
+    assert nf1prov(capsys, "catalog")[2] == ""
+
+
 # --- --commit: the catalogue change alone -----------------------------------------------------
 
 

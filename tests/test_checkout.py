@@ -200,6 +200,84 @@ def test_a_worktree_inside_the_repository_is_refused(world, repo):
     assert git(repo / "checkouts" / "eel", "rev-parse", "HEAD") == world["first"][1]
 
 
+def scratch_run(tmp_path, _migrated_store, sha: str, diff: str | None):
+    """A store holding one --no-commit run trained on a dirty tree at ``sha``, with ``diff``
+    as its git/uncommitted.diff (None: none logged); (client, run ID)."""
+    db = tmp_path / "scratch.db"
+    shutil.copyfile(_migrated_store, db)
+    uri = f"sqlite:///{db}"
+    client = tracking.client(uri)
+    run_id = make_model_run(client, tracking.ensure_experiment(client, "nf1", uri),
+                            "scratchy-cat-3", sha, kind="scratch", with_model=False)
+    client.set_tag(run_id, tracking.GIT_DIRTY, "true")
+    if diff is not None:
+        client.log_text(run_id, diff, "git/uncommitted.diff")
+    return client, run_id
+
+
+def made_diff(repo: Path, change) -> str:
+    """What `train --no-commit` logs after ``change(repo)``; the repository is put back."""
+    from nf1prov.provenance.scratch_code import make_diff
+
+    change(repo)
+    before = snapshot(repo)
+    diff = make_diff(repo)
+    assert snapshot(repo) == before  # the real index was never touched
+    for path in repo.iterdir():
+        if path.name not in (".git", ".gitignore", "train.py"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    git(repo, "checkout", "--", "train.py")
+    return diff
+
+
+def test_scratch_run_worktree_gets_its_base_commit_plus_its_diff(world, repo, tmp_path,
+                                                                _migrated_store):
+    def change(tree):
+        (tree / "train.py").write_text("version = 2, edited\n")
+        (tree / "new module.py").write_text("x = 1\n")  # untracked: its content too
+        (tree / "data").mkdir()
+        (tree / "data" / "table.bin").write_bytes(bytes(range(256)))
+
+    sha = world["second"][1]
+    client, run_id = scratch_run(tmp_path, _migrated_store, sha, made_diff(repo, change))
+    model = resolve_model(client, run_id, repo_root=repo)
+    before = snapshot(repo)
+    with pytest.raises(UserError, match="plus the changes in its git/uncommitted.diff"):
+        checkout_model(repo, client, model)  # in place: refused, nothing changed
+    assert snapshot(repo) == before
+
+    out = checkout_model(repo, client, model, worktree=tmp_path / "wt")
+
+    tree = tmp_path / "wt"
+    assert git(tree, "rev-parse", "HEAD") == sha
+    assert (tree / "train.py").read_text() == "version = 2, edited\n"
+    assert (tree / "new module.py").read_text() == "x = 1\n"
+    assert (tree / "data" / "table.bin").read_bytes() == bytes(range(256))
+    assert sorted(out.applied) == ["data/table.bin", "new module.py", "train.py"]
+    assert snapshot(repo) == before
+
+
+@pytest.mark.parametrize(("diff", "message"), [
+    ("# untracked: notes.py\ndiff --git a/train.py b/train.py\n", "untracked files without "
+     "their content \\(notes.py\\)"),
+    (None, "logged no git/uncommitted.diff"),
+    ("# nf1prov: complete diff against x (untracked files included)\n"
+     "diff --git a/train.py b/train.py\n--- a/train.py\n+++ b/train.py\n@@ -1 +1 @@\n"
+     "-version = 7\n+version = 8\n", "does not apply to its base commit"),
+])
+def test_scratch_run_whose_code_cannot_be_rebuilt_is_refused(world, repo, tmp_path,
+                                                             _migrated_store, diff, message):
+    """Never the base commit alone, presented as the run's code."""
+    client, run_id = scratch_run(tmp_path, _migrated_store, world["second"][1], diff)
+    model = resolve_model(client, run_id, repo_root=repo)
+    before = snapshot(repo)
+    with pytest.raises(UserError, match=message):
+        checkout_model(repo, client, model, worktree=tmp_path / "wt")
+    assert not (tmp_path / "wt").exists()
+    assert len(git(repo, "worktree", "list").splitlines()) == 1
+    assert snapshot(repo) == before
+
+
 def test_crafted_artifact_paths_are_refused():
     for bad in ("../../etc/passwd", "/etc/passwd", "model/../../x", "a\\..\\b", ""):
         with pytest.raises(UserError, match="Refusing artifact path"):

@@ -9,6 +9,7 @@ work tree's."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -103,7 +104,12 @@ def test_an_edit_right_after_the_commit_never_runs(project, tracking_uri):
 def test_checkouts_retrain_line_runs_the_checked_out_models_code(project, tracking_uri,
                                                                  tmp_path, data_root):
     """`checkout --worktree` prints a retrain line; run verbatim in a shell it trains the
-    model's code, not the main tree's (broken since) nor the installed nf1prov."""
+    model's code, not the main tree's (broken since) nor the installed nf1prov.
+
+    The repository uses SHA-256 object names (`git init --object-format=sha256`): train,
+    catalog, show, checkout --worktree and the retraining all work with 64-hex commits."""
+    shutil.rmtree(project / ".git")
+    run_git(project, "init", "--quiet", "--object-format=sha256", "--initial-branch=main")
     client = tracking.client(tracking_uri)
     shutil.copytree(data_root, project / "data")
     with (project / ".gitignore").open("a") as handle:
@@ -113,6 +119,14 @@ def test_checkouts_retrain_line_runs_the_checked_out_models_code(project, tracki
     first = CliRunner().invoke(cli, ["train", "--config", "configs/tiny.toml"])
     assert first.exit_code == 0, first.output
     name = only_run(client).info.run_name
+    sha = only_run(client).data.tags[tracking.GIT_COMMIT]
+    assert len(sha) == 64 and git.tag_sha(project, f"model/{name}") == sha
+    catalogue = CliRunner().invoke(cli, ["catalog", "--commit"])
+    assert catalogue.exit_code == 0, catalogue.output
+    assert f"**Commit:** `{sha}`" in (project / "README.md").read_text()
+    shown = CliRunner().invoke(cli, ["show", name, "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["commit"] == sha
     break_forward(project, "the main tree's code ran")
     run_git(project, "commit", "-qam", "break the main tree")
 

@@ -63,10 +63,18 @@ def prepared(project):
 def assert_nothing(repo, before, client):
     assert repo_state(repo) == before
     assert not commit.journal_path(repo).exists()
-    (run,) = tracking.model_runs(client)
+    assert tracking.model_runs(client) == []  # no model: its run, which never got the commit,
+    (run,) = deleted_runs(client)             # is deleted with its reason
     assert run.info.status in ("FAILED", "KILLED")
     assert tracking.GIT_COMMIT not in run.data.tags and tracking.GIT_TAG not in run.data.tags
     return run
+
+
+def deleted_runs(client) -> list:
+    from mlflow.entities import ViewType
+
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return client.search_runs(experiments, run_view_type=ViewType.DELETED_ONLY)
 
 
 def assert_everything(repo, client, status):

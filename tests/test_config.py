@@ -121,11 +121,13 @@ BAD_VALUES = [
     ("train.epochs=0", "an integer >= 1"),
     ("train.epochs=-1", "an integer >= 1"),
     ("train.batch_size=0", "an integer >= 1"),
-    ("train.learning_rate=-1", "a finite number > 0"),
-    ("train.learning_rate=0", "a finite number > 0"),
-    ("train.learning_rate=nan", "a finite number > 0"),
-    ("train.learning_rate=inf", "a finite number > 0"),
-    ("train.learning_rate=-inf", "a finite number > 0"),
+    ("train.learning_rate=-1", "a finite number in (0, 1]"),
+    ("train.learning_rate=0", "a finite number in (0, 1]"),
+    ("train.learning_rate=nan", "a finite number in (0, 1]"),
+    ("train.learning_rate=inf", "a finite number in (0, 1]"),
+    ("train.learning_rate=-inf", "a finite number in (0, 1]"),
+    ("train.learning_rate=1e9", "a finite number in (0, 1]"),  # Adam's step is about lr
+    ("train.learning_rate=1.5", "a finite number in (0, 1]"),
     ("train.alpha=-0.1", "a finite number in [0, 1]"),
     ("train.alpha=1.5", "a finite number in [0, 1]"),
     ("train.alpha=nan", "a finite number in [0, 1]"),
@@ -146,6 +148,7 @@ BAD_VALUES = [
     ("train.search_learning_rate=[-1, 1]", "two finite numbers [low, high] with 0 < low"),
     ("train.search_learning_rate=[nan, 1]", "two finite numbers [low, high] with 0 < low"),
     ("train.search_learning_rate=[1e-5, inf]", "two finite numbers [low, high] with 0 < low"),
+    ("train.search_learning_rate=[1e-5, 10]", "0 < low <= high <= 1"),
     ("train.search_workers=0", "an integer >= 1"),
     ("train.nproc=0", "an integer >= 1"),
     ('train.search_storage="postgresql+psycopg2://lab:secret@db/optuna"', "without a password"),
@@ -275,8 +278,9 @@ def small_project(git_repo, tracking_uri, data_root) -> Path:
     return git_repo
 
 
-def test_train_with_a_nan_learning_rate_exits_2_having_created_nothing(small_project,
-                                                                        tracking_uri):
+def test_train_with_an_absurd_learning_rate_exits_2_having_created_nothing(small_project,
+                                                                            tracking_uri):
+    """`learning_rate=1e9` (issue 24): refused before the commit, not a diverged FAILED run."""
     repo = small_project
     client = tracking.client(tracking_uri)
     runs_before = {r.info.run_id for r in tracking.search_runs_all(client)}
@@ -287,13 +291,13 @@ def test_train_with_a_nan_learning_rate_exits_2_having_created_nothing(small_pro
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     proc = subprocess.run(
         [sys.executable, "-m", "nf1prov", "train", "--config", "configs/small.toml",
-         "--set", "train.learning_rate=nan"],
+         "--set", "train.learning_rate=1e9"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=False)
 
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     output = proc.stdout + proc.stderr
-    assert "--set train.learning_rate=nan: train.learning_rate must be a finite number > 0" in (
-        " ".join(output.split()))
+    assert ("--set train.learning_rate=1e9: train.learning_rate must be a finite number in "
+            "(0, 1]") in " ".join(output.split())
     assert "Traceback" not in output
     assert _git(repo, "rev-parse", "HEAD") == head
     assert _git(repo, "show-ref") == refs  # no tag, no branch

@@ -86,8 +86,11 @@ def test_the_readme_loop_in_a_clone_with_the_documented_hook(tmp_path, tracking_
     nf1prov("demo-data", "demo-data", "--patients", "3", "--sites", "2", "--slices", "5",
             "--height", "48", "--width", "48")
     overrides = [arg for item in TINY for arg in ("--set", item)]
-    trained = nf1prov("train", "--config", "configs/demo.toml", *overrides, "--json")
-    record = json.loads(trained.stdout)  # nothing else on standard output, the hook's included
+    # as the README writes it: the JSON goes to a file outside the repository
+    trained = run("sh", "-c", 'exec "$0" "$@" --json > ../model.json', str(BIN / "nf1prov"),
+                  "train", "--config", "configs/demo.toml", *overrides)
+    # nothing else on standard output, the hook's included
+    record = json.loads((repo.parent / "model.json").read_text())
     assert f"Model {record['codename']} (run" in trained.stderr
     assert (repo / ".git" / "hook-runs").read_text() == "ran\n"  # and let the model through
     sha = run_git(repo, "rev-parse", "HEAD")

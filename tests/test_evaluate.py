@@ -271,6 +271,49 @@ def test_evaluate_cli_patients_option_and_errors(tracking_uri, dataset):
     assert exit_info.value.code == 0
 
 
+def test_evaluate_refuses_to_log_patients_the_model_trained_on(tracking_uri, dataset):
+    """Only the model's holdout patients produce holdout_* (DESIGN 3.7): a training patient is
+    refused before anything is scored or logged, and each evaluation records what it scored."""
+    import json
+
+    import mlflow
+    from click.testing import CliRunner
+
+    from nf1prov import tracking
+    from nf1prov.cli import cli
+    from nf1prov.data.layout import discover_fields
+    from nf1prov.train.trainer import data_splits_tag
+
+    run_id = log_tiny_model(holdout=("NF0014",))
+    trained_on = discover_fields(dataset, holdout_patients=("NF0014",))  # NF0016, as training
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, tracking.DATA_SPLITS,
+                   data_splits_tag({"train": trained_on, "val": [], "test": []}))
+
+    def evaluate(*args):
+        return CliRunner().invoke(cli, ["evaluate", "tiny-eel-1", "--data-root", str(dataset),
+                                        "--no-progress", *args])
+
+    assert evaluate().exit_code == 0  # the holdout patient NF0014 (folder NF0014_T1)
+    before = client.get_run(run_id).data
+    assert json.loads(before.tags["nf1prov.evaluation.patients"]) == ["NF0014_T1"]
+    assert before.tags["nf1prov.evaluation.data_root"] == str(dataset)
+
+    for patients in (["NF0016"], ["NF0014", "NF0016"]):
+        result = evaluate(*[arg for p in patients for arg in ("--patients", p)])
+        assert result.exit_code == 2, result.output
+        assert "NF0016 (train split)" in result.output and "--no-log" in result.output
+        assert "Traceback" not in result.output
+    after = client.get_run(run_id).data
+    holdout = {k: v for k, v in before.metrics.items() if k.startswith("holdout_")}
+    assert holdout and {k: after.metrics[k] for k in holdout} == holdout
+    assert after.tags == before.tags
+
+    printed = evaluate("--patients", "NF0016", "--no-log")  # printing is still allowed
+    assert printed.exit_code == 0, printed.output
+    assert "NF0016 (train split) is not a holdout patient" in printed.output
+
+
 def test_predict_by_codename_and_run_id_uses_the_run_config(tracking_uri, dataset, tmp_path):
     import tifffile
     from click.testing import CliRunner

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 
 import numpy as np
@@ -38,14 +39,28 @@ def client_env(uri: str, **extra: str) -> dict[str, str]:
 
 
 def start(cwd, uri, *args, **extra):
-    return subprocess.Popen([str(BIN / "nf1prov"), *args], cwd=cwd, env=client_env(uri, **extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """`nf1prov ARGS` as a process of its own, its output in files: a pipe nobody reads
+    while the test waits would fill up (MLflow warns at every retry while a server is away)
+    and stop the training at its next line."""
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([str(BIN / "nf1prov"), *args], cwd=cwd,
+                            env=client_env(uri, **extra), stdout=out, stderr=err, text=True)
+    proc.output_files = (out, err)
+    return proc
 
 
 def finish(proc, expect=0, timeout=600):
-    out, err = proc.communicate(timeout=timeout)
+    proc.wait(timeout=timeout)
+    out, err = (read_back(f) for f in proc.output_files)
     assert proc.returncode == expect, f"{proc.args}\n{out[-2000:]}\n{err[-4000:]}"
     return out, err
+
+
+def read_back(handle) -> str:
+    handle.seek(0)
+    text = handle.read()
+    handle.close()
+    return text
 
 
 def nf1prov(cwd, uri, *args, expect=0):
@@ -170,8 +185,10 @@ def test_a_server_that_goes_away_mid_training_loses_nothing(project, data_root, 
     (run,) = tracking.model_runs(client)
     mlflow_server.kill()
     # the training goes on: its logging waits in the outbox (a copy of each checkpoint)
-    wait_for(lambda: (outbox_root / run.info.run_id / "files").is_dir(), 120,
+    queued = outbox_root / run.info.run_id / "files"
+    wait_for(lambda: queued.is_dir() or proc.poll() is not None, 120,
              "the training to queue its logging")
+    assert queued.is_dir(), f"the training ended before the server went away: {finish(proc)}"
     mlflow_server.start()
     out, err = finish(proc)
     assert "did not answer for" in err and run.info.run_name in out

@@ -74,6 +74,20 @@ def test_list_formats(store):
     assert "0.8125" in table and sha[:10] in table and sha not in table
 
 
+def test_list_leaves_out_runs_that_never_got_their_commit(store):
+    """Older stores hold FAILED/KILLED `kind=model` runs of trainings refused at the commit (a
+    hook, a signing key): they are no models. One still RUNNING may yet get its commit."""
+    client, exp, repo = store
+    sha = git.commit(repo, "one\n")
+    model_run(client, exp, "brave-owl-1", sha)
+    model_run(client, exp, "hook-cat-2", status="FAILED",
+              **{tracking.FAILURE: "the pre-commit hook refused the model commit"})
+    model_run(client, exp, "ctrl-c-eel-3", status="KILLED")
+    model_run(client, exp, "busy-fox-4", status="RUNNING")  # committing right now
+    listed = [row["codename"] for row in json.loads(invoke("list", "--json").output)]
+    assert listed == ["busy-fox-4", "brave-owl-1"]
+
+
 def test_list_empty_store(store):
     result = invoke("list")
     assert result.exit_code == 0 and "No models yet" in result.output
@@ -152,13 +166,17 @@ def test_show_and_note_refuse_unknown_or_malformed_codenames(store):
         assert "nf1prov list" in result.output
 
 
-def test_note_appends_to_a_json_array(store):
+def test_note_adds_a_tag_per_note(store):
     client, exp, repo = store
     run_id = model_run(client, exp, "brave-owl-1", git.commit(repo, "x\n"))
     assert invoke("note", "brave-owl-1", "BCE not computed after trial 0").exit_code == 0
     assert invoke("note", "brave-owl-1", "Crashed at epoch 3;\nresumed").exit_code == 0
-    notes = json.loads(client.get_run(run_id).data.tags[tracking.NOTES])
-    assert notes == ["BCE not computed after trial 0", "Crashed at epoch 3; resumed"]
+    tags = client.get_run(run_id).data.tags
+    assert tracking.NOTES not in tags  # the old single array is no longer written
+    keys = sorted(k for k in tags if k.startswith(tracking.NOTE_PREFIX))
+    assert [tags[k] for k in keys] == ["BCE not computed after trial 0",
+                                       "Crashed at epoch 3; resumed"]
+    assert tracking.read_notes(tags) == ([tags[k] for k in keys], [])
     assert "- Crashed at epoch 3; resumed" in invoke("show", "brave-owl-1").output
     result = CliRunner().invoke(cli, ["note", "brave-owl-1", "   "])
     assert result.exit_code != 0 and "empty" in result.output

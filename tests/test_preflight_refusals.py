@@ -6,6 +6,7 @@ cases, checked with `preflight` itself (no training needed)."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ from click.testing import CliRunner
 from nf1prov import git, tracking
 from nf1prov.cli import cli
 from nf1prov.errors import UserError
-from nf1prov.provenance import preflight
+from nf1prov.provenance import own_output, preflight
 from tests.conftest import run_git
+from tests.test_provenance_flow import subprocess_env
 
 
 def train(*args, expect=2):
@@ -121,8 +123,8 @@ def test_operation_in_progress_is_refused(committed, tracking_uri, operation):
     ("id_rsa", "key\n"),
     ("deploy/server.pem", "cert\n"),
     ("credentials.json", "{}\n"),
-    ("notes/key-backup.txt", "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n"
-                             "-----END OPENSSH PRIVATE KEY-----\n"),
+    ("notes/key-backup.txt", "-----BEGIN OPENSSH " "PRIVATE KEY-----\nabc\n"  # split: this
+                             "-----END OPENSSH " "PRIVATE KEY-----\n"),  # file holds no key
 ])
 def test_files_that_look_like_secrets_are_refused(committed, tracking_uri, name, content):
     path = committed / name
@@ -183,6 +185,85 @@ def test_an_embedded_repository_is_refused(committed, tracking_uri, tmp_path):
     run_git(committed, "worktree", "add", "-q", "--detach", str(committed / "inner"))
     output = refused(committed, tracking_uri)
     assert "inner" in output and "gitlink" in output
+
+
+# --- submodules: the commit records a gitlink, so the submodule's own edits are refused ------
+
+
+def _submodule(repo: Path, tmp_path: Path) -> Path:
+    """A real submodule lib/helpers (added from a local repository) committed in ``repo``."""
+    source = tmp_path / "helpers-source"
+    source.mkdir()
+    run_git(source, "init", "-q", "--initial-branch=main")
+    (source / "helpers.py").write_text("SCALE = 1\n")
+    run_git(source, "add", "helpers.py")
+    run_git(source, "commit", "-qm", "helpers")
+    run_git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(source),
+            "lib/helpers")
+    run_git(repo, "commit", "-qm", "the helpers submodule")
+    return repo / "lib" / "helpers"
+
+
+def test_a_dirty_submodule_is_refused(committed, tracking_uri, tmp_path):
+    helpers = _submodule(committed, tmp_path)
+    (helpers / "helpers.py").write_text("SCALE = 2\n")
+    output = refused(committed, tracking_uri)
+    assert "lib/helpers (modified files)" in output
+    assert "git submodule update --force -- lib/helpers" in output
+    # untracked files too, even when .gitmodules tells `git status` to ignore the submodule
+    run_git(helpers, "checkout", "-q", "--", "helpers.py")
+    (helpers / "scratch.py").write_text("SCALE = 3\n")
+    run_git(committed, "config", "-f", ".gitmodules", "submodule.lib/helpers.ignore", "all")
+    output = refused(committed, tracking_uri)
+    assert "lib/helpers (untracked files)" in output
+
+
+def test_a_submodule_at_another_commit_passes(committed, tracking_uri, tmp_path):
+    """Its work tree is a commit of its own: the model commit records that commit."""
+    helpers = _submodule(committed, tmp_path)
+    (helpers / "helpers.py").write_text("SCALE = 2\n")
+    run_git(helpers, "commit", "-qam", "scale 2")
+    plan = preflight.preflight(config_path="configs/tiny.toml", tracking_uri=tracking_uri)
+    assert plan.root == committed and git.dirty_submodules(committed) == []
+    assert [path for _, path in git.status_porcelain(committed)] == ["lib/helpers"]
+
+
+# --- the user's own redirect or pipeline writing into the repository -------------------------
+
+
+@pytest.mark.parametrize("command, written", [
+    ("nf1prov train --config configs/tiny.toml --json > model.json", "model.json"),
+    ("nf1prov train --config configs/tiny.toml 2>&1 | tee train.log", "train.log"),
+])
+def test_the_commands_own_output_file_is_refused(committed, tracking_uri, command, written):
+    """The README's `--json > model.json` and `| tee train.log` run inside the repository: the
+    shell makes the file before nf1prov starts, and preflight refuses it before any run."""
+    client = tracking.client(tracking_uri)
+    before = (git.head_sha(committed), git.index_path(committed).read_bytes(),
+              run_git(committed, "tag"), tracking.search_runs_all(client))
+    done = subprocess.run(["sh", "-c", command], cwd=committed, env=subprocess_env(tracking_uri),
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert (git.head_sha(committed), git.index_path(committed).read_bytes(),
+            run_git(committed, "tag"), tracking.search_runs_all(client)) == before
+    output = done.stdout + done.stderr
+    assert f"{written} inside" in output and "git-ignored path" in output, output
+
+
+@pytest.mark.skipif(not Path("/proc/self/fdinfo").is_dir(), reason="reads Linux /proc")
+def test_files_open_for_writing_in_this_process_group_are_found(committed):
+    """This process's own descriptors and another process of its group (a pipeline's `tee`);
+    a file only read is not written."""
+    (committed / "read.txt").write_text("x\n")
+    rels = ["mine.log", "child.log", "read.txt"]
+    with open(committed / "mine.log", "w"), open(committed / "read.txt"):
+        child = subprocess.Popen(["sh", "-c", "exec 3>child.log; echo ready; sleep 60"],
+                                 cwd=committed, stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline() == "ready\n"
+            assert own_output.being_written(committed, rels) == ["mine.log", "child.log"]
+        finally:
+            child.kill()
+            child.wait()
 
 
 # --- the data root ----------------------------------------------------------------------------

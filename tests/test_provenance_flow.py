@@ -5,6 +5,7 @@ projects."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from click.testing import CliRunner
 from nf1prov import git, tracking
 from nf1prov.cli import cli
 from tests.conftest import run_git, tiny_config
+from tests.test_commit_transaction import deleted_runs
 
 SUBJECT = re.compile(r"^Model run codename: ([a-z]+-[a-z]+-[0-9]+) Run ID: ([0-9a-f]{32}) "
                      r"Experiment ID: ([0-9]+)$")
@@ -171,8 +173,9 @@ def _missing_data(repo, monkeypatch):
 
 
 def _db_not_ignored(repo, monkeypatch):
-    (repo / ".gitignore").write_text(".nf1prov/\n")
-    return ["--tracking-uri", tracking.default_tracking_uri(repo)], "mlflow.db lies inside"
+    (repo / ".gitignore").write_text(".nf1prov/\n")  # every missing line in one message
+    return (["--tracking-uri", tracking.default_tracking_uri(repo)],
+            "mlflow.db and mlartifacts/ lie inside")
 
 
 def _broken_template(repo, monkeypatch):
@@ -190,9 +193,21 @@ def _bad_data(repo, monkeypatch):
     return ["--data-root", str(repo.parent / "bad-data")], "bad-data"
 
 
+def _signing_without_a_key(repo, monkeypatch):
+    run_git(repo, "config", "commit.gpgSign", "true")
+    run_git(repo, "config", "gpg.format", "ssh")  # and no user.signingKey
+    return [], "commit.gpgSign is true"
+
+
+def _cuda_without_a_gpu(repo, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    return ["--set", "train.device=cuda"], "train.device is cuda but no CUDA device"
+
+
 @pytest.mark.parametrize("setup", [_no_identity, _big_file, _unknown_key, _missing_data,
                                    _db_not_ignored, _broken_template, _unreachable_store,
-                                   _bad_data])
+                                   _bad_data, _signing_without_a_key, _cuda_without_a_gpu])
 def test_preflight_failure_changes_nothing(project, tracking_uri, monkeypatch, setup):
     client = tracking.client(tracking_uri)
     (project / "staged.py").write_text("S = 1\n")
@@ -215,36 +230,60 @@ def break_forward(repo: Path, message: str = "loss is NaN\nsecond line") -> None
                      "UNet.forward = _broken\n")
 
 
-def test_exception_in_training_fails_the_run_and_keeps_commit(project, tracking_uri):
-    break_forward(project)
+def diverge_forward(repo: Path) -> None:
+    """Make the repository's own UNet diverge as a too-high learning rate does: from its second
+    call on, its logits overflow to inf (the committed code is what runs)."""
+    with open(repo / "models" / "unet.py", "a") as handle:
+        handle.write("\n\n_forward = UNet.forward\n\n\ndef _diverging(self, x):\n"
+                     "    self.calls = getattr(self, 'calls', 0) + 1\n"
+                     "    return _forward(self, x) * (1.0 if self.calls == 1 else float('inf'))\n"
+                     "\n\nUNet.forward = _diverging\n")
+
+
+def test_a_diverging_training_fails_the_run_in_one_line_and_keeps_commit(project, tracking_uri,
+                                                                         capfd):
+    diverge_forward(project)
     result = train(expect=1)
     client = tracking.client(tracking_uri)
     (run,) = tracking.model_runs(client)
+    reason = ("the loss became NaN/inf at epoch 1, batch 2: lower train.learning_rate "
+              "(now 0.003)")
     assert run.info.status == "FAILED"
-    assert run.data.tags[tracking.FAILURE] == "RuntimeError: loss is NaN | second line"
+    assert run.data.tags[tracking.FAILURE] == reason  # not "no epoch was trained"
+    assert reason in result.output
     assert "FAILED" in result.output and f"nf1prov show {run.info.run_name}" in result.output
+    err = capfd.readouterr().err  # the training process's own output
+    assert "Traceback" not in err + result.output and reason not in err  # said once, by train
     assert_contract(client, project, run.info.run_id)  # commit and tag stay: that code ran
 
 
-def test_failing_pre_commit_hook_fails_the_run_without_commit(project, tracking_uri):
+def test_a_refusing_pre_commit_hook_leaves_no_commit_and_no_model(project, tracking_uri):
     hook = project / ".git" / "hooks" / "pre-commit"
     hook.write_text("#!/bin/sh\necho 'black would reformat models/unet.py' >&2\nexit 1\n")
     hook.chmod(0o755)
     (project / "staged.py").write_text("S = 1\n")
     git.git("add", "staged.py", cwd=project)
     before = repo_snapshot(project)
-    result = train(expect=2)
-    assert "black would reformat" in result.output
-    (run,) = tracking.model_runs(tracking.client(tracking_uri))
-    assert run.info.status == "FAILED"
-    assert "black would reformat" in run.data.tags[tracking.FAILURE]
-    assert tracking.GIT_COMMIT not in run.data.tags and tracking.GIT_TAG not in run.data.tags
+    client = tracking.client(tracking_uri)
+    for _ in range(2):  # every try: no model is left behind
+        result = train(expect=2)
+        assert "black would reformat" in result.output and "Nothing was created" in result.output
     assert repo_snapshot(project) == before  # no commit, no tag, index as it was
+    assert json.loads(invoke("list", "--json").output) == []
+    assert tracking.model_runs(client) == []
+    # The runs are MLflow-deleted (their reason kept for whoever looks), not left as models.
+    runs = deleted_runs(client)
+    assert len(runs) == 2 and all(r.info.status == "FAILED" for r in runs)
+    assert all("black would reformat" in r.data.tags[tracking.FAILURE] for r in runs)
+    (project / "README.md").write_text("# Project\n")  # and the catalogue holds no model
+    assert "0 models, written" in invoke("catalog").output
+    assert "No models recorded yet" in (project / "README.md").read_text()
 
 
-def test_no_commit_makes_a_scratch_run(project, tracking_uri):
-    base = git.commit(project, "base\n")
+def test_no_commit_makes_a_scratch_run(project, tracking_uri, tmp_path):
+    base = git.commit(project, "base\n")  # an empty commit: every project file is untracked
     (project / "experiment.py").write_text("TRY = 1\n")
+    (project / "lookup.bin").write_bytes(b"\0\1\2 not text")
     result = train("--no-commit")
     assert "scratch" in result.output
     client = tracking.client(tracking_uri)
@@ -254,8 +293,20 @@ def test_no_commit_makes_a_scratch_run(project, tracking_uri):
     assert tags[tracking.KIND] == "scratch" and tags[tracking.GIT_COMMIT] == base
     assert tags[tracking.GIT_DIRTY] == "true" and tracking.GIT_TAG not in tags
     diff = Path(client.download_artifacts(run.info.run_id, "git/uncommitted.diff")).read_text()
-    assert "# untracked: experiment.py" in diff
+    assert diff.startswith(f"# nf1prov: complete diff against {base}")
+    assert "+TRY = 1" in diff  # untracked files' content, not only their names
     assert git.head_sha(project) == base and run_git(project, "tag") == ""
+    # Its code is the base commit plus that diff: only a new worktree gets both.
+    refused = invoke("checkout", run.info.run_id, expect=2).output
+    assert "--no-commit" in refused and "--worktree" in refused
+    tree = tmp_path / "scratch-code"
+    output = invoke("checkout", run.info.run_id, "--worktree", str(tree)).output
+    assert f"its code was commit {base} plus its logged git/uncommitted.diff" in output
+    assert git.head_sha(tree) == base
+    assert (tree / "experiment.py").read_text() == "TRY = 1\n"
+    assert (tree / "lookup.bin").read_bytes() == b"\0\1\2 not text"
+    assert (tree / "configs" / "tiny.toml").read_bytes() == \
+        (project / "configs" / "tiny.toml").read_bytes()
 
 
 def test_data_root_option_is_recorded_as_the_absolute_path(project, tracking_uri, data_root):
@@ -300,8 +351,12 @@ def first_checkpoint(client):
     return wait_for(checkpointed, what="the first checkpoint")
 
 
-def test_sigterm_kills_then_resume_continues_the_same_run(project, tracking_uri, data_root):
+def test_sigterm_kills_then_resume_continues_the_same_run(project, tracking_uri, data_root,
+                                                          small_disk, capfd):
     client = tracking.client(tracking_uri)
+    # The store's artifacts on a small filesystem of their own, which fills before a resume
+    # (needs root to mount; elsewhere that part is left out).
+    disk = small_disk(project.parent / "mlartifacts", required=False)
     long_config = tiny_config(data_root, epochs=500, patience=1000)
     (project / "configs" / "long.toml").write_text(long_config)
     proc = start_training(project, tracking_uri, "--config", "configs/long.toml")
@@ -317,6 +372,18 @@ def test_sigterm_kills_then_resume_continues_the_same_run(project, tracking_uri,
     name = assert_contract(client, project, run.info.run_id)
 
     assert f"nf1prov train --resume {name}" in err  # the printed command works (below)
+    if disk is not None:  # the disk fills: one line naming it, the run FAILED, the checkpoint
+        disk.fill()       # kept for the resume below
+        capfd.readouterr()
+        result = invoke("train", "--resume", name, "--set", "train.epochs=3", expect=1)
+        output = result.output + capfd.readouterr().err
+        assert "Traceback" not in output, output
+        run = client.get_run(run.info.run_id)
+        reason = run.data.tags[tracking.FAILURE]
+        assert run.info.status == "FAILED" and reason in output
+        assert reason.startswith(f"The disk holding {disk.path}/") and "0 B free of" in reason
+        assert reason.endswith(f"Then continue it with `nf1prov train --resume {name}`.")
+        disk.free()
     # Resuming runs the model commit's code, whatever the work tree holds now.
     break_forward(project, "the work tree's code ran, not the commit's")
     invoke("train", "--resume", name, "--set", "train.epochs=3")
@@ -325,22 +392,6 @@ def test_sigterm_kills_then_resume_continues_the_same_run(project, tracking_uri,
     assert len(tracking.model_runs(client)) == 1  # the same run, continued
     assert "best_val_dice_inner-cell" in run.data.metrics
     assert "already FINISHED" in invoke("train", "--resume", name, expect=2).output
-
-
-def test_two_trainings_at_once_each_get_their_commit(project, tracking_uri):
-    git.commit(project, "base\n")
-    env = subprocess_env(tracking_uri)
-    procs = [subprocess.Popen([str(BIN / "nf1prov"), "train", "--config", "configs/tiny.toml"],
-                              cwd=project, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    client = tracking.client(tracking_uri)
-    runs = tracking.model_runs(client)
-    names = {assert_contract(client, project, r.info.run_id) for r in runs}
-    assert len(runs) == 2 and len(names) == 2
-    assert names == {codename_of(out) for out, _ in outputs}
-    assert run_git(project, "rev-list", "--count", "HEAD") == "3"
 
 
 def test_mlflow_run_adopts_the_projects_run(project, tracking_uri):

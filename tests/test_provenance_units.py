@@ -4,12 +4,15 @@ happen before the data layer is consulted."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -164,6 +167,28 @@ event("child released")
 """
 
 
+@contextlib.contextmanager
+def lock_holder(repo: Path, events: Path):
+    """A child process that holds the commit lock until it reads a line (`release`)."""
+    proc = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(repo), str(events)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    try:
+        assert proc.stdout.readline() == "held\n", proc.stderr.read()  # the child holds it
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
+
+
+def release(proc: subprocess.Popen) -> None:
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
 def test_commit_lock_excludes_other_processes(git_repo, tmp_path):
     """Proved by handshakes and the order of recorded events, never by elapsed time: while a
     child process holds the lock, this process cannot take it; a waiting acquire gets it only
@@ -174,11 +199,7 @@ def test_commit_lock_excludes_other_processes(git_repo, tmp_path):
         with open(events, "a") as handle:  # O_APPEND: lines from both processes stay whole
             handle.write(text + "\n")
 
-    proc = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(git_repo), str(events)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
-    try:
-        assert proc.stdout.readline() == "held\n", proc.stderr.read()  # the child holds it
+    with lock_holder(git_repo, events) as proc:
         with pytest.raises(UserError, match="Another nf1prov train held"):
             with commit.commit_lock(git_repo, timeout=0):
                 event("parent acquired while the child held the lock")
@@ -194,21 +215,37 @@ def test_commit_lock_excludes_other_processes(git_repo, tmp_path):
         waiter = threading.Thread(target=acquire, daemon=True)
         waiter.start()
         started.wait()
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        release(proc)
         waiter.join(timeout=120)  # a guard against a hang, not a measurement
         assert not waiter.is_alive(), "the waiting acquire never got the lock"
         assert proc.wait(timeout=120) == 0, proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            pipe.close()
 
     lines = events.read_text().splitlines()
     assert lines[:3] == ["child acquired", "parent refused", "child releasing"], lines
     assert sorted(lines[3:]) == ["child released", "parent acquired"], lines
+
+
+def test_a_training_waiting_for_the_commit_lock_says_whose_it_is(git_repo, tmp_path, capfd):
+    """After about a second of waiting, one line: another training is committing, its pid,
+    the lock file (so a user can tell a stuck process from a slow hook)."""
+    def acquire() -> None:
+        with commit.commit_lock(git_repo):
+            pass
+
+    with lock_holder(git_repo, tmp_path / "events") as proc:
+        waiter = threading.Thread(target=acquire, daemon=True)
+        waiter.start()
+        said = ""
+        deadline = time.monotonic() + 60  # a guard against a hang, not a measurement
+        while "waiting" not in said and time.monotonic() < deadline:
+            time.sleep(0.1)
+            said += capfd.readouterr().err
+        release(proc)
+        waiter.join(timeout=60)
+        assert not waiter.is_alive()
+    lock = git.common_dir(git_repo) / commit.LOCK_NAME
+    assert said == (f"nf1prov: waiting for another training's model commit (pid {proc.pid} on "
+                    f"{socket.gethostname()}, lock {lock})...\n")
 
 
 # --- heartbeat, liveness, tags ------------------------------------------------------------------
@@ -291,10 +328,13 @@ def test_creation_tags_describe_the_run():
 
 def test_runtime_files_must_be_ignored(git_repo):
     uri = tracking.default_tracking_uri(git_repo)
-    with pytest.raises(UserError, match=r"\.nf1prov/ lies inside the repository"):
+    with pytest.raises(UserError) as caught:  # every missing line at once, not one per try
         preflight.check_runtime_files_ignored(git_repo, uri)
-    (git_repo / ".gitignore").write_text(".nf1prov/\n")
-    with pytest.raises(UserError, match="mlflow.db lies inside the repository"):
+    assert str(caught.value).startswith(".nf1prov/, mlflow.db and mlartifacts/ lie inside the "
+                                        "repository")
+    assert str(caught.value).endswith(".gitignore:\n  .nf1prov/\n  mlflow.db\n  mlartifacts/")
+    (git_repo / ".gitignore").write_text(".nf1prov/\nmlartifacts/\n")
+    with pytest.raises(UserError, match="^mlflow.db lies inside the repository"):
         preflight.check_runtime_files_ignored(git_repo, uri)
     (git_repo / ".gitignore").write_text(".nf1prov/\nmlflow.db\nmlartifacts/\n")
     preflight.check_runtime_files_ignored(git_repo, uri)

@@ -3,8 +3,10 @@ by a real subprocess, against a real sqlite store."""
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -140,6 +142,35 @@ def test_reproduce_retrains_the_models_own_code_and_matches_exactly(trained):
     assert any((project / ".nf1prov" / "cache").iterdir())
 
 
+def as_dirty_scratch_run(client, run_id: str, diff: str) -> None:
+    """Make the trained run what `train --no-commit` leaves on a dirty tree: kind scratch,
+    dirty, its changes as git/uncommitted.diff on top of its commit."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    client.set_tag(run_id, tracking.KIND, tracking.KIND_SCRATCH)
+    client.set_tag(run_id, tracking.GIT_DIRTY, "true")
+    # Not client.log_text: MLflow caches artifact locations by run ID for the process, and each
+    # test's copy of the store keeps the run's ID at another place.
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "uncommitted.diff").write_text(diff)
+        get_artifact_repository(client.get_run(run_id).info.artifact_uri).log_artifact(
+            str(Path(tmp) / "uncommitted.diff"), "git")
+
+
+def test_a_dirty_scratch_run_without_its_untracked_files_is_refused(trained):
+    """A diff logged before untracked files' content was: other code, so no reproduction."""
+    project, name, run_id = trained.project, trained.name, trained.run_id
+    client = tracking.client(trained.tracking_uri)
+    as_dirty_scratch_run(client, run_id, "# untracked: experiment.py\n")
+    before = runs_in_store(client)
+
+    result = invoke("reproduce", name, expect=2)
+
+    assert "untracked files without their content (experiment.py)" in result.output
+    assert runs_in_store(client) == before
+    assert len(worktrees(project)) == 1
+
+
 def add_field(root: Path, patient: str, name: str, seed: int = 7) -> str:
     """Write one more field of view (real TIFFs: (Z,H,W) uint16 stack, instance labels) like the
     shared dataset's (5x48x48); returns its id."""
@@ -172,9 +203,17 @@ def manifest_of(client, run_id: str) -> pd.DataFrame:
 
 
 def test_fields_added_since_training_are_left_out(trained, data_root, tmp_path):
+    """Also (one retraining for two stories) a --no-commit run trained on a dirty tree: its
+    code was the base commit plus the logged diff, and that is what retrains, and says so."""
+    from nf1prov.provenance.scratch_code import make_diff
+
     project, name, run_id = trained.project, trained.name, trained.run_id
     assert (project / "nf1prov").is_dir()  # the model commit holds the code that ran
     client = tracking.client(trained.tracking_uri)
+    sha = client.get_run(run_id).data.tags[tracking.GIT_COMMIT]
+    (project / "scratch_note.txt").write_text("tried on a dirty tree\n")  # changes no metric
+    as_dirty_scratch_run(client, run_id, make_diff(project))
+    (project / "scratch_note.txt").unlink()
     grown = tmp_path / "grown"
     shutil.copytree(data_root, grown)
     patient = sorted(p.name for p in grown.iterdir())[-1]
@@ -184,6 +223,7 @@ def test_fields_added_since_training_are_left_out(trained, data_root, tmp_path):
     output = invoke("reproduce", name, "--data-root", str(grown)).output
 
     assert "Leaving out 1 field(s) of view added to" in output and extra in output
+    assert f"at commit {sha[:12]} plus its logged 1-file diff" in output
     assert f"every metric of {name} matches exactly" in output
     new = [r for r in tracking.search_runs_all(client)
            if r.data.tags.get(tracking.REPRODUCES) == run_id]
@@ -192,7 +232,11 @@ def test_fields_added_since_training_are_left_out(trained, data_root, tmp_path):
     assert extra not in set(reproduced["fov_id"])
     columns = ["fov_id", "split", "image_sha256", "mask_sha256"]
     assert reproduced[columns].equals(original[columns])  # the recorded fields and split
-    assert len(worktrees(project)) == 1
+    assert new[0].data.tags[tracking.GIT_COMMIT] == sha
+    assert new[0].data.tags[tracking.GIT_DIRTY] == "true"  # it trained on base + diff
+    ran = Path(client.download_artifacts(new[0].info.run_id, "git/uncommitted.diff")).read_text()
+    assert "+tried on a dirty tree" in ran
+    assert len(worktrees(project)) == 1 and git.status_porcelain(project) == []
 
 
 def test_added_fields_with_code_that_cannot_leave_them_out_are_refused(
@@ -259,6 +303,41 @@ def test_a_running_model_is_refused(trained):
 
     assert "RUNNING" in result.output and "FINISHED" in result.output
     assert len(worktrees(project)) == 1
+
+
+def test_holdout_files_are_in_the_manifest_and_checked_apart(data_root, tmp_path):
+    """The logged manifest holds the holdout patients' files (split holdout) too; reproduce
+    checks them, and since training never reads them a change is reported, not refused."""
+    from nf1prov.config import defaults
+    from nf1prov.data.layout import discover_training_fields
+    from nf1prov.data.manifest import build_manifest, training_rows
+    from nf1prov.data.splits import split_fields
+    from nf1prov.provenance.reproduce import check_data, holdout_changes
+    from nf1prov.train.trainer import PreparedData, logged_manifest
+
+    config = defaults()
+    held = sorted(p.name for p in data_root.iterdir())[0]
+    config["data"].update(holdout_patients=[held])
+    splits = split_fields(discover_training_fields(data_root, config["data"]))
+    data = PreparedData(splits=splits, train=None, val=None, manifest=build_manifest(splits),
+                        source=str(data_root), cache_dir=tmp_path / "cache")
+    logged = pd.read_csv(io.StringIO(logged_manifest(config, data).to_csv(index=False)),
+                         dtype={"well": str, "site": str})  # as reproduce reads it back
+    assert set(logged.loc[logged["split"] == "holdout", "patient"]) == {held}
+    assert training_rows(logged)["fov_id"].tolist() == data.manifest["fov_id"].tolist()
+    assert holdout_changes(logged, data_root, tmp_path / "cache") == []
+
+    changed = tmp_path / "changed"
+    shutil.copytree(data_root, changed)
+    mask = sorted((changed / held).glob("segmentation_masks/*/cell_mask.tiff"))[0]
+    tifffile.imwrite(mask, np.zeros_like(tifffile.imread(mask)))
+    gone = tmp_path / "gone"
+    shutil.copytree(data_root, gone, ignore=shutil.ignore_patterns(held))
+    for root in (changed, gone):
+        check_data(training_rows(logged), root, tmp_path / "cache")  # training data: the same
+    assert holdout_changes(logged, changed, tmp_path / "cache") == [f"content differs: {mask}"]
+    assert len(holdout_changes(logged, gone, tmp_path / "cache")) == 2 * (logged[
+        "split"] == "holdout").sum()
 
 
 def test_compare_metrics_skips_evaluation_and_reports_missing_ones():

@@ -99,3 +99,23 @@ def test_a_push_that_fails_keeps_the_model_and_says_how_to_push(project, trackin
     listed = nf1prov(project, tracking_uri, "list")
     assert "the remote(s) lab did not answer" in listed.stderr
     assert listed.stdout.splitlines()[1].split()[-2] == "none"  # on no remote: not shared
+
+
+def test_a_refused_push_reports_every_line_git_printed(git_repo, tmp_path, monkeypatch):
+    """A pre-push hook's stdout is part of git's answer: none of it is dropped."""
+    from nf1prov.commands.train import push_model
+
+    run_git(git_repo, "commit", "--quiet", "--allow-empty", "-m", "model")
+    run_git(git_repo, "tag", "model/brave-owl-1")
+    run_git(tmp_path, "init", "--quiet", "--bare", str(tmp_path / "lab.git"))
+    run_git(git_repo, "remote", "add", "lab", str(tmp_path / "lab.git"))
+    hook = git_repo / ".git" / "hooks" / "pre-push"
+    hook.write_text("#!/bin/sh\necho 'pre-push: model tags need a review (stdout)'\n"
+                    "echo 'pre-push: see CONTRIBUTING.md (stderr)' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    monkeypatch.chdir(git_repo)
+    failure = push_model("brave-owl-1", "lab")
+    for line in ("pre-push: model tags need a review (stdout)",
+                 "pre-push: see CONTRIBUTING.md (stderr)", "error: failed to push some refs"):
+        assert line in failure, failure
+    assert "git push lab model/brave-owl-1" in failure

@@ -9,7 +9,7 @@ import pytest
 
 from nf1prov import tracking
 from tests.conftest import run_git
-from tests.test_provenance_flow import BIN, assert_contract, subprocess_env
+from tests.test_provenance_flow import BIN, assert_contract, codename_of, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("project")
 
@@ -31,8 +31,10 @@ def test_eight_trainings_at_once_on_a_fresh_sqlite_store(tmp_path, project):
     client = tracking.client(uri)
     runs = tracking.model_runs(client)
     assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
-    shas = {assert_contract(client, project, r.info.run_id) for r in runs}
-    assert len(shas) == 8
+    names = {assert_contract(client, project, r.info.run_id) for r in runs}
+    assert names == {codename_of(out) for out, _ in outputs}  # each printed its own model
+    assert len({r.data.tags[tracking.GIT_COMMIT] for r in runs}) == 8
+    assert run_git(project, "rev-list", "--count", "HEAD") == "9"  # one after another
     assert len(run_git(project, "tag", "--list", "model/*").split()) == 8
     assert len(client.search_experiments()) == 2  # Default and "flow", each created once
     for run in runs:

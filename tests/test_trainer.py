@@ -235,3 +235,33 @@ def test_train_model_needs_an_active_run(tracking_uri, data_root, tmp_path):
     assert mlflow.active_run() is None
     with pytest.raises(RuntimeError, match="active MLflow run"):
         train_model(tiny_config(), data_root, cache_dir=tmp_path / "cache")
+
+
+def test_a_non_finite_loss_is_caught_on_the_device_and_named_by_epoch_and_batch():
+    """The loop marks the first batch whose loss is NaN or inf without a host sync per batch,
+    and ends the training with one line saying where and what to change."""
+    from nf1prov.train.trainer import LossNotFinite, LossWatch
+
+    watch = LossWatch(torch.device("cpu"))
+    watch.update(torch.tensor(0.7), batch=1)
+    watch.check("train", epoch=4, learning_rate=0.5)  # all finite so far: nothing to say
+    watch.update(torch.tensor(math.inf), batch=2)
+    watch.update(torch.tensor(math.nan), batch=3)  # the first one is the one named
+    with pytest.raises(LossNotFinite) as caught:
+        watch.check("train", epoch=4, learning_rate=0.5)
+    assert str(caught.value) == ("the loss became NaN/inf at epoch 4, batch 2: lower "
+                                 "train.learning_rate (now 0.5)")
+    assert caught.value.exit_code == 1  # the training failed; no traceback, no usage error
+
+    val = LossWatch(torch.device("cpu"))
+    val.update(torch.tensor([math.nan]).sum(), batch=3)
+    with pytest.raises(LossNotFinite, match="^the validation loss became NaN/inf at epoch 2, "
+                                            r"batch 3: lower train.learning_rate \(now 0.001\)$"):
+        val.check("val", epoch=2, learning_rate=1e-3)
+
+    # Before any training step the learning rate cannot be the cause: the inputs can.
+    first = LossWatch(torch.device("cpu"))
+    first.update(torch.tensor(math.nan), batch=1)
+    with pytest.raises(LossNotFinite, match="^the loss was NaN/inf at epoch 1, batch 1, before "
+                                            "any training step: not the learning rate"):
+        first.check("train", epoch=1, learning_rate=1e-3)

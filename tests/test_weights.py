@@ -30,21 +30,24 @@ def tiny() -> UNet:
     return UNet(in_channels=3, num_classes=3, base_width=4).eval()
 
 
-def old_model_folder(tmp_path: Path) -> tuple[Path, Path]:
+def old_model_folder(tmp_path: Path, object_format: str = "sha1") -> tuple[Path, Path]:
     """A repository whose models/unet.py is OLD_SOURCE (committed, tagged model/old-eel-1), and a
     model folder whose record names that source; returns (repo, folder)."""
     assert OLD_SOURCE != INSTALLED.read_text()
     repo = tmp_path / "trainer"
     (repo / "models").mkdir(parents=True)
     (repo / "models" / "unet.py").write_text(OLD_SOURCE)
-    git(repo, "init", "-q", "-b", "main")
+    git(repo, "init", "-q", "-b", "main", f"--object-format={object_format}")
     git(repo, "add", ".")
     git(repo, "commit", "-q", "-m", "old model")
     git(repo, "tag", "model/old-eel-1")
     folder = tmp_path / "model"
     arch = weights.save(tiny(), folder)
     record = json.loads((folder / weights.ARCHITECTURE_FILE).read_text())
-    record["source_blob"] = git(repo, "hash-object", "models/unet.py")
+    # the blob's SHA-1 (what a SHA-1 repository's `git hash-object` prints)
+    record["source_blob"] = weights.blob_hash(OLD_SOURCE.encode())
+    if object_format == "sha1":
+        assert record["source_blob"] == git(repo, "hash-object", "models/unet.py")
     (folder / weights.ARCHITECTURE_FILE).write_text(json.dumps(record))
     assert arch.source_blob != record["source_blob"]
     return repo, folder
@@ -70,6 +73,20 @@ def test_an_old_model_runs_its_own_forward_from_its_commit(tmp_path):
     with torch.no_grad():
         out = loaded(torch.rand(1, 3, 16, 16))
     assert torch.all(out == 7)  # OLD_SOURCE's forward, not the installed one
+
+
+def test_a_sha256_repository_gives_the_source_by_the_models_commit(tmp_path):
+    """Its blobs have other names than the recorded SHA-1: the source is the file in the model's
+    commit (tag model/<codename>), checked against the recorded hash; export reads it too."""
+    from nf1prov.share import bioimageio
+
+    repo, folder = old_model_folder(tmp_path, object_format="sha256")
+    loaded = weights.load(folder, repo=repo, codename="old-eel-1")
+    with torch.no_grad():
+        assert torch.all(loaded(torch.rand(1, 3, 16, 16)) == 7)
+    arch = weights.read_architecture(folder, "old-eel-1")
+    sha = git(repo, "rev-parse", "HEAD")
+    assert bioimageio.architecture_source(repo, sha, arch) == OLD_SOURCE.encode()
 
 
 def test_a_clone_without_the_commit_fetches_the_model_tag(tmp_path):
@@ -104,9 +121,15 @@ def test_weights_that_would_run_code_are_refused(tmp_path):
     payload = RunsCodeWhenUnpickled()
     payload.marker = str(tmp_path / "pwned")
     torch.save({"stem.0.0.weight": payload}, folder / weights.WEIGHTS_FILE)
-    with pytest.raises(UserError, match="Cannot load the weights"):
+    with pytest.raises(UserError, match="Cannot load the weights") as caught:
         weights.load(folder)
     assert not (tmp_path / "pwned").exists()
+    # No advice to load it unsafely (torch's weights_only=False or safe_globals): the file is
+    # what a tampered store would hold.
+    message = str(caught.value)
+    assert "weights_only" not in message and "safe_globals" not in message, message
+    assert "\n" not in message and str(folder / weights.WEIGHTS_FILE) in message
+    assert "not tensors only" in message
 
 
 def test_a_pickled_module_of_an_earlier_version_is_refused_with_the_fix(tmp_path):

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from nf1prov import tracking
 from nf1prov.data.semantic import CLASS_NAMES
-from nf1prov.description import FIELD_LABELS, decode_value
+from nf1prov.description import FIELD_LABELS, decode_value, readable_tags
 from nf1prov.errors import UserError
 from nf1prov.resources import shipped_dir
 
@@ -228,7 +228,9 @@ def flatten(nodes: list[dict], depth: int = 0) -> list[dict]:
 
 
 def description(tags: dict) -> list[dict]:
-    """The description fields of a run, known ones in upstream order, then any others by name."""
+    """The description fields of a run, known ones in upstream order, then any others by name
+    (a value split over several tags read whole: `tracking.read_long_tags`)."""
+    tags = tracking.read_long_tags(tags)[0]
     known = dict(FIELDS)
     names = [f for f, _ in FIELDS] + sorted(
         t[len(tracking.DESCRIPTION_PREFIX):] for t in tags
@@ -250,16 +252,8 @@ def description(tags: dict) -> list[dict]:
 
 
 def notes(tags: dict) -> list[str]:
-    raw = tags.get(tracking.NOTES)
-    if not raw:
-        return []
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        return [raw]
-    if isinstance(parsed, list):
-        return [str(n) for n in parsed if str(n).strip()]
-    return [str(parsed)]
+    """A run's notes, oldest first (`tracking.read_notes`)."""
+    return tracking.read_notes(tracking.read_long_tags(tags)[0])[0]
 
 
 def warning(run) -> str | None:
@@ -350,7 +344,7 @@ def data_splits(run) -> list[dict]:
 
 
 def entry(run, ui: str | None) -> dict:
-    info, tags, metrics = run.info, run.data.tags, run.data.metrics
+    info, tags, metrics = run.info, readable_tags(run), run.data.metrics
     start = info.start_time
     date = (dt.datetime.fromtimestamp(start / 1000, dt.UTC).strftime("%Y-%m-%d")
             if start else None)

@@ -49,6 +49,41 @@ def repo_path(root: Path, readme: Path) -> str | None:
         return None
 
 
+def refuse_unsafe_link(readme: Path, root: Path | None) -> None:
+    """Refuse a README that is a symlink to nothing (writing would create its target wherever it
+    points) or, inside a repository, one that leads out of it (writing would change a file the
+    repository does not hold). UserError naming the link and its target."""
+    readme = Path(readme)
+    target = Path(os.path.realpath(readme))
+    linked = readme.is_symlink()
+    shown = os.readlink(readme) if linked else target
+    if linked and not target.is_file():
+        raise UserError(
+            f"{readme} is a symbolic link to {shown}, which does not exist (or is not a file): "
+            "nf1prov will not create a file through a dangling link. Point the link at the "
+            "README, remove the link (the catalogue then creates README.md), or pass --readme "
+            "PATH.")
+    if root is not None and repo_path(root, readme) is None:
+        what = f"a symbolic link to {shown}" if linked else f"reached through a link ({target})"
+        raise UserError(
+            f"{readme} is {what}, outside the repository {root}: nf1prov will not write the "
+            "catalogue into a file the repository does not hold. Replace the link with the "
+            "README itself, or pass --readme PATH naming the file meant.")
+
+
+def nearer_readme(root: Path, folder: Path, written: Path) -> Path | None:
+    """The README.md nearest above ``folder`` (itself included, ``root`` not) when it is not
+    the file ``written``: in a monorepo, a sub-project's own README the user may have meant."""
+    root, here = Path(root).resolve(), Path(folder).resolve()
+    if root not in here.parents:
+        return None
+    for candidate in [here, *here.parents[:len(here.relative_to(root).parts) - 1]]:
+        readme = candidate / "README.md"
+        if readme.is_file():
+            return None if os.path.realpath(readme) == os.path.realpath(written) else readme
+    return None
+
+
 def normalised(block: str) -> str:
     """``block`` with CRLF and CR line endings turned into LF."""
     return block.replace("\r\n", "\n").replace("\r", "\n")

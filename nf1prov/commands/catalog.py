@@ -23,7 +23,9 @@ def _readme_and_root(readme: str | None) -> tuple[Path, Path | None]:
     if readme is None:
         root = git.repo_root(".")
         return root / "README.md", root
-    path = Path(readme).absolute()  # not resolved: a symlinked README stays a link
+    path = Path(readme).absolute()
+    if path.parent.is_dir():  # the folder resolved (no `..` in what is printed), not the file:
+        path = path.parent.resolve() / path.name  # a symlinked README stays a link
     if path.is_dir():
         raise UserError(f"--readme {readme}: is a directory; pass the README file itself.")
     if not path.parent.is_dir():
@@ -32,6 +34,18 @@ def _readme_and_root(readme: str | None) -> tuple[Path, Path | None]:
         return path, git.repo_root(path.parent)
     except UserError:
         return path, None
+
+
+def _point_out_nearer_readme(root: Path, path: Path) -> None:
+    """From a sub-project's folder (a monorepo), say that its own README is not the one meant
+    by default, and how to pick it."""
+    from nf1prov.catalog import repository
+
+    nearer = repository.nearer_readme(root, Path.cwd(), path)
+    if nearer is not None:
+        click.echo(f"nf1prov catalog: note: the catalogue goes into the repository's top "
+                   f"README {path}, not {nearer}; to use that one, run `nf1prov catalog "
+                   f"--readme {os.path.relpath(nearer)}`.", err=True)
 
 
 @click.command("catalog")
@@ -77,7 +91,12 @@ def command(readme, check, do_commit, force, template_dir, import_history, track
         click.echo(f"nf1prov catalog --check: skipped for the model commit of {model_commit}.")
         return
     path, root = _readme_and_root(readme)
-    _, uri, client = open_store(tracking_uri, path.parent)
+    repository.refuse_unsafe_link(path, root)
+    if readme is None and root is not None:
+        _point_out_nearer_readme(root, path)
+    # only --import-history writes to the store: the catalogue itself is rebuilt from a store
+    # this user cannot write too
+    _, uri, client = open_store(tracking_uri, path.parent, read_only=not import_history)
     if import_history:
         if root is None:
             raise UserError(f"--import-history reads git history: {path} is not in a repository.")

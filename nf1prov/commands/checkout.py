@@ -23,7 +23,9 @@ def command(codename: str, worktree: Path | None, run_id: str | None, all_artifa
 
     CODENAME may also be a run ID or a model/<codename> tag. Switches this work tree to the
     model commit (detached HEAD) only when it is clean; with --worktree PATH the current tree is
-    left alone. Weights, config and manifest go to .nf1prov/models/<codename>/.
+    left alone. Weights, config and manifest go to .nf1prov/models/<codename>/. A --no-commit
+    run trained on a dirty tree needs --worktree: its code was the base commit plus its logged
+    git/uncommitted.diff, which the new worktree gets applied (or checkout refuses, saying why).
 
     Example: nf1prov checkout fearless-eel-256 --worktree ../fearless-eel-256
     """
@@ -31,7 +33,7 @@ def command(codename: str, worktree: Path | None, run_id: str | None, all_artifa
     from nf1prov.provenance.checkout import DEFAULT_ARTIFACTS, checkout_model, describe
     from nf1prov.provenance.resolve import resolve_model
 
-    root, uri, client = open_store(tracking_uri)
+    root, uri, client = open_store(tracking_uri, read_only=True)
     if root is None:
         raise UserError("nf1prov checkout must run inside the git repository that holds the "
                         "model commits.")

@@ -19,8 +19,9 @@ tracking_uri_option = click.option(
 )
 
 
-def open_store(tracking_uri: str | None, start: Path | str = "."):
-    """(repo_root or None, resolved URI, checked MlflowClient) for a verb that reads the store."""
+def open_store(tracking_uri: str | None, start: Path | str = ".", read_only: bool = False):
+    """(repo_root or None, resolved URI, checked MlflowClient) for a verb that uses the store;
+    ``read_only``: the verb only reads it, so a store this user cannot write will do."""
     from nf1prov import git, tracking
     from nf1prov.errors import UserError
 
@@ -29,7 +30,7 @@ def open_store(tracking_uri: str | None, start: Path | str = "."):
     except UserError:
         root = None
     uri = tracking.resolve_tracking_uri(tracking_uri, root)
-    return root, uri, tracking.client(uri)
+    return root, uri, tracking.client(uri, read_only=read_only)
 
 
 @contextlib.contextmanager

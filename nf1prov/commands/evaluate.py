@@ -36,14 +36,23 @@ def command(model_ref, patients, data_root, baseline, seed_threshold, foreground
     Prints per-class Dice/IoU and instance precision/recall/F1 (IoU 0.5) and average precision
     (IoU 0.5:0.95), per patient and overall, and logs the overall values to the model's run as
     holdout_<metric>_<class>, holdout_instance_* (holdout_baseline_* with --baseline), with the
-    per-patient table as the artifact evaluation/holdout_metrics.csv.
+    per-patient table as the artifact evaluation/holdout_metrics.csv, and which patients and
+    data root were scored (tags nf1prov.evaluation.patients, nf1prov.evaluation.data_root).
+    Patients that are not holdout patients of the model are refused unless --no-log.
     """
     from nf1prov import git
     from nf1prov.commands.predict import chosen_postprocess, load_for_command
     from nf1prov.errors import UserError
-    from nf1prov.segment.evaluate import evaluate, format_report, holdout_fields, log_to_run
+    from nf1prov.segment.evaluate import (
+        evaluate,
+        evaluated_patients,
+        format_report,
+        holdout_fields,
+        log_to_run,
+    )
 
-    loaded, client = load_for_command(model_ref, tracking_uri, device, run_id)
+    loaded, client = load_for_command(model_ref, tracking_uri, device, run_id,
+                                      read_only=no_log)
     data = loaded.config.get("data", {})
     patients = list(patients) or list(data.get("holdout_patients", []))
     if data_root is None:
@@ -55,6 +64,7 @@ def command(model_ref, patients, data_root, baseline, seed_threshold, foreground
                 root = Path.cwd() / root
         data_root = root
     fields = holdout_fields(data_root, patients)
+    check_patients(loaded, client, fields, logs=not no_log)
     postprocess = chosen_postprocess(loaded, seed_threshold, foreground_threshold, min_size)
     click.echo(f"Evaluating {loaded.label} on {len(fields)} stack(s) of "
                f"{', '.join(patients)} under {data_root}; instances: {postprocess.describe()}.")
@@ -67,6 +77,28 @@ def command(model_ref, patients, data_root, baseline, seed_threshold, foreground
     if client is None or loaded.run_id is None:
         click.echo("Not logged: MODEL is a local folder, not a run (pass its codename to log).")
         return
-    metrics = log_to_run(client, loaded.run_id, evaluation)
+    metrics = log_to_run(client, loaded.run_id, evaluation, data_root)
     click.echo(f"Logged {len(metrics)} holdout metrics and evaluation/holdout_metrics.csv to "
-               f"run {loaded.run_id}.")
+               f"run {loaded.run_id} (scored: {', '.join(evaluated_patients(evaluation))}).")
+
+
+def check_patients(loaded, client, fields, logs: bool) -> None:
+    """Refuse to log scores of patients that are not the model's holdout patients (DESIGN 3.7:
+    only holdout patients produce holdout_*); with nothing to log, say what they are."""
+    from nf1prov import tracking
+    from nf1prov.errors import UserError
+    from nf1prov.segment.evaluate import check_holdout
+
+    in_store = client is not None and loaded.run_id is not None
+    splits_tag = client.get_run(loaded.run_id).data.tags.get(tracking.DATA_SPLITS) \
+        if in_store else None
+    holdout = loaded.config.get("data", {}).get("holdout_patients", [])
+    outside = check_holdout(fields, holdout, splits_tag, loaded.label)
+    if outside and logs and in_store:
+        raise UserError(f"{outside}; only holdout patients' scores are logged as holdout_* "
+                        "(the catalogue shows them beside 'Holdout patients'), so nothing was "
+                        "evaluated or logged. Leave out --patients to evaluate on the model's "
+                        "holdout patients, or add --no-log to print these scores without "
+                        "logging them.")
+    if outside:
+        click.echo(f"Note: {outside}; these are not holdout scores.")

@@ -49,7 +49,7 @@ def command(codename: str, fmt: str, output: Path, overrides: tuple[str, ...],
     from nf1prov.share.bioimageio import export_model, require_bioimageio
 
     require_bioimageio()
-    root, uri, client = open_store(tracking_uri)
+    root, uri, client = open_store(tracking_uri, read_only=True)
     if root is None:
         raise UserError("nf1prov export must run inside the git repository that holds the "
                         "model commits: the package's architecture code comes from the model's "

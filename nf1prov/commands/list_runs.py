@@ -71,6 +71,18 @@ def rows(runs, remotes: dict[str, str] | None = None,
 WAITING = "WAITING"  # shown for a run whose logging waits in this clone's outbox
 
 
+def never_committed(run) -> bool:
+    """A model run that ended (FAILED, KILLED) without its model commit: a training refused at
+    the commit (a hook, a signing key) in a store older than nf1prov's deleting such runs. It
+    is no model, so `list` leaves it out, as the catalogue does; a RUNNING one may yet commit."""
+    from nf1prov import tracking
+
+    tags = run.data.tags
+    return (tags.get(tracking.KIND) == tracking.KIND_MODEL
+            and not (tags.get(tracking.GIT_COMMIT) or "").strip()
+            and run.info.status in ("FAILED", "KILLED"))
+
+
 def waiting_runs(root) -> set[str]:
     """Run IDs whose logging waits in this clone's `.nf1prov/outbox` for `nf1prov sync`."""
     from nf1prov import outbox
@@ -135,7 +147,7 @@ def command(fmt, as_json, do_reap, all_kinds, tracking_uri) -> None:
 
     if as_json:
         fmt = "json"
-    root, _, client = open_store(tracking_uri)
+    root, _, client = open_store(tracking_uri, read_only=not do_reap)
     kinds = (tracking.KIND_MODEL, tracking.KIND_SCRATCH)
     if all_kinds:
         kinds += (tracking.KIND_TRIAL,)
@@ -145,6 +157,7 @@ def command(fmt, as_json, do_reap, all_kinds, tracking_uri) -> None:
     if do_reap:
         if reap(client, runs, warn, waiting):
             runs = tracking.model_runs(client, kinds)
+    runs = [run for run in runs if not never_committed(run)]
     click.echo(render(rows(runs, remote_column(root, runs, warn), waiting), fmt))
     if waiting:
         warn(f"nf1prov: {len(waiting)} training(s) here ({WAITING}) trained while the tracking "

@@ -1,9 +1,8 @@
-"""`nf1prov note CODENAME TEXT`: append a note to a model (tag nf1prov.notes, a JSON array of
-strings; the catalogue shows each as a `> **Note:**` line)."""
+"""`nf1prov note CODENAME TEXT`: append a note to a model (a tag of its own,
+``nf1prov.notes.<number>.<random hex>``, `tracking.note_key`; the catalogue shows each as a
+`> **Note:**` line)."""
 
 from __future__ import annotations
-
-import json
 
 import click
 
@@ -12,21 +11,23 @@ from nf1prov.errors import UserError
 
 
 def append_note(client, run, text: str) -> list[str]:
+    """Add ``text`` (whitespace collapsed) to ``run``'s notes; returns all its notes, oldest
+    first. The note is a new tag, written in one call (split if long: `tracking.long_tag`), so
+    no note is ever cut, and two notes added at once by two processes are both kept."""
+    from mlflow.entities import RunTag
+
     from nf1prov import tracking
+    from nf1prov.description import readable_tags
 
     text = " ".join(text.split())
     if not text:
         raise UserError("The note is empty: pass the text to add, e.g. "
                         "`nf1prov note fearless-eel-256 \"BCE not computed after trial 0\"`.")
-    try:
-        notes = json.loads(run.data.tags.get(tracking.NOTES, "[]"))
-    except json.JSONDecodeError:
-        notes = []
-    if not isinstance(notes, list):
-        notes = [str(notes)]
-    notes.append(text)
-    client.set_tag(run.info.run_id, tracking.NOTES, json.dumps(notes, ensure_ascii=False))
-    return notes
+    run_id = run.info.run_id
+    key = tracking.note_key(run.data.tags)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tracking.long_tag(key, text).items()])
+    # read back: with the notes other processes added meanwhile; damage said on stderr
+    return tracking.read_notes(readable_tags(client.get_run(run_id)))[0]
 
 
 @click.command("note")

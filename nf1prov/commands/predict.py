@@ -39,9 +39,9 @@ def chosen_postprocess(loaded, seed_threshold, foreground_threshold, min_size):
 
 
 def load_for_command(model_ref: str, tracking_uri: str | None, device: str,
-                     run_id: str | None = None):
+                     run_id: str | None = None, read_only: bool = False):
     """(LoadedModel, MlflowClient or None) from a local folder (no store needed) or a codename /
-    run ID."""
+    run ID; ``read_only``: the verb will not write to the store (a read-only one will do)."""
     import os
 
     from nf1prov.provenance.models import load_model
@@ -52,7 +52,7 @@ def load_for_command(model_ref: str, tracking_uri: str | None, device: str,
         return load_model(model_ref, device=device), None
     from nf1prov.commands.common import open_store
 
-    _, uri, client = open_store(tracking_uri)
+    _, uri, client = open_store(tracking_uri, read_only=read_only)
     return load_model(model_ref, client=client, tracking_uri=uri, run_id=run_id,
                       device=device), client
 
@@ -92,7 +92,7 @@ def command(model_ref, inputs, outdir, seed_threshold, foreground_threshold, min
     from nf1prov.errors import UserError
     from nf1prov.segment.files import predict_files
 
-    loaded, _ = load_for_command(model_ref, tracking_uri, device, run_id)
+    loaded, _ = load_for_command(model_ref, tracking_uri, device, run_id, read_only=True)
     if overlap is not None and overlap >= loaded.tile_size:
         raise UserError(f"--overlap {overlap} must be smaller than the model's tile size "
                         f"{loaded.tile_size} (its training crop size).")

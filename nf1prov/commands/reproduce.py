@@ -28,7 +28,8 @@ def command(codename, data_root, run_id, overrides, tolerance, worktree, trackin
     """Retrain a model from its own commit and config; compare the metrics.
 
     Checks the data against the original content hashes, retrains in a worktree at the model's
-    commit (the model's code, not today's), logs a new run tagged nf1prov.reproduces=<run id>
+    commit (the model's code, not today's; for a --no-commit run on a dirty tree, the base commit
+    plus its logged diff, or a refusal), logs a new run tagged nf1prov.reproduces=<run id>
     and prints original vs reproduced metrics. Exit 0 when they agree within --tolerance,
     1 when they differ.
 

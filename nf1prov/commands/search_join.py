@@ -197,6 +197,7 @@ def check_manifest(client, run_id: str, name: str, config: dict, data_root: Path
     differs from the one the model run logged."""
     import pandas as pd
 
+    from nf1prov.data.manifest import training_rows
     from nf1prov.train.trainer import prepare_data
 
     with tempfile.TemporaryDirectory(prefix="nf1prov-join-") as tmp:
@@ -205,7 +206,7 @@ def check_manifest(client, run_id: str, name: str, config: dict, data_root: Path
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"Cannot read {name}'s manifest/split_manifest.csv (run {run_id}): "
                             f"{exc}.") from None
-        recorded = pd.read_csv(path, dtype=str)
+        recorded = training_rows(pd.read_csv(path, dtype=str))  # holdout rows: not trained on
     local = prepare_data(config, data_root, cache_dir).manifest.astype(str)
     problems = manifest_differences(recorded, local)
     if problems:

@@ -64,9 +64,10 @@ def _iso(ms) -> str | None:
 def record(root, uri, client, run) -> dict:
     """Everything `show` says about a run, as plain data (``--json``)."""
     from nf1prov import tracking
+    from nf1prov.description import readable_tags
     from nf1prov.provenance import liveness
 
-    tags, info = run.data.tags, run.info
+    info, tags = run.info, readable_tags(run)  # long values whole; damage said on stderr
     state = liveness.run_state(run)
     return {
         "codename": info.run_name, "kind": tags.get(tracking.KIND), "status": state,
@@ -76,10 +77,11 @@ def record(root, uri, client, run) -> dict:
         "start_time": _iso(info.start_time), "end_time": _iso(info.end_time),
         "commit": tags.get(tracking.GIT_COMMIT), "dirty": tags.get(tracking.GIT_DIRTY) == "true",
         "git_tag": tags.get(tracking.GIT_TAG), "branch": tags.get(tracking.GIT_BRANCH),
-        "notes": json.loads(tags.get(tracking.NOTES, "[]")),
+        "notes": tracking.read_notes(tags)[0],
         "description": tags.get(tracking.NOTE_CONTENT),
-        "tags": {k: v for k, v in sorted(tags.items())
-                 if k not in (tracking.NOTE_CONTENT, "mlflow.log-model.history")},
+        "tags": {k: v for k, v in sorted(tags.items())  # notes are under "notes"
+                 if k not in (tracking.NOTE_CONTENT, "mlflow.log-model.history")
+                 and not tracking.is_note_tag(k)},
         "params": dict(sorted(run.data.params.items())),
         "metrics": dict(sorted(run.data.metrics.items())),
         "changes": changes_since_previous(root, client, run),
@@ -96,7 +98,7 @@ def command(codename, as_json, tracking_uri) -> None:
     """Show one model: status, commit, tags, params, metrics, notes, files changed."""
     from nf1prov.provenance import train_flow
 
-    root, uri, client = open_store(tracking_uri)
+    root, uri, client = open_store(tracking_uri, read_only=True)
     run = train_flow.find_run(client, codename)
     shown = record(root, uri, client, run)
     if as_json:

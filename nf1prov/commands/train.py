@@ -116,7 +116,7 @@ def lead(config_path, data_root, experiment, overrides, no_commit, resume_name, 
     (`outcome_record`) instead of printed."""
     as_json = echo is not None
     echo = echo or click.echo
-    from nf1prov.provenance import launched, preflight, train_flow
+    from nf1prov.provenance import launched, preflight, run_end, train_flow
 
     adopt = train_flow.adopted_run_id()
     tmp = None
@@ -186,6 +186,10 @@ def lead(config_path, data_root, experiment, overrides, no_commit, resume_name, 
             click.echo(f"nf1prov: {after_stop(progress, plan.client)}", err=True)
         raise
     except Exception as exc:
+        full = run_end.store_disk_full(exc, plan.client)
+        if full is not None:
+            click.echo(f"nf1prov: {after_stop(progress, plan.client)}", err=True)
+            raise full from None
         traceback.print_exc(file=sys.stderr)
         raise train_flow.TrainingFailed(
             f"training failed: {type(exc).__name__}: {exc}. The run is marked FAILED "
@@ -218,8 +222,8 @@ def push_model(codename: str, remote: str, echo=click.echo) -> str | None:
         git.push_model_tag(root, remote, codename)
     except git.GitError as exc:
         return (f"nf1prov: the model {codename} is committed and tagged here, but pushing its "
-                f"tag to {remote} failed: {exc}. Push it later with "
-                f"`git push {remote} model/{codename}`.")
+                f"tag to {remote} failed; push it later with `git push {remote} "
+                f"model/{codename}`. {exc}")  # git's own lines, all of them, last
     echo(f"pushed:     model/{codename} to {remote} ({git.remote_url(root, remote)})")
     return None
 
@@ -233,6 +237,9 @@ def after_stop(progress, client) -> str:
     if progress.run_id is None:
         return "Nothing was created."
     again = "run the same `nf1prov train` command again"
+    if progress.discarded:
+        return (f"Nothing was created: run {name} ended before its model commit, so it is no "
+                f"model and was deleted; {again}.")
     if progress.sha is None or progress.codename is None:
         return (f"Run {name} ended before its model commit, so it is not a model and there is "
                 f"nothing to resume: {again}.")

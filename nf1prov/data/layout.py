@@ -88,6 +88,18 @@ def discover_fields(root: Path | str, holdout_patients: Sequence[str] = ()) -> l
     return sorted(fields, key=lambda f: f.fov_id)
 
 
+def discover_holdout_fields(root: Path | str,
+                            holdout_patients: Sequence[str]) -> list[FieldOfView]:
+    """The fields of view of the holdout patients' folders under ``root`` (those
+    `discover_fields` leaves out), sorted by fov_id; [] when there are none. Raises DataError
+    for a field with an image but no mask (or the reverse)."""
+    root = Path(root)
+    held = [p for p in sorted(root.iterdir()) if p.is_dir() and is_held_out(p.name,
+                                                                             holdout_patients)]
+    fields = [f for patient_dir in held for f in _patient_fields(patient_dir)]
+    return sorted(fields, key=lambda f: f.fov_id)
+
+
 def select_fields(fields: Sequence[FieldOfView], ids: Sequence[str],
                   root: Path | str | None = None) -> list[FieldOfView]:
     """The fields whose ``fov_id`` is in ``ids`` (config ``data.fields``), in the order of

@@ -1,4 +1,6 @@
-"""The split manifest: every file a training used, its split, size and content hash."""
+"""The split manifest: every file a training used, its split, size and content hash; and the
+holdout patients' files under the same data root (split ``holdout``), which training never reads
+but `evaluate` scores, so that their content is on record too."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pandas as pd
 from nf1prov.data.cache import file_key
 from nf1prov.data.layout import FieldOfView
 
+HOLDOUT = "holdout"  # the split of the holdout patients' rows
 COLUMNS = ["patient", "well", "site", "fov_id", "split", "image_path", "image_bytes",
            "image_sha256", "mask_path", "mask_bytes", "mask_sha256"]
 
@@ -53,6 +56,24 @@ def build_manifest(splits: dict[str, list[FieldOfView]],
                 "mask_sha256": sha256_file(f.mask_path, cache_dir),
             })
     return pd.DataFrame(rows, columns=COLUMNS).sort_values("fov_id", ignore_index=True)
+
+
+def holdout_manifest(root: Path | str, holdout_patients: list[str],
+                     cache_dir: Path | None = None) -> pd.DataFrame:
+    """Rows (split `HOLDOUT`) for the holdout patients' fields of view under ``root``; none
+    when they have no folder there (labs often keep them elsewhere)."""
+    from nf1prov.data.layout import discover_holdout_fields
+
+    return build_manifest({HOLDOUT: discover_holdout_fields(root, holdout_patients)}, cache_dir)
+
+
+def training_rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the fields a training used (every split but `HOLDOUT`)."""
+    return manifest[manifest["split"] != HOLDOUT].reset_index(drop=True)
+
+
+def holdout_rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    return manifest[manifest["split"] == HOLDOUT].reset_index(drop=True)
 
 
 def compare_manifest(expected: pd.DataFrame, data_root: Path | str,

@@ -1,7 +1,9 @@
 """`nf1prov checkout`: put a model's code and weights in front of the user, destroying nothing.
 
 The work tree is switched (detached HEAD) only when it is clean; otherwise the command refuses
-and lists the files. ``worktree=PATH`` makes a separate git worktree instead. The run's
+and lists the files. ``worktree=PATH`` makes a separate git worktree instead. A `--no-commit`
+run trained on a dirty tree has no commit of its own: its code is the base commit plus its
+logged diff, which only a new worktree gets (`scratch_code`), or the command refuses. The run's
 artifacts land in ``<tree>/.nf1prov/models/<codename>/``: downloaded into a temporary folder
 beside it and renamed into place, so a failure leaves no half folder.
 """
@@ -18,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from nf1prov import git, tracking
 from nf1prov.errors import UserError
+from nf1prov.provenance import scratch_code
 from nf1prov.provenance.resolve import ResolvedModel
 
 MODELS_DIR = Path(".nf1prov") / "models"
@@ -29,6 +32,7 @@ class CheckedOut:
     tree: Path  # the work tree now at the model commit
     artifacts: Path  # <tree>/.nf1prov/models/<codename>
     files: list[str]  # artifact paths downloaded, relative to ``artifacts``
+    applied: list[str] | None = None  # a dirty scratch run's diff: the paths it changed
 
 
 def safe_artifact_path(path: str) -> PurePosixPath:
@@ -145,6 +149,14 @@ def checkout_model(root: Path, client, model: ResolvedModel, worktree: Path | No
     ``roots``: the top-level artifact folders to download (None: all of them)."""
     if model.sha is None:
         raise UserError(f"Model {model.codename} records no commit to check out.")
+    diff = scratch_code.fetch_diff(client, model) if scratch_code.is_dirty_scratch(model.run) \
+        else None
+    if worktree is None and diff is not None:
+        raise UserError(f"{model.codename} (run {model.run_id}) was trained with --no-commit on a "
+                        f"dirty tree: its code was commit {model.sha} plus the changes in its "
+                        f"{scratch_code.DIFF_ARTIFACT}, not that commit alone. Nothing was "
+                        f"changed. Use `nf1prov checkout {model.run_id} --worktree PATH`: the "
+                        "new worktree gets the commit with the diff applied.")
     if worktree is None:
         refuse_dirty_tree(root)
         ignore_models_dir(root)
@@ -169,13 +181,14 @@ def checkout_model(root: Path, client, model: ResolvedModel, worktree: Path | No
                         "worktree.")
     git.add_worktree(root, worktree, model.sha)
     try:
+        applied = None if diff is None else scratch_code.apply_diff(worktree, diff, model)
         ignore_models_dir(worktree)
         destination = worktree / MODELS_DIR / model.codename
         files = download_artifacts(client, model.run, destination, roots)
     except BaseException:
         git.remove_worktree(root, worktree)
         raise
-    return CheckedOut(worktree, destination, files)
+    return CheckedOut(worktree, destination, files, applied)
 
 
 def retrain_command(model: ResolvedModel, checked_out: CheckedOut, root: Path,
@@ -196,12 +209,23 @@ def retrain_command(model: ResolvedModel, checked_out: CheckedOut, root: Path,
     return f"cd {shlex.quote(str(checked_out.tree))} && {shlex.join(parts)}"
 
 
+def shown_paths(paths: list[str], limit: int = 5) -> str:
+    return ", ".join(paths[:limit]) + (f" and {len(paths) - limit} more"
+                                       if len(paths) > limit else "")
+
+
 def describe(model: ResolvedModel, checked_out: CheckedOut, root: Path,
              tracking_uri: str) -> str:
     tags = model.run.data.tags
-    lines = [
-        f"Checked out {model.codename} (run {model.run_id}) at commit {model.sha} in "
-        f"{checked_out.tree} (detached HEAD).",
+    lines = [f"Checked out {model.codename} (run {model.run_id}) at commit {model.sha} in "
+             f"{checked_out.tree} (detached HEAD)."]
+    if checked_out.applied is not None:
+        lines[0] = (f"Checked out {model.codename} (run {model.run_id}), a --no-commit run: its "
+                    f"code was commit {model.sha} plus its logged {scratch_code.DIFF_ARTIFACT}, "
+                    f"both now in {checked_out.tree} (detached HEAD, the diff applied as "
+                    f"uncommitted changes to {len(checked_out.applied)} file(s): "
+                    f"{shown_paths(checked_out.applied)}).")
+    lines += [
         f"Artifacts ({len(checked_out.files)} files) in {checked_out.artifacts}",
         f"Status: {model.run.info.status}"
         + (f" ({tags[tracking.FAILURE]})" if tracking.FAILURE in tags else ""),

@@ -18,6 +18,8 @@ import functools
 import json
 import os
 import shutil
+import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ TEMPLATE_NAME = "commit_message.txt.j2"
 PACKAGE_TEMPLATES = shipped_dir("templates")
 LOCK_NAME = "nf1prov-commit.lock"
 LOCK_TIMEOUT_S = 300.0
+WAIT_NOTICE_S = 1.0  # seconds of waiting for the commit lock before saying so
 MODEL_COMMIT_ENV = "NF1PROV_MODEL_COMMIT"  # in the hooks' environment: the model's codename
 
 
@@ -78,20 +81,43 @@ def render_message(root: Path, *, codename: str, run_id: str, experiment_id: str
 
 @contextlib.contextmanager
 def commit_lock(root: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Exclusive lock on <common git dir>/nf1prov-commit.lock (released on exit or death)."""
+    """Exclusive lock on <common git dir>/nf1prov-commit.lock (released on exit or death).
+    Past `WAIT_NOTICE_S` of waiting, one line on stderr says whose commit we wait for (the
+    holder's pid and host, from the ``.owner`` file beside the lock)."""
     from filelock import FileLock, Timeout
 
     path = git.common_dir(root) / LOCK_NAME
+    owner = path.with_name(path.name + ".owner")
     lock = FileLock(path, mode=0o644)
     try:
-        lock.acquire(timeout=timeout, poll_interval=0.05)
+        try:
+            lock.acquire(timeout=min(timeout, WAIT_NOTICE_S), poll_interval=0.05)
+        except Timeout:
+            if timeout <= WAIT_NOTICE_S:
+                raise
+            print(f"nf1prov: waiting for another training's model commit ({lock_holder(owner)}"
+                  f", lock {path})...", file=sys.stderr, flush=True)
+            lock.acquire(timeout=timeout - WAIT_NOTICE_S, poll_interval=0.05)
     except Timeout:
-        raise UserError(f"Another nf1prov train held {path} for {timeout:.0f} s. "
-                        "Wait for it to commit, then retry.") from None
+        raise UserError(f"Another nf1prov train held {path} for {timeout:.0f} s ("
+                        f"{lock_holder(owner)}). Wait for it to commit, then retry.") from None
     try:
+        with contextlib.suppress(OSError):  # only the waiting message needs it
+            owner.write_text(f"{os.getpid()} {socket.gethostname()}\n", encoding="utf-8")
         yield
     finally:
+        with contextlib.suppress(OSError):
+            owner.unlink(missing_ok=True)
         lock.release()
+
+
+def lock_holder(owner: Path) -> str:
+    """'pid N on HOST' of the process holding the commit lock, as its ``.owner`` file says."""
+    try:
+        pid, host = owner.read_text(encoding="utf-8").split()
+    except (OSError, ValueError):
+        return "its process is unknown"
+    return f"pid {pid} on {host}"
 
 
 @dataclass

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from nf1prov import git, tracking
 from nf1prov.config import load_config, override_key
 from nf1prov.errors import UserError
-from nf1prov.provenance import code_snapshot, commit, uncommittable
+from nf1prov.provenance import code_snapshot, commit, own_output, secret_scan, uncommittable
 
 CACHE_DIR = ".nf1prov/cache"
 
@@ -70,14 +71,66 @@ def check_model_tags_possible(root: Path) -> None:
         raise UserError(commit.refs_clash_message(root, "refs/tags/model/<codename>", clashes))
 
 
+def check_signing(root: Path) -> None:
+    """With ``commit.gpgSign``, git signs the model commit as it signs any commit (gpg.format,
+    user.signingKey, gpg.program): sign a throwaway commit now, in an object folder of its own
+    that is deleted after, so that a missing key or program is refused before any run exists."""
+    if not git.config_bool(root, "commit.gpgSign"):
+        return
+    with tempfile.TemporaryDirectory(prefix="nf1prov-signing-") as objects:
+        env = {"GIT_OBJECT_DIRECTORY": objects}
+        tree = git.git("mktree", cwd=root, input="", env=env).stdout.strip()
+        proc = git.git("commit-tree", "-S", tree, cwd=root, input="nf1prov: signing check\n",
+                       env=env, check=False)
+    if proc.returncode == 0:
+        return
+    said = " ".join((proc.stderr + proc.stdout).split()) or f"exit {proc.returncode}"
+    kind = git.git("config", "gpg.format", cwd=root, check=False).stdout.strip() or "openpgp"
+    raise UserError(
+        f"commit.gpgSign is true in the git config of {root}, so the model commit must be "
+        f"signed, and git cannot sign here (gpg.format {kind}): {said}. Set up your signing "
+        "key (user.signingKey; `git commit --allow-empty -S -m test` in a scratch repository "
+        "shows when it works), or stop signing in this repository with `git config "
+        "commit.gpgSign false` (or train with --no-commit).")
+
+
+def setting_source(key: str, config_path, overrides=()) -> str:
+    """Where ``key``'s value came from, for a message: its last ``--set``, else the file."""
+    given = [f"--set {item}" for item in overrides if override_key(item) == key]
+    return (given or [str(config_path)])[-1]
+
+
+def check_device(config: dict, source: str) -> None:
+    """``train.device = cuda`` needs a CUDA GPU here: refused now, not by the training after
+    the model commit. torch is imported for this only (preflight otherwise never does)."""
+    if config["train"]["device"] != "cuda":
+        return
+    from nf1prov.devices import pick_device
+
+    try:
+        pick_device("cuda", setting="train.device")
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+
+
 def check_nothing_unsafe_to_commit(root: Path) -> None:
-    """No new file that looks like a secret or like data, and no embedded repository."""
-    new = git.new_paths(root)
-    staged = {path for code, path in git.status_porcelain(root) if code[0] in "ACR"}
-    for found, what in ((uncommittable.secrets_among(root, new), "look like secrets"),
-                        (uncommittable.data_among(new), "look like data or weights")):
-        if found:
-            raise UserError(refusal_message(root, found, what, staged))
+    """No file the command line's own redirect is writing, no dirty submodule, no new or
+    changed file that looks like a secret, no new file that looks like data, and no embedded
+    repository."""
+    entries = git.status_porcelain(root)
+    new = [path for code, path in entries if code == "??" or code[0] in "ACR"]
+    changed = [path for code, path in entries  # modified tracked files (not submodules)
+               if not (code == "??" or code[0] in "ACR" or "D" in code)
+               and (root / path).is_file()]
+    staged = {path for code, path in entries if code[0] in "ACR"}
+    check_no_own_output_committed(root, new + changed)
+    check_submodules_clean(root)
+    secrets = secret_scan.find_secrets(root, new=new, changed=changed)
+    if secrets:
+        raise UserError(secret_scan.refusal_message(root, secrets, staged))
+    data = uncommittable.data_among(new)
+    if data:
+        raise UserError(refusal_message(root, data, "look like data or weights", staged))
     embedded = git.embedded_repositories(root)
     if embedded:
         raise UserError(
@@ -87,18 +140,48 @@ def check_nothing_unsafe_to_commit(root: Path) -> None:
         )
 
 
+def check_no_own_output_committed(root: Path, rels: list[str]) -> None:
+    """The user's own `> model.json` or `| tee train.log` inside the repository would put a
+    half-written file into the model commit and leave the tree dirty after: refuse it."""
+    written = own_output.being_written(root, rels)
+    if written:
+        names = ", ".join(written[:5])
+        raise UserError(
+            f"{names} inside {root} is being written by this command's own output (a shell "
+            "redirect such as `> model.json` or a pipe to `tee`): the model commit would take "
+            "it half-written and leave the tree dirty afterwards. Nothing was created. Write "
+            "it outside the repository (e.g. `--json > ../model.json`, `| tee /tmp/train.log`)"
+            f" or to a git-ignored path (add '/{written[0]}' to {root / '.gitignore'}).")
+
+
+def check_submodules_clean(root: Path) -> None:
+    """A submodule's uncommitted edits would run but the model commit records only its commit
+    (a gitlink): refuse them like a dirty tree. A submodule at another commit is fine: the
+    model commit records that commit."""
+    dirty = git.dirty_submodules(root)
+    if dirty:
+        listing = "; ".join(f"{path} ({' and '.join(what)})" for path, what in dirty[:5])
+        path = dirty[0][0]
+        raise UserError(
+            f"The submodule{'s' if len(dirty) > 1 else ''} {listing} in {root} "
+            "has changes of its own: the model commit "
+            "records only the submodule's commit, not its uncommitted files, so the code that "
+            f"runs would differ from the commit. Nothing was created. Commit inside the "
+            f"submodule first (`git -C {path} add -A && git -C {path} commit`), or drop the "
+            f"edits (`git submodule update --force -- {path}`; untracked files: `git -C {path} "
+            "clean -n` lists them, or git-ignore them inside the submodule).")
+
+
 def refusal_message(root: Path, found: list[tuple[str, str]], what: str,
                     staged: set[str]) -> str:
     listing = "; ".join(f"{path} ({why})" for path, why in found[:10])
     more = f" and {len(found) - 10} more" if len(found) > 10 else ""
     lines = "".join(f"\n  {path}" for path, _ in found[:10])
-    unstage = [path for path, _ in found if path in staged]
-    unstage_text = (f" They are staged, so also unstage them: git rm --cached -- "
-                    f"{' '.join(unstage[:10])}." if unstage else "")
+    unstage_text = uncommittable.unstage_advice([path for path, _ in found], staged)
     return (f"The model commit would include new files that {what}: {listing}{more}. Nothing "
             f"was created. Add them (or their folder) to {root / '.gitignore'}:{lines}\n"
-            f"{unstage_text} If one belongs in git (e.g. a .env.example of placeholders, a "
-            "small test image), commit it yourself once (`git add PATH && git commit`): files "
+            f"{unstage_text} If one belongs in git (e.g. a small test image), commit it "
+            "yourself once (`git add PATH && git commit`): files "
             "already committed are never refused.")
 
 
@@ -131,17 +214,24 @@ def check_runtime_files_ignored(root: Path, tracking_uri: str) -> None:
     db = tracking.sqlite_path(tracking_uri)
     if db is not None:
         candidates += [(db, False), (db.parent / "mlartifacts", True)]
+    missing = []  # all of them in one message: a user fixes them in one go
     for path, directory in candidates:
         try:
             path.resolve().relative_to(root.resolve())
         except ValueError:
             continue
         if not git.is_ignored(root, path, directory):
-            rel = path.resolve().relative_to(root.resolve()).as_posix() + ("/" if directory else "")
-            raise UserError(
-                f"{rel} lies inside the repository {root} but is not git-ignored, so the model "
-                f"commit would include it. Add '{rel}' to {root / '.gitignore'}."
-            )
+            missing.append(path.resolve().relative_to(root.resolve()).as_posix()
+                           + ("/" if directory else ""))
+    if missing:
+        names = (", ".join(missing[:-1]) + " and " if len(missing) > 1 else "") + missing[-1]
+        one = len(missing) == 1
+        lines = "".join(f"\n  {rel}" for rel in missing)
+        raise UserError(
+            f"{names} {'lies' if one else 'lie'} inside the repository {root} but "
+            f"{'is' if one else 'are'} not git-ignored, so the model commit would include "
+            f"{'it' if one else 'them'}. Add {'this line' if one else 'these lines'} to "
+            f"{root / '.gitignore'}:{lines}")
 
 
 def check_file_sizes(root: Path, max_file_mb: float) -> None:
@@ -247,11 +337,13 @@ def preflight(*, config_path: str | Path, overrides=(), data_root: str | None = 
         check_identity(root)
         check_repo_state(root)
         check_model_tags_possible(root)
+        check_signing(root)
     code_snapshot.check_tree_holds_code(root)
     config = load_config(config_path, tuple(overrides))
-    given = [f"--set {item}" for item in overrides if override_key(item) == "model.architecture"]
-    code_snapshot.check_architecture(root, config, source=(given or [str(config_path)])[-1])
+    code_snapshot.check_architecture(
+        root, config, source=setting_source("model.architecture", config_path, overrides))
     check_ranks(config)
+    check_device(config, source=setting_source("train.device", config_path, overrides))
     uri = tracking.resolve_tracking_uri(tracking_uri, root)
     check_runtime_files_ignored(root, uri)
     data_path = resolve_data_root(root, config, data_root)

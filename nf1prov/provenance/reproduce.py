@@ -3,7 +3,10 @@ compare the metrics with the original run.
 
 The order keeps a refusal free of side effects:
 1. The model is checked out into a temporary worktree (config and split manifest only: the
-   weights are not needed) and the data is hashed against the manifest. A mismatch stops here,
+   weights are not needed); a `--no-commit` run trained on a dirty tree gets its logged diff
+   applied there, or is refused when that diff is missing, incomplete or does not apply
+   (`scratch_code`), so the base commit alone never stands in for its code. The data is
+   hashed against the manifest. A mismatch stops here,
    before any run exists; the worktree is removed. Fields of view the data root has gained
    since are left out: the training gets `--set data.fields=[<the recorded ids>]`, so it trains
    on exactly the recorded fields, with the recorded split (a commit whose code predates
@@ -38,6 +41,7 @@ from pathlib import Path
 import pandas as pd
 
 from nf1prov import git, tracking
+from nf1prov.data.manifest import training_rows
 from nf1prov.errors import CheckFailed, Nf1provError, UserError
 from nf1prov.provenance import run_tags
 from nf1prov.provenance.checkout import checkout_model
@@ -65,6 +69,7 @@ class Reproduction:
     missing: list[str]  # metrics the original has and the reproduction lacks
     split_changes: list[str] = field(default_factory=list)  # fields whose split differs
     extra_fields: list[str] = field(default_factory=list)  # under the data root, left out
+    holdout_changes: list[str] = field(default_factory=list)  # holdout files missing/changed
 
     @property
     def identical(self) -> bool:
@@ -94,6 +99,18 @@ def check_data(manifest: pd.DataFrame, data_root: Path, cache_dir: Path) -> None
         raise UserError(f"The data under {data_root} is not the data the model was trained on "
                         f"({len(problems)} of {2 * len(manifest)} files): {shown}. Point "
                         "--data-root at the original data (same files, same content).")
+
+
+def holdout_changes(manifest: pd.DataFrame, data_root: Path, cache_dir: Path) -> list[str]:
+    """The holdout patients' files of the manifest (split ``holdout``) that are missing or
+    differ under ``data_root``. Training never reads them, so they stop no reproduction; they
+    tell whether `evaluate` there would score the stacks the original was scored on."""
+    from nf1prov.data.manifest import compare_manifest, holdout_rows
+
+    held = holdout_rows(manifest)
+    if held.empty:
+        return []
+    return compare_manifest(held, data_root, recorded_data_root(manifest), cache_dir)
 
 
 def code_environment(tree: Path) -> dict[str, str]:
@@ -166,8 +183,9 @@ def fields_override(model: ResolvedModel, tree: Path, manifest: pd.DataFrame, da
 
 def compare_splits(original: pd.DataFrame, reproduced: pd.DataFrame) -> list[str]:
     """'<fov id>: <original split> -> <reproduced split>' for every field whose split differs
-    (a field only one side has shows as '-')."""
-    before, after = manifest_splits(original), manifest_splits(reproduced)
+    (a field only one side has shows as '-'); holdout rows are not part of the training."""
+    before = manifest_splits(training_rows(original))
+    after = manifest_splits(training_rows(reproduced))
     return [f"{fov}: {before.get(fov, '-')} -> {after.get(fov, '-')}"
             for fov in sorted(before.keys() | after.keys()) if before.get(fov) != after.get(fov)]
 
@@ -210,27 +228,35 @@ def reproduce(root: Path, client, tracking_uri: str, model: ResolvedModel, *,
         worktree = tmp / model.codename
     checked_out = checkout_model(root, client, model, worktree=worktree, roots=ARTIFACTS)
     try:
-        return _retrain(root, client, tracking_uri, model, checked_out.tree,
-                        checked_out.artifacts, data_root, overrides, echo)
+        return _retrain(root, client, tracking_uri, model, checked_out, data_root, overrides,
+                        echo)
     finally:
         if tmp is not None:
             git.remove_worktree(root, checked_out.tree)
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _retrain(root, client, tracking_uri, model, tree, artifacts, data_root, overrides,
+def _retrain(root, client, tracking_uri, model, checked_out, data_root, overrides,
              echo) -> Reproduction:
+    tree, artifacts = checked_out.tree, checked_out.artifacts
     config = artifacts / "config" / "config.toml"
     manifest_csv = artifacts / "manifest" / "split_manifest.csv"
     for path, what in ((config, "config"), (manifest_csv, "split manifest")):
         if not path.is_file():
             raise UserError(f"Model {model.codename} logged no {what} "
                             f"({path.relative_to(artifacts)}), so it cannot be reproduced.")
-    manifest = pd.read_csv(manifest_csv, dtype={"well": str, "site": str})
-    data_root = Path(data_root).resolve() if data_root else recorded_data_root(manifest)
-    echo(f"Checking {2 * len(manifest)} data files under {data_root} against the original "
+    logged = pd.read_csv(manifest_csv, dtype={"well": str, "site": str})
+    manifest = training_rows(logged)  # the holdout patients' rows are checked apart
+    data_root = Path(data_root).resolve() if data_root else recorded_data_root(logged)
+    echo(f"Checking {2 * len(logged)} data files under {data_root} against the original "
          "content hashes...")
     check_data(manifest, data_root, root / CACHE_DIR)
+    held_out = holdout_changes(logged, data_root, root / CACHE_DIR)
+    if held_out:
+        echo(f"Note: {len(held_out)} holdout file(s) differ from the original's ("
+             f"{'; '.join(held_out[:5])}): the retraining does not read them, but "
+             "`nf1prov evaluate` on this data root would not score the original's holdout "
+             "stacks.")
     extra = extra_fields(manifest, data_root, config)
     if extra:  # the user's own --set data.fields=... (later) still wins
         overrides = (fields_override(model, tree, manifest, data_root, extra, echo), *overrides)
@@ -243,8 +269,10 @@ def _retrain(root, client, tracking_uri, model, tree, artifacts, data_root, over
                "--data-root", str(data_root), "--no-commit", "--tracking-uri", tracking_uri]
     for override in overrides:
         command += ["--set", override]
-    echo(f"Retraining {model.codename} at commit {model.sha[:12]} in {tree} "
-         f"(run {run_id})...")
+    code = f"commit {model.sha[:12]}" if checked_out.applied is None else (
+        f"commit {model.sha[:12]} plus its logged {len(checked_out.applied)}-file diff (a "
+        "--no-commit run's code)")
+    echo(f"Retraining {model.codename} at {code} in {tree} (run {run_id})...")
     returncode = None
     try:
         returncode = subprocess.run(
@@ -265,7 +293,7 @@ def _retrain(root, client, tracking_uri, model, tree, artifacts, data_root, over
         split_changes = compare_splits(manifest, new_manifest)
     except Exception as exc:  # noqa: BLE001  (MLflow raises several types for a missing file)
         split_changes = [f"(the reproduction logged no readable {MANIFEST_ARTIFACT}: {exc})"]
-    result = Reproduction(model, run_id, comparison, missing, split_changes, extra)
+    result = Reproduction(model, run_id, comparison, missing, split_changes, extra, held_out)
     summary = "identical" if result.identical else (
         f"differs: max |difference| {result.max_abs_difference():.3g}"
         + (f", missing {', '.join(missing)}" if missing else "")
@@ -302,6 +330,9 @@ def format_comparison(result: Reproduction) -> str:
     if result.extra_fields:
         lines.append(f"Left out: {len(result.extra_fields)} field(s) of view added to the data "
                      "root since training.")
+    if result.holdout_changes:
+        lines.append(f"Holdout data: {len(result.holdout_changes)} file(s) missing or changed "
+                     "since training (not used by training; evaluations would differ).")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 from nf1prov import tracking
+from nf1prov.errors import Nf1provError, disk_full, local_folder
 from nf1prov.provenance import run_tags, signals
 
 
@@ -30,19 +31,43 @@ def end_run(client, run_id: str, status: str, reason: str | None = None) -> None
         client.set_terminated(run_id, status=status)
 
 
-def end_run_or_warn(client, run_id: str, status: str, reason: str, attempts: int = 3) -> None:
+def end_run_or_warn(client, run_id: str, status: str, reason: str, attempts: int = 3) -> bool:
     """`end_run`, retried (a busy sqlite store, a flaky server); if it still fails, warn and
-    return, so that the exception being handled, not this one, decides the exit code. The run
-    then stays RUNNING until `nf1prov list --reap` sees its process gone."""
+    return False, so that the exception being handled, not this one, decides the exit code. The
+    run then stays RUNNING until `nf1prov list --reap` sees its process gone."""
     for attempt in range(attempts):
         try:
             end_run(client, run_id, status, reason)
-            return
+            return True
         except Exception as exc:  # noqa: BLE001 - any store error
             error = exc
+            if store_disk_full(exc, client):  # no retry fills a disk's free space
+                break
             time.sleep(0.5 * (attempt + 1))
-    print(f"nf1prov: warning: could not mark run {run_id} {status} ({reason}): {error}. "
+    said = store_disk_full(error, client) or error
+    print(f"nf1prov: warning: could not mark run {run_id} {status} ({reason}): {said}. "
           "`nf1prov list --reap` marks it FAILED once this process has ended.", file=sys.stderr)
+    return False
+
+
+def store_disk_full(exc: BaseException, client, run_id: str | None = None):
+    """`errors.disk_full`, naming the store's database, or ``run_id``'s artifact folder, when
+    the error names no file."""
+    if disk_full(exc) is None:  # the common case asks the store nothing
+        return None
+    files = None
+    if run_id is not None:
+        with contextlib.suppress(Exception):  # reading works on a full disk
+            files = local_folder(client.get_run(run_id).info.artifact_uri)
+    return disk_full(exc, tracking.sqlite_path(getattr(client, "tracking_uri", "") or ""), files)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The `nf1prov.failure` of a run that ``exc`` ended: an nf1prov error's own message (it is
+    written for the user), else the exception's type and text."""
+    if isinstance(exc, Nf1provError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 @contextlib.contextmanager
@@ -61,7 +86,8 @@ def run_guard(client, run_id: str) -> Iterator[None]:
             reason = signals.sigterm_reason()
             end_run_or_warn(client, run_id, "KILLED", reason)
             raise signals.Interrupted(reason, 128 + signal.SIGTERM) from exc
-        end_run_or_warn(client, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+        if end_run_or_warn(client, run_id, "FAILED", failure_reason(exc)):
+            exc.recorded_on_run = True  # the parent reports it from the run: no second line
         raise
 
 

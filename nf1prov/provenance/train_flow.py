@@ -13,7 +13,8 @@
 
 From step 2 on, any exception ends the run FAILED (Ctrl-C or SIGTERM: KILLED) with a one-line
 `nf1prov.failure`, and is re-raised. A commit that fails (a pre-commit hook, a locked index)
-therefore leaves a FAILED run saying why, no commit and no tag, and the index as it was; a
+leaves no commit, no tag and the index as it was, and its run, which is no model, is then
+deleted (MLflow's soft delete: its reason stays readable there; docs/provenance.md); a
 training that fails after the commit keeps the commit and tag (that code did run).
 """
 
@@ -84,6 +85,7 @@ class Progress:
     codename: str | None = None
     sha: str | None = None  # the model commit (or, with --no-commit, HEAD)
     resumable: bool = False  # the run has a commit whose code `--resume` can run again
+    discarded: bool = False  # the run never got its commit and was deleted: nothing exists
 
 
 def create_or_adopt_run(plan: preflight.Plan, kind: str) -> tuple[str, str]:
@@ -178,11 +180,28 @@ def record_code(plan: preflight.Plan, run_id: str, experiment_id: str,
             progress.sha, progress.resumable = sha, True
 
 
+@contextlib.contextmanager
+def discarded_without_commit(plan: preflight.Plan, progress: Progress):
+    """A model run that ends (`run_guard`: FAILED or KILLED, with its reason) before its
+    commit exists is no model: delete it, so that `list`, the catalogue and the MLflow UI
+    never show it (MLflow keeps deleted runs until `mlflow gc`, reason included). A run that
+    `mlflow run` made stays: that tool ends it itself."""
+    try:
+        yield
+    except BaseException:
+        if progress.sha is None and not plan.no_commit and not plan.adopt_run_id:
+            with contextlib.suppress(Exception):  # the store may be what failed
+                plan.client.delete_run(progress.run_id)
+                progress.discarded = True
+        raise
+
+
 def uncommitted_diff(root: Path) -> str:
-    """`git diff HEAD` plus the names of untracked files (their content is not in a diff)."""
-    untracked = [path for code, path in git.status_porcelain(root) if code == "??"]
-    header = "".join(f"# untracked: {path}\n" for path in untracked)
-    return header + git.diff_head(root)
+    """Every uncommitted change, untracked files' content included, as one patch that
+    `checkout --worktree` and `reproduce` apply to the base commit (`scratch_code.make_diff`)."""
+    from nf1prov.provenance import scratch_code
+
+    return scratch_code.make_diff(root)
 
 
 def training_spec(plan: preflight.Plan, run_id: str, code_root: Path,
@@ -217,6 +236,10 @@ def run_training(plan: preflight.Plan, run_id: str, code_sha: str | None,
     failure = run.data.tags.get(tracking.FAILURE, "no reason recorded")
     if returncode in run_end.INTERRUPT_EXITS:
         raise Interrupted(failure, 128 + run_end.INTERRUPT_EXITS[returncode])
+    if run.info.status == "RUNNING":  # the store took no write (a full disk): said above
+        raise TrainingFailed(f"training failed (the training process said why, above), and "
+                             f"the store could not record it: run {run.info.run_name} stays "
+                             "RUNNING until `nf1prov list --reap` can mark it FAILED.")
     raise TrainingFailed(f"training failed: {failure.rstrip('.')}. The run is marked "
                          f"{run.info.status} (nf1prov.failure); `nf1prov show "
                          f"{run.info.run_name}` has the details.")
@@ -232,7 +255,7 @@ def train(plan: preflight.Plan, echo: Callable[[str], None] = print,
     client = plan.client
     run_id, experiment_id = create_or_adopt_run(plan, kind)
     progress.run_id = run_id
-    with run_guard(client, run_id):
+    with discarded_without_commit(plan, progress), run_guard(client, run_id):
         record_code(plan, run_id, experiment_id, progress)
         name, sha = progress.codename, progress.sha
         echo(f"Model {name} (run {run_id}) at commit {sha or '(none)'}: training...")
@@ -274,13 +297,7 @@ def check_resumable(root: Path, run) -> str | None:
     return sha
 
 
-def has_checkpoint(client, run_id: str) -> bool:
-    """True when the run logged checkpoints/last.pt (what `--resume` continues from)."""
-    try:
-        return any(info.path.endswith("last.pt")
-                   for info in client.list_artifacts(run_id, "checkpoints"))
-    except Exception:  # noqa: BLE001 - the store may be what failed
-        return False
+has_checkpoint = training.has_checkpoint
 
 
 def download(client, run_id: str, artifact: str, dest: Path) -> Path | None:

@@ -114,13 +114,15 @@ def train_in_run(spec: Spec, end_on_failure: bool = True) -> bool:
     import mlflow
 
     from nf1prov import outbox, tracking
+    from nf1prov.errors import quiet_disk_full_logging
     from nf1prov.provenance import code_snapshot, run_end, run_tags
     from nf1prov.provenance.heartbeat import Heartbeat
 
+    quiet_disk_full_logging()  # said once, by `disk_full_reported`
     client = outbox.patiently(lambda: tracking.client(spec.tracking_uri), "opening the store")
     code_root = Path(spec.code_root)
     guard = run_end.run_guard(client, spec.run_id) if end_on_failure else contextlib.nullcontext()
-    with guard:
+    with guard, disk_full_reported(client, spec.run_id):
         from nf1prov.train.run import train_model  # noqa: I001 - imported here: slow
         import models  # noqa: F401 - checked below with everything else
 
@@ -152,14 +154,56 @@ def train_in_run(spec: Spec, end_on_failure: bool = True) -> bool:
     return finished
 
 
+@contextlib.contextmanager
+def disk_full_reported(client, run_id: str):
+    """A full disk under the store (its database or artifacts) as one `DiskFull` line naming
+    the path and its free space, and how to go on: the last checkpoint is left whole (see
+    `trainer.check_room`), so `--resume` continues from it once there is room."""
+    from nf1prov.errors import DiskFull
+    from nf1prov.provenance import run_end
+
+    try:
+        yield
+    except Exception as exc:
+        full = run_end.store_disk_full(exc, client, run_id)
+        if full is None:
+            raise
+        raise DiskFull(f"{full} {resume_hint(client, run_id)}") from None
+
+
+def resume_hint(client, run_id: str) -> str:
+    """How a training stopped by a full disk goes on: from its last checkpoint, if any."""
+    try:
+        name = client.get_run(run_id).info.run_name
+    except Exception:  # noqa: BLE001 - the store may be what failed
+        return "Then train again."
+    if has_checkpoint(client, run_id):
+        return f"Then continue it with `nf1prov train --resume {name}`."
+    return "Then train again: it stopped before its first checkpoint."
+
+
+def has_checkpoint(client, run_id: str) -> bool:
+    """True when the run logged checkpoints/last.pt (what `--resume` continues from)."""
+    try:
+        return any(info.path.endswith("last.pt")
+                   for info in client.list_artifacts(run_id, "checkpoints"))
+    except Exception:  # noqa: BLE001 - the store may be what failed
+        return False
+
+
 def record_resume(client, run_id: str) -> None:
     from nf1prov import tracking
 
     run = client.get_run(run_id)
     if tracking.FAILURE in run.data.tags:
         client.delete_tag(run_id, tracking.FAILURE)
-    resumed = json.loads(run.data.tags.get(RESUMED_AT, "[]")) + [round(time.time(), 3)]
-    client.set_tag(run_id, RESUMED_AT, json.dumps(resumed))
+    from mlflow.entities import RunTag
+
+    # one more time each resume: split when long (`tracking.long_tag`), never cut
+    before = tracking.read_long_tags(run.data.tags)[0].get(RESUMED_AT, "[]")
+    resumed = (tracking.json_array_prefix(before) or []) + [round(time.time(), 3)]
+    tags = tracking.long_tag(RESUMED_AT, json.dumps(resumed), rewritable=True)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def exit_code(exc: BaseException, error_prefix: str = "nf1prov: error") -> int:
@@ -173,7 +217,8 @@ def exit_code(exc: BaseException, error_prefix: str = "nf1prov: error") -> int:
     if isinstance(exc, signals.Interrupted):
         return exc.exit_code
     if isinstance(exc, Nf1provError):
-        print(f"{error_prefix}: {exc}", file=sys.stderr)
+        if not getattr(exc, "recorded_on_run", False):  # else the parent says it, once
+            print(f"{error_prefix}: {exc}", file=sys.stderr)
         return exc.exit_code
     traceback.print_exc(file=sys.stderr)
     return 1

@@ -237,6 +237,57 @@ def holdout_fields(data_root: Path, patients: Sequence[str]) -> list:
     return chosen
 
 
+# What each logged evaluation scored (DESIGN 3.7: only holdout patients produce holdout_*).
+EVALUATED_PATIENTS = "nf1prov.evaluation.patients"  # JSON list of the patient folders scored
+EVALUATED_DATA_ROOT = "nf1prov.evaluation.data_root"  # the folder they were read from
+
+
+def not_held_out(fields: Sequence, holdout_patients: Sequence[str]) -> list[str]:
+    """The patient folders of ``fields`` that the model's ``data.holdout_patients`` do not hold
+    out (by the rule training excluded them with), sorted."""
+    from nf1prov.data.layout import is_held_out
+
+    return sorted({f.patient for f in fields if not is_held_out(f.patient, holdout_patients)})
+
+
+def training_splits(splits_tag: str | None) -> dict[str, str]:
+    """{patient folder: split} from a run's ``nf1prov.data.splits`` tag; empty when the tag is
+    absent, unreadable or lists counts only."""
+    import json
+
+    try:
+        summary = json.loads(splits_tag or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(summary, dict):
+        return {}
+    return {patient: split for split, entry in summary.items() if isinstance(entry, dict)
+            for patient in entry.get("patients", ())}
+
+
+def describe_not_held_out(patients: Sequence[str], splits_tag: str | None) -> str:
+    """'NF0016 (train split), NF0099 (not in its training data)': where each patient was in
+    the model's training, as far as its ``nf1prov.data.splits`` tag tells."""
+    known = training_splits(splits_tag)
+    if not known:  # no tag (an older run), or one too long to name the patients
+        return ", ".join(patients)
+    return ", ".join(f"{p} ({known[p]} split)" if p in known else f"{p} (not in its training "
+                     "data)" for p in patients)
+
+
+def check_holdout(fields: Sequence, holdout_patients: Sequence[str], splits_tag: str | None,
+                  model_label: str) -> str | None:
+    """None when every field belongs to a holdout patient of the model, else the sentence
+    naming the others and their split (the caller refuses to log, or prints it as a note)."""
+    outside = not_held_out(fields, holdout_patients)
+    if not outside:
+        return None
+    held = ", ".join(holdout_patients) or "none"
+    plural = "are not holdout patients" if len(outside) > 1 else "is not a holdout patient"
+    return (f"{describe_not_held_out(outside, splits_tag)} {plural} of {model_label} (its "
+            f"data.holdout_patients: {held})")
+
+
 def _read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     import tifffile
 
@@ -346,18 +397,39 @@ def metrics_to_log(evaluation: Evaluation) -> dict[str, float]:
     return logged
 
 
-def log_to_run(client, run_id: str, evaluation: Evaluation) -> dict[str, float]:
-    """Log the overall metrics and ``evaluation/holdout_metrics.csv`` to an existing run.
+def evaluated_patients(evaluation: Evaluation) -> list[str]:
+    """The patient folders an evaluation scored, sorted."""
+    return sorted({patient for _, patient in evaluation.table.index if patient != "all"})
+
+
+def evaluation_tags(evaluation: Evaluation, data_root: Path) -> dict[str, str]:
+    """`EVALUATED_PATIENTS` and `EVALUATED_DATA_ROOT`, whole however many patients (split
+    over several tags when long: `tracking.long_tag`; a later evaluation rewrites them)."""
+    import json
+
+    from nf1prov import tracking
+
+    patients = json.dumps(evaluated_patients(evaluation))
+    return (tracking.long_tag(EVALUATED_PATIENTS, patients, rewritable=True)
+            | tracking.long_tag(EVALUATED_DATA_ROOT, str(data_root), rewritable=True))
+
+
+def log_to_run(client, run_id: str, evaluation: Evaluation, data_root: Path) -> dict[str, float]:
+    """Log the overall metrics, ``evaluation/holdout_metrics.csv`` and what was scored
+    (`evaluation_tags`) to an existing run; the caller has checked the patients are holdout
+    patients (`check_holdout`).
 
     MlflowClient logging does not change a FINISHED run's status."""
     import tempfile
     import time
 
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     metrics = metrics_to_log(evaluation)
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                     tags=[RunTag(k, v) for k, v in evaluation_tags(evaluation,
+                                                                    data_root).items()])
     with tempfile.TemporaryDirectory(prefix="nf1prov-eval-") as tmp:
         path = Path(tmp) / "holdout_metrics.csv"
         evaluation.table.to_csv(path)

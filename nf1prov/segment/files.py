@@ -148,10 +148,13 @@ def write_outputs(outdir: Path, stem: str, prob: np.ndarray, labels: np.ndarray,
     outdir.mkdir(parents=True, exist_ok=True)
     if probabilities_dtype == "float16":
         prob_path = outdir / f"{stem}_probabilities.tif"
-        tifffile.imwrite(prob_path, prob.astype(np.float16), metadata={"axes": "CZYX"})
+        # page by page: no float16 copy of the whole stack (the same bytes as writing one)
+        pages = (page.astype(np.float16) for page in prob.reshape(-1, *prob.shape[-2:]))
+        tifffile.imwrite(prob_path, pages, shape=prob.shape, dtype=np.float16,
+                         metadata={"axes": "CZYX"})
     else:
         prob_path = outdir / f"{stem}_probabilities.ome.tif"
-        tifffile.imwrite(prob_path, prob.astype(np.float32), ome=True,
+        tifffile.imwrite(prob_path, np.asarray(prob, np.float32), ome=True,
                          metadata={"axes": "CZYX", "Channel": {"Name": list(CLASS_NAMES)}})
     files = PredictionFiles(prob_path, outdir / f"{stem}_classes.ome.tif",
                             outdir / f"{stem}_labels.ome.tif", int(labels.max(initial=0)))
@@ -181,9 +184,18 @@ def predict_files(loaded, inputs: Iterable[str], outdir: Path, *,
         check_stack(path, *_open_series(path, read=False)[:3], loaded.normalisation)
     outdir = Path(outdir)
     for path, base in pairs:
-        stack = read_stack(path, loaded.normalisation)
-        rel = path.parent.relative_to(base)
-        prob = loaded.predict(stack, overlap=overlap, batch_size=batch_size, progress=progress,
-                              description=path.name)
-        yield path, write_outputs(outdir / rel, output_stem(path), prob,
-                                  postprocess.segment(prob), probabilities_dtype)
+        yield path, predict_file(loaded, path, outdir / path.parent.relative_to(base),
+                                 postprocess=postprocess, batch_size=batch_size,
+                                 overlap=overlap, probabilities_dtype=probabilities_dtype,
+                                 progress=progress)
+
+
+def predict_file(loaded, path: Path, outdir: Path, *, postprocess, batch_size: int,
+                 overlap: int | None, probabilities_dtype: str,
+                 progress: bool) -> PredictionFiles:
+    """One stack's prediction, instance labels and output files. The stack as read is dropped
+    once predicted, and nothing of one file outlives its call (memory: one stack at a time)."""
+    prob = loaded.predict(read_stack(path, loaded.normalisation), overlap=overlap,
+                          batch_size=batch_size, progress=progress, description=path.name)
+    return write_outputs(outdir, output_stem(path), prob, postprocess.segment(prob),
+                         probabilities_dtype)

@@ -102,28 +102,44 @@ def probabilities_to_instances(prob: np.ndarray, min_size: int = 0, *,
     them, or **removed** (background) when it touches no other cell.
 
     Slices are labelled independently: a label never spans two slices, and labels are unique
-    across the whole stack. Returns (H, W) or (Z, H, W) labels numbered 1..N, uint16, or uint32
-    when N > 65535.
-    """
-    from scipy import ndimage
-    from skimage.segmentation import relabel_sequential, watershed
+    across the whole stack (numbered slice after slice). Returns (H, W) or (Z, H, W) labels
+    numbered 1..N, uint16, or uint32 when N > 65535.
 
+    Memory: one slice is segmented at a time (the watershed makes float64 and padded copies of
+    what it is given), so a stack needs about its labels' size beyond the probabilities.
+    """
     prob = np.asarray(prob)
     if prob.ndim not in (3, 4) or prob.shape[0] != 3:
         raise ValueError(f"prob must be (3, H, W) or (3, Z, H, W), not shape {prob.shape}")
     squeeze = prob.ndim == 3
     if squeeze:
         prob = prob[:, None]
+    labels = np.zeros(prob.shape[1:], np.uint32)
+    count = 0
+    for z in range(prob.shape[1]):
+        count = _label_slice(prob[:, z], labels[z], count, min_size, seed_threshold,
+                             foreground_threshold)
+    if count <= np.iinfo(np.uint16).max:
+        labels = labels.astype(np.uint16)
+    return labels[0] if squeeze else labels
+
+
+def _label_slice(prob: np.ndarray, out: np.ndarray, count: int, min_size: int,
+                 seed_threshold: float | None, foreground_threshold: float | None) -> int:
+    """Label the cells of one slice's (3, H, W) probabilities into ``out`` as ``count + 1``,
+    ``count + 2``, ... (see `probabilities_to_instances`); returns the last label used."""
+    from scipy import ndimage
+    from skimage.segmentation import relabel_sequential, watershed
+
     classes = np.argmax(prob, axis=0) if None in (seed_threshold, foreground_threshold) else None
     foreground = (classes != BACKGROUND if foreground_threshold is None
                   else prob[BACKGROUND] < 1 - foreground_threshold)
     seeds = classes == INNER_CELL if seed_threshold is None else prob[INNER_CELL] > seed_threshold
-    # In-plane 4-connectivity only: no links between slices.
-    structure = np.zeros((3, 3, 3), bool)
-    structure[1] = ndimage.generate_binary_structure(2, 1)
+    structure = ndimage.generate_binary_structure(2, 1)  # 4-connectivity
     markers, _ = ndimage.label(seeds & foreground, structure=structure)
-    elevation = prob[CELL_BOUNDARY].astype(np.float32)
+    elevation = prob[CELL_BOUNDARY].astype(np.float32, copy=False)
     labels = watershed(elevation, markers, connectivity=structure, mask=foreground)
+    del markers
     if min_size > 1 and labels.max() > 0:
         sizes = np.bincount(labels.ravel())
         small = sizes < min_size
@@ -131,10 +147,11 @@ def probabilities_to_instances(prob: np.ndarray, min_size: int = 0, *,
         if small.any():
             labels[small[labels]] = 0
             labels = watershed(elevation, labels, connectivity=structure, mask=foreground)
-    labels = relabel_sequential(labels)[0]
-    dtype = np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.uint32
-    labels = labels.astype(dtype)
-    return labels[0] if squeeze else labels
+    if not labels.any():
+        return count
+    labels = relabel_sequential(labels, offset=count + 1)[0]
+    out[...] = labels
+    return int(labels.max())
 
 
 def score(params: PostProcess, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict:

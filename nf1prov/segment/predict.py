@@ -26,6 +26,12 @@ weights are divided by their sum beforehand, so adjacent tiles' ramps blend with
 reference the tiling is tested against; an axis shorter than a tile gets one tile of its whole
 length.
 
+Memory. On the CPU no float copy of the stack is made (tiles are cut from the stack as read and
+normalised a batch at a time) and tiles are added straight into the float32 (3, Z, H, W) output,
+so a prediction holds the stack, its output and one batch; `instances` then segments a slice at
+a time. `benchmarks/bench_predict_memory.py` measures the peak resident set of `nf1prov
+predict` on a 4096 x 4096 image against an earlier commit's.
+
 Speed. The model is run as an inference copy (`inference_copy`: batch norm folded into the
 convolutions, channels-last memory), about 1.7x the throughput of the module as trained on a CPU;
 `benchmarks/bench_predict.py` compares with MONAI's ``sliding_window_inference``.
@@ -42,7 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nf1prov.data.inputs import normalise, slice_windows
+from nf1prov.data.inputs import apply_ranges, normalise, slice_ranges, slice_windows
 from nf1prov.data.semantic import CLASS_NAMES
 
 __all__ = ["CLASS_NAMES", "blend_window", "class_map", "inference_copy", "normalise",
@@ -165,30 +171,35 @@ def predict_stack(
         raise ValueError(f"tile_size must be a multiple of 16, not {tile_size}")
     overlap = (tile_size or 0) // 2 if overlap is None else overlap
     grid = tile_grid(height, width, tile_size, overlap)
-    image = normalise(stack, normalisation)
-    pad_h, pad_w = grid.padded_shape[0] - height, grid.padded_shape[1] - width
-    if pad_h or pad_w:
-        image = np.pad(image, ((0, 0), (0, pad_h), (0, pad_w)), mode="reflect")
     windows = slice_windows(len(stack), input_slices)
     if slices is not None:
         windows = windows[np.asarray(list(slices), dtype=np.int64)]
     device = torch.device(next(model.parameters()).device if device is None else device)
     model = inference_copy(model, device)
     weights_y, weights_x = (torch.from_numpy(w).to(device) for w in grid.weights)
-    # On a GPU the normalised stack goes to the device once and tiles are cut there; on the CPU
-    # NumPy cuts them (one thread per copy: torch's threaded copies of small tiles stall when
-    # another process holds a core).
+    # On a GPU the normalised stack goes to the device once and tiles are cut there. On the CPU
+    # NumPy cuts tiles of the stack as read and normalises each batch (elementwise, so the
+    # floats are those of a normalised stack, which is never made: 2x the input's bytes), one
+    # thread per copy (torch's threaded copies of small tiles stall when another process holds
+    # a core).
     cuda = device.type == "cuda"
-    source = torch.from_numpy(image).pin_memory().to(device, non_blocking=True) if cuda else image
+    offset, scale = slice_ranges(stack, normalisation)
+    if cuda:
+        image = _pad_to_grid(apply_ranges(stack, offset, scale), grid)
+        source = torch.from_numpy(image).pin_memory().to(device, non_blocking=True)
+    else:
+        source = _pad_to_grid(stack, grid)
 
     # Every (slice, tile) pair is one item, slice by slice; batches run across slice borders.
-    # Each slice is blended where the model runs and copied out once its last tile is in.
+    # On the CPU each tile is added straight into the output (zeros, so each pixel sums its
+    # tiles in the same order a separate blend would); on a GPU each slice is blended on the
+    # device and copied out once its last tile is in.
     (tile_h, tile_w), (n_y, n_x) = grid.tile_shape, (len(grid.starts[0]), len(grid.starts[1]))
     tiles_per_slice = n_y * n_x
     items = np.stack(np.meshgrid(np.arange(len(windows)), np.arange(n_y), np.arange(n_x),
                                  indexing="ij"), axis=-1).reshape(-1, 3)
-    out = np.empty((3, len(windows), height, width), np.float32)
-    blends: dict = {}  # slice -> its blend so far (a tensor on the GPU, an array on the CPU)
+    out = np.zeros((3, len(windows), height, width), np.float32)
+    blends: dict = {}  # on a GPU: slice -> its blend so far
     bar = _progress(len(items), description, progress)
     # Mixed precision on CUDA, as in training (DESIGN 4); exact float32 on the CPU.
     autocast = torch.autocast("cuda", enabled=cuda)
@@ -199,24 +210,47 @@ def predict_stack(
             # One copy per input slice of each tile, straight from views of the stack.
             tiles = [source[k, y:y + tile_h, x:x + tile_w]
                      for z, y, x in zip(batch[:, 0], ys, xs, strict=True) for k in windows[z]]
-            inputs = torch.stack(tiles) if cuda else torch.from_numpy(np.stack(tiles))
+            if cuda:
+                inputs = torch.stack(tiles)
+            else:
+                ks = windows[batch[:, 0]].ravel()  # each tile's input slice, in tile order
+                inputs = torch.from_numpy(apply_ranges(np.stack(tiles), offset[ks], scale[ks]))
             inputs = inputs.view(len(batch), windows.shape[1], tile_h, tile_w).contiguous(
                 memory_format=torch.channels_last)
             probs = torch.sigmoid(model(inputs).float())
             probs *= (weights_y[batch[:, 1], :, None] * weights_x[batch[:, 2], None, :])[:, None]
-            probs = probs if cuda else probs.numpy()  # blended where they are
-            for prob, (z, _, _), y, x in zip(probs, batch, ys, xs, strict=True):
+            if not cuda:
+                _add_tiles(out, probs.numpy(), batch[:, 0], ys, xs)
+                bar.update(len(batch))
+                continue
+            for prob, z, y, x in zip(probs, batch[:, 0], ys, xs, strict=True):
                 if z not in blends:
-                    blends[z] = (torch.zeros((3, *grid.padded_shape), device=device) if cuda
-                                 else np.zeros((3, *grid.padded_shape), np.float32))
+                    blends[z] = torch.zeros((3, *grid.padded_shape), device=device)
                 blends[z][:, y:y + tile_h, x:x + tile_w] += prob
             for z in np.unique(batch[:, 0]):
                 if first + len(batch) >= (z + 1) * tiles_per_slice:  # its last tile is in
-                    blend = blends.pop(z)[:, :height, :width]
-                    out[:, z] = blend.cpu().numpy() if cuda else blend
+                    out[:, z] = blends.pop(z)[:, :height, :width].cpu().numpy()
             bar.update(len(batch))
     bar.close()
     return out
+
+
+def _add_tiles(out: np.ndarray, probs: np.ndarray, zs, ys, xs) -> None:
+    """Add weighted (B, 3, th, tw) tiles into the (3, Z, H, W) ``out`` at their slices ``zs``
+    and starts ``ys``, ``xs``, less what lies in the padding beyond the image."""
+    height, width = out.shape[2:]
+    for prob, z, y, x in zip(probs, zs, ys, xs, strict=True):
+        h, w = min(prob.shape[1], height - y), min(prob.shape[2], width - x)
+        out[:, z, y:y + h, x:x + w] += prob[:, :h, :w]
+
+
+def _pad_to_grid(stack: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """(Z, H, W) ``stack`` reflect-padded at the bottom and right to the grid's padded shape
+    (the stack itself when no padding is needed)."""
+    pad_h, pad_w = grid.padded_shape[0] - stack.shape[1], grid.padded_shape[1] - stack.shape[2]
+    if not (pad_h or pad_w):
+        return stack
+    return np.pad(stack, ((0, 0), (0, pad_h), (0, pad_w)), mode="reflect")
 
 
 def inference_copy(model, device):
@@ -241,9 +275,19 @@ def inference_copy(model, device):
     return model.to(device, memory_format=torch.channels_last)
 
 
+CLASS_MAP_CHUNK = 1 << 16  # pixels per argmax (which copies them and makes int64 indices)
+
+
 def class_map(prob: np.ndarray) -> np.ndarray:
-    """uint8 argmax class map of (3, ...) probabilities: shape (...)."""
-    return np.argmax(prob, axis=0).astype(np.uint8)
+    """uint8 argmax class map of (3, ...) probabilities: shape (...), computed a chunk of pixels
+    at a time."""
+    prob = np.asarray(prob)
+    pixels = prob.reshape(len(prob), -1)  # a view of a contiguous array
+    classes = np.empty(pixels.shape[1], np.uint8)
+    for start in range(0, pixels.shape[1], CLASS_MAP_CHUNK):
+        chunk = slice(start, start + CLASS_MAP_CHUNK)
+        classes[chunk] = np.argmax(pixels[:, chunk], axis=0)
+    return classes.reshape(prob.shape[1:])
 
 
 def _progress(total: int, description: str, enabled: bool):

@@ -304,16 +304,20 @@ def commit_author(root: Path, sha: str) -> tuple[str, str]:
 def architecture_source(root: Path, sha: str, arch) -> bytes:
     """The bytes of the architecture's source file in the model's commit ``sha``, checked
     against the git blob recorded with the weights (``arch``: `nf1prov.weights.Architecture`)."""
+    from nf1prov.weights import blob_hash
+
     spec = f"{git.validate_sha(sha)}:{arch.source_path}"
-    proc = git.git("rev-parse", "--verify", "--quiet", spec, cwd=root, check=False)
-    blob = proc.stdout.strip() if proc.returncode == 0 else None
+    # The bytes, hashed here: the recorded blob is a SHA-1 one, whatever the repository's
+    # object format (a SHA-256 repository names the same blob otherwise).
+    proc = git.git("cat-file", "blob", spec, cwd=root, check=False, text=False)
+    blob = blob_hash(proc.stdout) if proc.returncode == 0 else None
     if blob != arch.source_blob:
         found = f"holds blob {blob[:12]} as" if blob else "has no"
         raise UserError(f"The model's commit {sha[:12]} {found} {arch.source_path}, but its "
                         f"weights were trained with blob {arch.source_blob[:12]}: the package's "
                         "architecture must be that code. Check the model's tag and run "
                         "(`nf1prov show CODENAME`).")
-    return git.read_blob(root, blob)
+    return proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------

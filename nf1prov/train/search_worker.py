@@ -53,7 +53,7 @@ from pathlib import Path
 
 from nf1prov import process_spec, tracking
 from nf1prov.code_origin import foreign_modules
-from nf1prov.errors import UserError
+from nf1prov.errors import Nf1provError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,9 @@ def train_trial(trial, config: dict, *, client, data, parent_id: str, experiment
             check_code(code_root)
     except BaseException as exc:
         status = "FAILED" if isinstance(exc, Exception) else "KILLED"
+        # an nf1prov error (a diverged loss) is written for the user: no class name before it
         reason = getattr(exc, "reason", None) or (
+            str(exc) if isinstance(exc, Nf1provError) else
             f"{type(exc).__name__}: {exc}" if str(exc) else
             "interrupted (SIGINT)" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__)
         end_trial_run(client, run_id, status, reason)

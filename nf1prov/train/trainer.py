@@ -32,6 +32,7 @@ import logging
 import math
 import random
 import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -48,7 +49,7 @@ from nf1prov import outbox, tracking
 from nf1prov.config import flatten, to_toml
 from nf1prov.description import description_markdown, description_tags
 from nf1prov.devices import pick_device
-from nf1prov.errors import UserError
+from nf1prov.errors import Nf1provError, UserError
 from nf1prov.tracking import NOTE_CONTENT
 from nf1prov.train import distributed
 from nf1prov.train.loss import WeightedBCELoss, initial_class_weights
@@ -83,6 +84,7 @@ class PreparedData:
     val: Any
     manifest: Any
     source: str  # data root, as logged
+    cache_dir: Path | None = None  # where file hashes are remembered
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +172,7 @@ def prepare_data(config: dict, data_root: Path, cache_dir: Path) -> PreparedData
                             "crops: add fields of view, or lower data.crop_size.")
     return PreparedData(splits=by_split, train=train, val=val,
                         manifest=manifest.build_manifest(by_split, cache_dir=cache_dir),
-                        source=str(data_root))
+                        source=str(data_root), cache_dir=cache_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,12 +226,11 @@ def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
             data.train.set_epoch(epoch)
             scores = run_epoch("train", run.trained, train_loader, run.criterion, device,
                                use_amp, d["crop_margin"], t["max_batches_per_epoch"], label,
-                               optimizer=run.optimizer, scaler=run.scaler, ranks=ranks)
+                               optimizer=run.optimizer, scaler=run.scaler, ranks=ranks,
+                               epoch=epoch)
             scores |= run_epoch("val", run.model, val_loader, run.criterion, device, use_amp,
-                                d["crop_margin"], t["max_batches_per_epoch"], label, ranks=ranks)
-            if not math.isfinite(scores["train_loss"]):
-                raise FloatingPointError(f"training loss is {scores['train_loss']} at epoch "
-                                         f"{epoch}: lower train.learning_rate.")
+                                d["crop_margin"], t["max_batches_per_epoch"], label, ranks=ranks,
+                                epoch=epoch, learning_rate=current_learning_rate(run.optimizer))
             if ranks.logs:
                 outbox.current().log_metrics(scores, step=epoch)
             run.history.append(scores)
@@ -289,8 +290,9 @@ def build_training(config: dict, data: PreparedData, device: torch.device,
 
 def best_result(run: Training) -> TrainResult:
     """The best epoch's weights in a plain network (no DDP, no global batch norm) for export."""
-    if run.best_weights is None:
-        raise RuntimeError("no epoch was trained (train.epochs already reached?)")
+    if run.best_weights is None:  # every epoch's validation loss is checked finite
+        raise RuntimeError("no epoch produced a model to keep: its validation loss was never "
+                           "below infinity")
     model = run.build()
     model.load_state_dict(run.best_weights)
     state = run.state
@@ -303,14 +305,20 @@ def run_epoch(split: str, model: nn.Module, loader: DataLoader, criterion: Weigh
               device: torch.device, use_amp: bool, margin: int, max_batches: int, label: str,
               optimizer: torch.optim.Optimizer | None = None,
               scaler: torch.amp.GradScaler | None = None,
-              ranks: distributed.Ranks = distributed.SINGLE) -> dict[str, float]:
+              ranks: distributed.Ranks = distributed.SINGLE, epoch: int = 0,
+              learning_rate: float | None = None) -> dict[str, float]:
     """One pass over ``loader``; trains when an optimizer is given. Returns the epoch metrics
-    (of the whole split: summed over ``ranks``)."""
+    (of the whole split: summed over ``ranks``). Raises `LossNotFinite` naming ``epoch`` and
+    the batch once a batch's loss is NaN or inf (``learning_rate``: the optimizer's, for the
+    message of a validation pass)."""
     from tqdm.auto import tqdm
 
     training = optimizer is not None
     model.train(training)
     metrics = EpochMetrics(split, device)
+    watch = LossWatch(device)
+    if training:
+        learning_rate = current_learning_rate(optimizer)
     total = len(loader) if max_batches <= 0 else min(max_batches, len(loader))
     batches = itertools.islice(loader, total)
     with torch.set_grad_enabled(training), tqdm(batches, total=total, leave=False,
@@ -330,10 +338,52 @@ def run_epoch(split: str, model: nn.Module, loader: DataLoader, criterion: Weigh
                 scaler.step(optimizer)
                 scaler.update()
             metrics.update(logits.detach(), target, per_class_bce, loss.detach())
-            if step % PROGRESS_EVERY == 0:
+            watch.update(loss, batch=step + 1)
+            if step % PROGRESS_EVERY == 0:  # the host syncs here anyway: stop a diverged run
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                watch.check(split, epoch, learning_rate)
+    # every rank holds the global batch's loss, so all of them stop at the same batch
+    watch.check(split, epoch, learning_rate)
     metrics.sum_across(ranks)
     return metrics.compute()
+
+
+def current_learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+class LossNotFinite(Nf1provError):
+    """The loss became NaN or inf: the training diverged. The message is the run's one-line
+    `nf1prov.failure`; nothing in the code is broken, so no traceback. Exit 1."""
+
+    exit_code = 1
+
+
+class LossWatch:
+    """The first batch of a pass whose loss is NaN or inf, found on the device (no host
+    synchronisation per batch) and reported by `check` when the host next looks."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.zeros((), dtype=torch.int64, device=device)  # batch number; 0: none
+
+    def update(self, loss: torch.Tensor, batch: int) -> None:
+        bad = (self.first == 0) & ~torch.isfinite(loss.detach())
+        self.first = torch.where(bad, batch, self.first)
+
+    def check(self, split: str, epoch: int, learning_rate: float | None) -> None:
+        """Raise `LossNotFinite` naming ``epoch`` and the first such batch, if there was one."""
+        batch = int(self.first)
+        if not batch:
+            return
+        lr = f" (now {learning_rate:g})" if learning_rate is not None else ""
+        if split == "train" and epoch == 1 and batch == 1:  # no optimiser step was taken yet
+            raise LossNotFinite(
+                "the loss was NaN/inf at epoch 1, batch 1, before any training step: not the "
+                "learning rate, but the inputs (or the starting weights) hold NaN or infinite "
+                "values; check the images under data.root and data.normalisation")
+        which = "loss" if split == "train" else "validation loss"
+        raise LossNotFinite(f"the {which} became NaN/inf at epoch {epoch}, batch {batch}: "
+                            f"lower train.learning_rate{lr}")
 
 
 def make_loaders(data: PreparedData, t: dict, generator: torch.Generator,
@@ -412,7 +462,41 @@ def log_checkpoint(config: dict, run: Training) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "last.pt"
         torch.save(ckpt, path)
+        check_room(path, _artifact_uri("checkpoints"))
         outbox.current().log_artifact(path, artifact_path="checkpoints")
+
+
+ROOM_MARGIN = 64 * 1024  # bytes: filesystem blocks, and the metrics written after a checkpoint
+
+
+def check_room(checkpoint: Path, artifact_uri: str) -> None:
+    """Raise `DiskFull` before a new ``checkpoint`` replaces the run's last one in a local
+    artifact folder (``artifact_uri``) whose filesystem lacks room for it: the copy truncates
+    the old file first, so one cut short by a full disk would leave no checkpoint at all, and
+    `train --resume` nothing to go on from. Only growth needs room (the old file's blocks are
+    freed first). Other stores (a tracking server's) are not checked."""
+    from nf1prov.errors import DiskFull, free_space, local_folder
+
+    folder = local_folder(artifact_uri)
+    if folder is None:
+        return
+    old = folder / checkpoint.name
+    need = checkpoint.stat().st_size - (old.stat().st_size if old.exists() else 0) + ROOM_MARGIN
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if shutil.disk_usage(existing).free < need:
+        raise DiskFull(f"The disk holding {folder} has no room for the next checkpoint ("
+                       f"{free_space(existing)}; it needs {need} bytes more): the last "
+                       "checkpoint is kept. Free space there, or move the store to a larger "
+                       "disk.")
+
+
+def _artifact_uri(path: str) -> str:
+    """``path`` under the active run's artifact URI, from the run as started (no store call: the
+    store may be away, `outbox`)."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return f"{run.info.artifact_uri.rstrip('/')}/{path}" if run is not None else ""
 
 
 def restore(run: Training, ckpt: dict) -> None:
@@ -434,8 +518,9 @@ def load_checkpoint(path: Path, config: dict) -> dict:
         raise UserError(f"Checkpoint {path} does not exist: pass the checkpoints/last.pt of "
                         "the run to resume.") from None
     except Exception as exc:
-        raise UserError(f"Checkpoint {path} cannot be read ({exc}): it is not a nf1prov "
-                        "checkpoint, or it is damaged.") from None
+        from nf1prov.weights import load_failure
+
+        raise UserError(f"Checkpoint {path} cannot be read: {load_failure(exc)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"Checkpoint {path} is not a nf1prov checkpoint (format "
                         f"{CHECKPOINT_FORMAT}).")
@@ -487,7 +572,8 @@ def log_run_inputs(config: dict, data: PreparedData, resumed: bool = False) -> N
         return
 
     box.log_text(to_toml(config), "config/config.toml")
-    box.log_text(data.manifest.to_csv(index=False), "manifest/split_manifest.csv")
+    box.log_text(logged_manifest(config, data).to_csv(index=False),
+                 "manifest/split_manifest.csv")
     # MLflow warns that a local path "can be interpreted in multiple ways" and about integer
     # columns in the inferred schema: neither matters for a record of the files used.
     with warnings.catch_warnings():
@@ -501,6 +587,25 @@ def log_run_inputs(config: dict, data: PreparedData, resumed: bool = False) -> N
     tags[NOTE_CONTENT] = description_markdown(config["description"])
     tags[DATA_SPLITS] = data_splits_tag(data.splits)
     box.set_tags(tags)
+
+
+def logged_manifest(config: dict, data: PreparedData):
+    """The split manifest with the holdout patients' files under the data root as well (split
+    ``holdout``: training never reads them; `reproduce` checks them, `evaluate` scores them).
+    A holdout folder that cannot be read is left out with a warning: it stops no training."""
+    import pandas as pd
+
+    from nf1prov.data import manifest
+    from nf1prov.data.layout import DataError
+
+    try:
+        holdout = manifest.holdout_manifest(data.source, config["data"]["holdout_patients"],
+                                            cache_dir=data.cache_dir)
+    except DataError as exc:
+        log.warning("The holdout patients' files are not in the split manifest: %s", exc)
+        return data.manifest
+    return pd.concat([data.manifest, holdout], ignore_index=True) if len(holdout) \
+        else data.manifest
 
 
 DATA_SPLITS_MAX_CHARS = 6000  # MLflow refuses tag values over 8000 characters
