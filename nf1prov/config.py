@@ -247,7 +247,7 @@ def _type_error(source: str, section: str, key: str, value: Any, expected: str) 
 Rule = tuple[Callable[[Any, dict], bool], str]
 SEED_MAX = 2**32 - 1  # NumPy's seed range
 SPLIT_TOLERANCE = 1e-6
-LEARNING_RATE_MAX = 1.0  # train.learning_rate and the search range: Adam diverges above
+LEARNING_RATE_MAX = 1.0  # train.learning_rate and the search range (see RANGES)
 FIELDS_PARAM_MAX = 500  # characters of data.fields logged as a param (MLflow's oldest limit)
 
 FIELD_ID_RE = re.compile(r"^[^/\s]+/[^/\s-]+-[^/\s]+$")
@@ -321,8 +321,10 @@ RANGES: dict[str, Rule] = {
     "model.base_width": (_at_least(1), "an integer >= 1 (channels of the first UNet block)"),
     "train.epochs": (_at_least(1), "an integer >= 1"),
     "train.batch_size": (_at_least(1), "an integer >= 1"),
-    # Adam moves each weight by about the learning rate per step: above 1 a training only
-    # diverges (its loss becomes NaN/inf), so such a value is a typo, refused before any commit.
+    # Adam moves each weight by about the learning rate per step, and useful rates are 1e-5 to
+    # 1e-2 (upstream's search range): a value above 1 is a typo (1e9 for 1e-9), refused before
+    # any commit. Up to 1, a training runs (it may learn nothing; a loss that becomes NaN/inf
+    # ends it with that reason).
     "train.learning_rate": (lambda v, _: 0 < v <= LEARNING_RATE_MAX,
                             f"a finite number in (0, {LEARNING_RATE_MAX:g}] (e.g. 1e-4)"),
     "train.alpha": (lambda v, _: 0 <= v <= 1, "a finite number in [0, 1] (the EMA factor)"),

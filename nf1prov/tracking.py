@@ -223,6 +223,11 @@ def store_problem(tracking_uri: str, exc: BaseException) -> str:
                     "of file): restore it from a backup, or move it away to start an empty "
                     f"store there. Or point at another store {where}.")
         if "readonly" in text or "read-only" in text or not _writable(db):
+            if _on_read_only_filesystem(db):
+                return (f"The MLflow store {db} lies on a read-only filesystem: this command "
+                        "writes to the store, so run it on a writable copy of the store or "
+                        f"remount that filesystem read-write, or point at another store {where}."
+                        " (The verbs that only read, such as list and show, work as it is.)")
             return (f"The MLflow store {db} is read-only for this user: make it and its folder "
                     f"writable (chmod u+w), or point at a store you can write {where}.")
         if any(word in text for word in ("migration", "alembic", "revision", "no such table")):
@@ -241,6 +246,18 @@ def store_problem(tracking_uri: str, exc: BaseException) -> str:
                 "with `mlflow server` (README, \"A shared MLflow server for the lab\").")
     return (f"Cannot reach the MLflow tracking store {tracking_uri!r}: {first}. Check the URI "
             f"{where} and that the server is running.")
+
+
+def _on_read_only_filesystem(db: Path) -> bool:
+    """Whether the folder of ``db`` (or its nearest existing parent) is on a filesystem mounted
+    read-only, where no chmod helps."""
+    folder = db.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _writable(db: Path) -> bool:

@@ -3,6 +3,8 @@ real sqlite MLflow store with a tiny hand-logged model."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -335,3 +337,13 @@ def test_predict_by_codename_and_run_id_uses_the_run_config(tracking_uri, datase
                                       str(tmp_path / "x")])
     assert result.exit_code == 2
     assert "no-such-model" in result.output + str(result.exception)
+
+
+def test_a_patient_in_several_splits_is_named_with_each():
+    from nf1prov.segment.evaluate import describe_not_held_out
+
+    tag = json.dumps({"train": {"fields": 3, "patients": ["NF0016_T1", "NF0018_T6"]},
+                      "val": {"fields": 1, "patients": ["NF0016_T1"]}})
+    assert describe_not_held_out(["NF0016_T1", "NF0018_T6", "NF0099"], tag) == (
+        "NF0016_T1 (train and val splits), NF0018_T6 (train split), NF0099 (not in its "
+        "training data)")

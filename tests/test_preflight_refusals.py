@@ -169,16 +169,21 @@ def test_a_committed_lookalike_is_allowed_and_so_is_an_ignored_secret(committed,
                                                                      tracking_uri):
     (committed / ".env.example").write_text("TOKEN=<your token>\n")
     output = refused(committed, tracking_uri)
-    assert ".env.example" in output and "commit it yourself once" in output
-    # What the message says to do: commit the false positive once; ignore the real secret.
-    run_git(committed, "add", ".env.example")
-    run_git(committed, "commit", "-qm", "example env")
-    (committed / ".env.example").write_text("TOKEN=<your token>\nOTHER=<x>\n")
+    assert ".env.example" in output and ".nf1prov-allow-secrets" in output
+    # What the message says to do: allow the false positive (reviewed, in the commit); ignore
+    # the real secret.
+    (committed / ".nf1prov-allow-secrets").write_text(".env.example  # placeholders only\n")
     (committed / ".env").write_text("TOKEN=real\n")
     with (committed / ".gitignore").open("a") as handle:
         handle.write(".env\n")
     plan = preflight.preflight(config_path="configs/tiny.toml", tracking_uri=tracking_uri)
     assert plan.root == committed
+    # A file already committed is not judged by its name again (its new lines still are).
+    run_git(committed, "add", ".env.example", ".gitignore")
+    run_git(committed, "commit", "-qm", "example env")
+    (committed / ".nf1prov-allow-secrets").unlink()
+    (committed / ".env.example").write_text("TOKEN=<your token>\nOTHER=<x>\n")
+    assert preflight.preflight(config_path="configs/tiny.toml", tracking_uri=tracking_uri)
 
 
 def test_an_embedded_repository_is_refused(committed, tracking_uri, tmp_path):

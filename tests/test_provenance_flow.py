@@ -286,6 +286,7 @@ def test_no_commit_makes_a_scratch_run(project, tracking_uri, tmp_path):
     (project / "lookup.bin").write_bytes(b"\0\1\2 not text")
     result = train("--no-commit")
     assert "scratch" in result.output
+    assert f"at commit {base} plus its uncommitted changes (logged as" in result.output
     client = tracking.client(tracking_uri)
     assert tracking.model_runs(client) == []  # never a catalogued model
     (run,) = tracking.model_runs(client, (tracking.KIND_SCRATCH,))

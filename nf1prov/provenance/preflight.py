@@ -151,7 +151,8 @@ def check_no_own_output_committed(root: Path, rels: list[str]) -> None:
             "redirect such as `> model.json` or a pipe to `tee`): the model commit would take "
             "it half-written and leave the tree dirty afterwards. Nothing was created. Write "
             "it outside the repository (e.g. `--json > ../model.json`, `| tee /tmp/train.log`)"
-            f" or to a git-ignored path (add '/{written[0]}' to {root / '.gitignore'}).")
+            f" or to a git-ignored path (add '/{written[0]}' to {root / '.gitignore'}), and "
+            "delete the file the shell created there.")
 
 
 def check_submodules_clean(root: Path) -> None:

@@ -329,5 +329,4 @@ def refusal_message(root: Path, found: list[Finding], staged: set[str]) -> str:
             f"{unstage_text} If one is a false positive, allow it in {ALLOW_FILE} at the "
             "repository root (committed and reviewed like code), one line each: 'PATH  # why' "
             "(the whole file), 'PATH:LINE  # why' or 'PATH FINGERPRINT  # why' (that value "
-            "wherever it moves in the file); or commit it yourself once (`git add PATH && git "
-            "commit`): what is already committed is never scanned again.")
+            "wherever it moves in the file).")

@@ -86,6 +86,7 @@ class Progress:
     sha: str | None = None  # the model commit (or, with --no-commit, HEAD)
     resumable: bool = False  # the run has a commit whose code `--resume` can run again
     discarded: bool = False  # the run never got its commit and was deleted: nothing exists
+    dirty: bool = False  # --no-commit on a dirty tree: the code is `sha` plus the logged diff
 
 
 def create_or_adopt_run(plan: preflight.Plan, kind: str) -> tuple[str, str]:
@@ -155,7 +156,7 @@ def record_code(plan: preflight.Plan, run_id: str, experiment_id: str,
                               run_tags.UNCOMMITTED_DIFF_ARTIFACT)
         for key, value in run_tags.git_tags(root, sha, dirty, codename=None).items():
             client.set_tag(run_id, key, value)
-        progress.sha, progress.resumable = sha, sha is not None and not dirty
+        progress.sha, progress.resumable, progress.dirty = sha, sha is not None and not dirty, dirty
         return
     with model_commit.commit_lock(root):
         settle_interrupted_commit(root)
@@ -258,7 +259,9 @@ def train(plan: preflight.Plan, echo: Callable[[str], None] = print,
     with discarded_without_commit(plan, progress), run_guard(client, run_id):
         record_code(plan, run_id, experiment_id, progress)
         name, sha = progress.codename, progress.sha
-        echo(f"Model {name} (run {run_id}) at commit {sha or '(none)'}: training...")
+        changes = (f" plus its uncommitted changes (logged as "
+                   f"{run_tags.UNCOMMITTED_DIFF_ARTIFACT})" if progress.dirty else "")
+        echo(f"Model {name} (run {run_id}) at commit {sha or '(none)'}{changes}: training...")
     if after_commit is not None and not plan.no_commit:
         after_commit(progress)
     run_training(plan, run_id, None if plan.no_commit else sha)

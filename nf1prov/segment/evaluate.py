@@ -251,8 +251,8 @@ def not_held_out(fields: Sequence, holdout_patients: Sequence[str]) -> list[str]
 
 
 def training_splits(splits_tag: str | None) -> dict[str, str]:
-    """{patient folder: split} from a run's ``nf1prov.data.splits`` tag; empty when the tag is
-    absent, unreadable or lists counts only."""
+    """{patient folder: its split(s), e.g. 'train and val'} from a run's ``nf1prov.data.splits``
+    tag; empty when the tag is absent, unreadable or lists counts only."""
     import json
 
     try:
@@ -261,8 +261,11 @@ def training_splits(splits_tag: str | None) -> dict[str, str]:
         return {}
     if not isinstance(summary, dict):
         return {}
-    return {patient: split for split, entry in summary.items() if isinstance(entry, dict)
-            for patient in entry.get("patients", ())}
+    splits: dict[str, list[str]] = {}  # a patient's fields of view may fall in several splits
+    for split, entry in summary.items():
+        for patient in entry.get("patients", ()) if isinstance(entry, dict) else ():
+            splits.setdefault(patient, []).append(split)
+    return {patient: " and ".join(names) for patient, names in splits.items()}
 
 
 def describe_not_held_out(patients: Sequence[str], splits_tag: str | None) -> str:
@@ -271,8 +274,12 @@ def describe_not_held_out(patients: Sequence[str], splits_tag: str | None) -> st
     known = training_splits(splits_tag)
     if not known:  # no tag (an older run), or one too long to name the patients
         return ", ".join(patients)
-    return ", ".join(f"{p} ({known[p]} split)" if p in known else f"{p} (not in its training "
-                     "data)" for p in patients)
+    def where(patient: str) -> str:
+        if patient not in known:
+            return "not in its training data"
+        return f"{known[patient]} split" + ("s" if " and " in known[patient] else "")
+
+    return ", ".join(f"{p} ({where(p)})" for p in patients)
 
 
 def check_holdout(fields: Sequence, holdout_patients: Sequence[str], splits_tag: str | None,
