@@ -507,9 +507,17 @@ def long_tag(key: str, value: str, rewritable: bool = False) -> dict[str, str]:
     return tags | {f"{key}{_LENGTH}": str(len(value))}
 
 
-def long_tags(tags: dict[str, str]) -> dict[str, str]:
+def long_tags(tags: dict[str, str], rewritable: bool = False) -> dict[str, str]:
     """`long_tag` of every item of ``tags``."""
-    return {k: v for key, value in tags.items() for k, v in long_tag(key, value).items()}
+    return {k: v for key, value in tags.items()
+            for k, v in long_tag(key, value, rewritable).items()}
+
+
+def log_tags(c, run_id: str, tags: dict[str, str], rewritable: bool = False) -> None:
+    """Set ``tags`` on ``run_id`` in one write, every value whole (`long_tags`)."""
+    from mlflow.entities import RunTag
+
+    c.log_batch(run_id, tags=[RunTag(k, v) for k, v in long_tags(tags, rewritable).items()])
 
 
 def read_long_tags(tags: dict[str, str]) -> tuple[dict[str, str], list[str]]:

@@ -14,8 +14,6 @@ def append_note(client, run, text: str) -> list[str]:
     """Add ``text`` (whitespace collapsed) to ``run``'s notes; returns all its notes, oldest
     first. The note is a new tag, written in one call (split if long: `tracking.long_tag`), so
     no note is ever cut, and two notes added at once by two processes are both kept."""
-    from mlflow.entities import RunTag
-
     from nf1prov import tracking
     from nf1prov.description import readable_tags
 
@@ -25,7 +23,7 @@ def append_note(client, run, text: str) -> list[str]:
                         "`nf1prov note fearless-eel-256 \"BCE not computed after trial 0\"`.")
     run_id = run.info.run_id
     key = tracking.note_key(run.data.tags)
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tracking.long_tag(key, text).items()])
+    tracking.log_tags(client, run_id, {key: text})
     # read back: with the notes other processes added meanwhile; damage said on stderr
     return tracking.read_notes(readable_tags(client.get_run(run_id)))[0]
 

@@ -231,7 +231,7 @@ def push_model(codename: str, remote: str, echo=click.echo) -> str | None:
 def after_stop(progress, client) -> str:
     """What exists after a training stopped early, and the command that continues it: only
     one that can work."""
-    from nf1prov.provenance import train_flow
+    from nf1prov.provenance import training
 
     name = progress.codename or progress.run_id
     if progress.run_id is None:
@@ -246,7 +246,7 @@ def after_stop(progress, client) -> str:
     if not progress.resumable:
         return (f"Run {name} was a --no-commit run on a dirty tree, which cannot be resumed: "
                 f"{again}.")
-    if not train_flow.has_checkpoint(client, progress.run_id):
+    if not training.has_checkpoint(client, progress.run_id):
         return (f"Model {name} (commit {progress.sha[:12]}) stopped before its first "
                 f"checkpoint, so there is nothing to resume: {again}.")
     return (f"Model {name} (commit {progress.sha[:12]}) keeps its last checkpoint; continue it "

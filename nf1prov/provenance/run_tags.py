@@ -88,15 +88,12 @@ def log_text(client, run_id: str, text: str, artifact_file: str) -> None:
 
 def log_environment(client, run_id: str, argv: list[str] | None = None) -> None:
     """Environment tags, `pip freeze` and the command line (``argv``: default this process's)."""
-    from mlflow.entities import RunTag
-
     for key, value in environment_tags().items():
         client.set_tag(run_id, key, value)
     log_text(client, run_id, pip_freeze(), PIP_FREEZE_ARTIFACT)
     argv = sys.argv[1:] if argv is None else argv
     # whole, split if long (a resume writes its own, shorter command line over it)
-    argv_tags = tracking.long_tag("nf1prov.env.argv", json.dumps(argv), rewritable=True)
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in argv_tags.items()])
+    tracking.log_tags(client, run_id, {"nf1prov.env.argv": json.dumps(argv)}, rewritable=True)
 
 
 def failure_line(text: str) -> str:

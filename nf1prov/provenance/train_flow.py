@@ -107,10 +107,7 @@ def create_or_adopt_run(plan: preflight.Plan, kind: str) -> tuple[str, str]:
 
 def tag_run(client, run_id: str, tags: dict[str, str], sha: str) -> None:
     """The git tags of DESIGN 3.3 in one write, so the store never holds half of them."""
-    from mlflow.entities import RunTag
-
-    tags = {**tags, tracking.GIT_COMMIT: sha}
-    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    tracking.log_tags(client, run_id, {**tags, tracking.GIT_COMMIT: sha})
 
 
 def untag_run(client, run_id: str) -> None:
@@ -298,9 +295,6 @@ def check_resumable(root: Path, run) -> str | None:
     # The training runs from a snapshot of that commit, whatever the work tree holds now.
     code_snapshot.check_commit_holds_code(root, sha, name)
     return sha
-
-
-has_checkpoint = training.has_checkpoint
 
 
 def download(client, run_id: str, artifact: str, dest: Path) -> Path | None:

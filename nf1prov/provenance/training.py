@@ -197,13 +197,10 @@ def record_resume(client, run_id: str) -> None:
     run = client.get_run(run_id)
     if tracking.FAILURE in run.data.tags:
         client.delete_tag(run_id, tracking.FAILURE)
-    from mlflow.entities import RunTag
-
     # one more time each resume: split when long (`tracking.long_tag`), never cut
     before = tracking.read_long_tags(run.data.tags)[0].get(RESUMED_AT, "[]")
     resumed = (tracking.json_array_prefix(before) or []) + [round(time.time(), 3)]
-    tags = tracking.long_tag(RESUMED_AT, json.dumps(resumed), rewritable=True)
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    tracking.log_tags(client, run_id, {RESUMED_AT: json.dumps(resumed)}, rewritable=True)
 
 
 def exit_code(exc: BaseException, error_prefix: str = "nf1prov: error") -> int:
