@@ -11,8 +11,10 @@ measured is nf1prov's arrays), a SIZE x SIZE uint16 image and a small one, and r
 Each child's peak resident set comes from ``os.wait4`` (``ru_maxrss``). The small image gives
 the floor (interpreter, torch and MLflow imports), so the large image's own share is shown too.
 Then both codes predict a 4 x CHECK x CHECK stack (--check-size; not a multiple of 16, so tiles
-are padded) and the SHA-256 of every output file is compared: the outputs must be identical
-bytes, but for the random UUID tifffile writes into each OME-XML header, which is masked.
+are padded) and the SHA-256 of every output TIFF's pixels (dtype, shape, bytes) is compared:
+they must be identical. (Their metadata may differ: later code records the model and the
+physical pixel sizes in it.) Both write float16 probabilities (``--probabilities-dtype
+float16``, the default of the code before the memory work, written page by page).
 REV defaults to the commit before the one that added this file (the code before the memory
 work), or HEAD while this file is not committed.
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import re
 import subprocess
 import sys
 import tarfile
@@ -92,7 +93,8 @@ def peak_rss_mb(code: Path | None, model: Path, image: Path, out: Path) -> float
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code or REPO),
                                                       os.environ.get("PYTHONPATH")]))
     proc = subprocess.Popen([sys.executable, "-m", "nf1prov", "predict", str(model), str(image),
-                             "-o", str(out), "--no-progress"], env=env, cwd=out.parent,
+                             "-o", str(out), "--no-progress", "--probabilities-dtype",
+                             "float16"], env=env, cwd=out.parent,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -102,19 +104,22 @@ def peak_rss_mb(code: Path | None, model: Path, image: Path, out: Path) -> float
 
 
 def output_hashes(folder: Path) -> dict[str, str]:
-    """SHA-256 of each output file, the OME-XML UUID (random per write) masked."""
-    def masked(data: bytes) -> bytes:
-        return re.sub(rb"urn:uuid:[0-9a-f-]{36}", b"urn:uuid:" + b"0" * 36, data)
+    """SHA-256 of each output TIFF's pixels: their dtype, shape and bytes."""
+    import tifffile
 
-    return {p.name: hashlib.sha256(masked(p.read_bytes())).hexdigest()
-            for p in sorted(folder.iterdir())}
+    def digest(path: Path) -> str:
+        pixels = tifffile.imread(path)
+        return hashlib.sha256(f"{pixels.dtype} {pixels.shape}".encode()
+                              + np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+    return {p.name: digest(p) for p in sorted(folder.iterdir()) if p.suffix == ".tif"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--check-size", type=int, default=500,
-                        help="side of the 4-slice stack whose outputs must be identical bytes")
+                        help="side of the 4-slice stack whose output pixels must be identical")
     parser.add_argument("--before", default=None, help="the commit to compare against")
     args = parser.parse_args()
     before = args.before or default_before()
@@ -140,7 +145,7 @@ def main() -> None:
             hashes[label] = output_hashes(out)
         same = hashes["before"] == hashes["after"]
         print(f"outputs of a 4 x {args.check_size} x {args.check_size} stack: "
-              + ("identical bytes" if same else f"DIFFER: {hashes}"))
+              + ("identical pixels" if same else f"DIFFER: {hashes}"))
         ratio = peaks["before"] / peaks["after"]
         print(f"RESULT size={args.size} before_mb={peaks['before']:.0f} "
               f"after_mb={peaks['after']:.0f} ratio={ratio:.2f} identical={same}")

@@ -322,6 +322,10 @@ def _train(steps: Steps, title: str, fast: bool) -> Model:
                      if name != "background")
     steps.echo(f"    codename {model.codename}, run {record['run_id']}; best epoch "
                f"{record['best_epoch']} of {record['epochs_run']}, val Dice {dice}")
+    from nf1prov.train.health import warning_lines
+
+    for line in warning_lines(record.get("health")):  # what `train` printed last, hidden here
+        steps.echo(f"    {line}")
     parent = git.git("rev-parse", f"{model.sha}^", cwd=steps.workspace).stdout.strip()
     changed = [line.replace("\t", " ") for line in
                git.changed_files(steps.workspace, parent, model.sha)]

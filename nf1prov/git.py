@@ -211,9 +211,12 @@ def remote_model_tags(root: Path) -> tuple[dict[str, set[str]], list[str]]:
     return found, failed
 
 
-def identity(root: Path) -> tuple[str, str] | None:
-    """(name, email) git would commit with, or None when no identity is configured."""
-    proc = git("var", "GIT_COMMITTER_IDENT", cwd=root, check=False)
+def identity(root: Path, author: bool = False) -> tuple[str, str] | None:
+    """(name, email) git would commit with (``author``: write as the author, which
+    GIT_AUTHOR_NAME/EMAIL may set apart from the committer), or None when no identity is
+    configured."""
+    proc = git("var", "GIT_AUTHOR_IDENT" if author else "GIT_COMMITTER_IDENT", cwd=root,
+               check=False)
     if proc.returncode != 0:
         return None
     match = re.match(r"^(.*) <(.*)> \d+ [+-]\d{4}$", proc.stdout.strip())

@@ -33,6 +33,11 @@ NOTES = "nf1prov.notes"  # before one tag per note: all notes in one JSON array 
 # one tag per note: nf1prov.notes.<13-digit number ordering the notes>.<8 random hex digits>
 NOTE_PREFIX = NOTES + "."
 FAILURE = "nf1prov.failure"
+# `ok`, or `warning: <reason>[; <reason>]...` when a model run ends (docs/training.md)
+HEALTH = "nf1prov.health"
+SOURCE_NAME = "mlflow.source.name"
+SOURCE_TYPE = "mlflow.source.type"
+USER = "mlflow.user"
 
 # --- nf1prov's own tags (not contract, documented in docs/architecture.md) -------------------
 HOST = "nf1prov.host"
@@ -78,6 +83,38 @@ def ui_hint(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return tracking_uri
     return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"  # pastes into a shell
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves unless given --host/--port
+
+
+def server_ui(tracking_uri: str | None) -> str | None:
+    """The MLflow UI of an http(s) tracking server (the server is its own UI), without
+    credentials, query or trailing slash; None for any other store."""
+    if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
+        return None
+    parts = urlsplit(tracking_uri)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def run_page(ui: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI at ``ui``."""
+    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI: on its http(s) server, or for any other store where the
+    `mlflow ui` command of `ui_hint` serves it (`LOCAL_UI`)."""
+    return run_page(server_ui(tracking_uri) or LOCAL_UI, experiment_id, run_id)
+
+
+def run_page_line(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """`run_url` as `train` and `show` print it: a local store's page needs `mlflow ui`."""
+    local = "" if server_ui(tracking_uri) else " (while that `mlflow ui` runs)"
+    return run_url(tracking_uri, experiment_id, run_id) + local
 
 
 def default_tracking_uri(repo_root: Path) -> str:

@@ -240,6 +240,56 @@ def test_holdout_figures_and_ui_link_for_http_servers_only(tmp_path, client):
     assert "MLflow UI" not in build(tmp_path, client, "", tracking_uri="sqlite:///x.db").new
 
 
+def test_health_warnings_show_between_important_and_notes_and_rebuild_identically(tmp_path,
+                                                                                 client):
+    exp = experiment(client)
+    warned = ("warning: did not learn to find cells (val inner-cell Dice 0.004 <= 0.05); "
+              "still improving at the last epoch (best epoch 2 of 2) <b>")
+    model_run(client, exp, "sad-sow-1", sha=UPSTREAM_SHA, description=UPSTREAM_DESCRIPTION,
+              notes=[UPSTREAM_NOTE], extra_tags={tracking.HEALTH: warned}, start_time=4_000)
+    model_run(client, exp, "fail-fox-2", status="FAILED", start_time=3_000,
+              extra_tags={tracking.FAILURE: "OOM", tracking.HEALTH: "warning: diverged"})
+    model_run(client, exp, "fine-fly-3", extra_tags={tracking.HEALTH: "ok"}, start_time=2_000)
+    model_run(client, exp, "old-owl-4", start_time=1_000)  # trained before the tag existed
+    first = build(tmp_path, client, "# Project\n")
+    sad, failed, fine, old = entries_of(first.new)
+    assert sad.splitlines()[:6] == [
+        f"**Commit:** `{UPSTREAM_SHA}` <br>", "**Codename:** sad-sow-1", "",
+        "> **Warning:** did not learn to find cells (val inner-cell Dice 0.004 &lt;= 0.05) <br>",
+        "> **Warning:** still improving at the last epoch (best epoch 2 of 2) &lt;b&gt; <br>",
+        f"> **Note:** {UPSTREAM_NOTE} <br>"]
+    assert failed.splitlines()[3:5] == ["> **Important!!!** This run failed: OOM <br>",
+                                        "> **Warning:** diverged <br>"]
+    assert "Warning" not in fine + old and "> " not in fine + old
+    catalog.write_atomic(first.readme, first.new)
+    second = build(tmp_path, client)
+    assert not second.changed and second.new == first.new
+
+
+def test_holdout_instance_scores_beside_the_baselines(tmp_path, client):
+    exp = experiment(client)
+    model_run(client, exp, "eval-eel-1", start_time=3_000,
+              metrics={"holdout_dice_inner-cell": 0.8, "holdout_iou_inner-cell": 0.7,
+                       "holdout_instance_f1": 0.85, "holdout_instance_ap": 0.61,
+                       "holdout_baseline_instance_f1": 0.35,
+                       "holdout_baseline_instance_ap": 0.2,
+                       "holdout_instance_precision": 0.9},
+              extra_tags={"nf1prov.evaluation.patients": '["NF0014_T1", "NF0014_T2"]'})
+    model_run(client, exp, "solo-seal-2", start_time=2_000,  # evaluated without --baseline
+              metrics={"holdout_instance_f1": 0.7, "holdout_instance_ap": float("nan")})
+    model_run(client, exp, "new-newt-3", start_time=1_000)  # never evaluated
+    first = build(tmp_path, client, "")
+    both, solo, never = (entry.splitlines() for entry in entries_of(first.new))
+    assert both[-3:] == [
+        "- **Holdout Dice:** inner-cell 0.800", "- **Holdout IoU:** inner-cell 0.700",
+        "- **Holdout instances:** F1 0.850 (baseline 0.350), AP 0.610 (baseline 0.200) "
+        "on NF0014_T1, NF0014_T2"]
+    assert solo[-1] == "- **Holdout instances:** F1 0.700, AP n/a"
+    assert not [line for line in never if "Holdout" in line]
+    catalog.write_atomic(first.readme, first.new)
+    assert build(tmp_path, client).new == first.new
+
+
 def test_reproduction_outcome_is_shown_escaped(tmp_path, client):
     exp = experiment(client)
     model_run(client, exp, "calm-cod-7",

@@ -164,6 +164,11 @@ def test_checkout_switches_clean_tree_and_loads_model(world, repo, monkeypatch):
     model = weights.load(folder / "model", ref="fearless-eel-256")
     with torch.no_grad():
         out = model(torch.rand(1, 3, 32, 32))
+    # the folder says which run it holds: predictions from it name their model
+    from nf1prov.provenance.models import load_model
+
+    loaded = load_model(str(folder / "model"), device="cpu")
+    assert (loaded.codename, loaded.run_id, loaded.sha) == ("fearless-eel-256", run_id, sha)
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
     # Idempotent: a second checkout of the same model succeeds and changes nothing.
     again = CliRunner().invoke(cli, ["checkout", "fearless-eel-256"])

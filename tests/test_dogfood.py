@@ -6,6 +6,7 @@ one): demo-data -> train (--json) -> show --json -> catalog -> catalog --check -
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -111,6 +112,7 @@ def test_the_readme_loop_in_a_clone_with_the_documented_hook(tmp_path, tracking_
         "best_val_dice_inner-cell"]
     assert set(record["instances"]) == {"seed_threshold", "foreground_threshold", "min_size"}
     assert record["push_failures"] == [] and record["pushed_to"] is None
+    assert_what_the_user_sees(client, run_1, record, trained.stderr)
     shown = json.loads(nf1prov("show", record["codename"], "--json").stdout)
     assert (shown["run_id"], shown["commit"], shown["status"]) == (
         record["run_id"], record["commit"], "FINISHED")
@@ -136,6 +138,25 @@ def test_the_readme_loop_in_a_clone_with_the_documented_hook(tmp_path, tracking_
     nf1prov("catalog", "--check")
     run("git", "commit", "-m", "notes")
     assert git_status(repo) == []
+
+
+def assert_what_the_user_sees(client, run, record: dict, stderr: str) -> None:
+    """DESIGN 3.10 for a `train --json` of 1 epoch (patience 5): its epoch's line stays, the
+    health verdict is tagged, in the JSON and printed last, and the learning curve is logged."""
+    from nf1prov.segment.pictures import CLASS_COLOURS
+    from nf1prov.train.health import warning_lines
+    from tests.test_health import colours_of
+
+    assert re.search(r"(?:^|\r)epoch 1/1  loss \d+\.\d{3} val \d+\.\d{3}  Dice bg \d\.\d\d inner "
+                     r"\d\.\d\d boundary \d\.\d\d  best 1  patience 5/5$", stderr, re.M), stderr
+    verdict = run.data.tags[tracking.HEALTH]
+    assert record["health"] == verdict and "still improving at the last epoch" in verdict
+    warnings = warning_lines(verdict)
+    assert stderr.rstrip("\n").splitlines()[-len(warnings):] == warnings
+    curve = client.download_artifacts(run.info.run_id, "plots/learning_curve.png")
+    size, colours = colours_of(curve)
+    assert size == (1000, 420) and len(colours) > 100
+    assert all(colours.get(rgb, 0) >= 20 for rgb in CLASS_COLOURS.values())
 
 
 def git_status(repo: Path) -> list[str]:

@@ -220,6 +220,33 @@ def dataset(tmp_path):
     return root
 
 
+def check_evaluation_overlays(run_id, tmp_path):
+    """One PNG per holdout field in the run's evaluation/overlays/ and in --overlays: model |
+    baseline panels (48 x 64 enlarged x6) with the ground truth's five cells outlined."""
+    import mlflow
+
+    from nf1prov.segment.pictures import BOTH_COLOUR, GAP, MODEL_COLOUR, TRUTH_COLOUR
+    from tests.picture_checks import check_header, count, decode
+
+    names = ["NF0014_T1_C4-2.png", "NF0014_T1_D5-1.png"]
+    logged = mlflow.MlflowClient().list_artifacts(run_id, "evaluation/overlays")
+    assert sorted(a.path for a in logged) == [f"evaluation/overlays/{n}" for n in names]
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == names
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                 artifact_path="evaluation/overlays",
+                                                 dst_path=str(tmp_path / "logged"))
+    for name in names:
+        rgb = decode(f"{folder}/{name}")
+        assert rgb.shape[1] == 2 * 384 + GAP
+        panels = check_header(rgb, [MODEL_COLOUR, TRUTH_COLOUR, BOTH_COLOUR])[-288:]
+        model, baseline = panels[:, :384], panels[:, -384:]
+        # five discs of radius 5 px, x6: ~150 outline pixels each, drawn in both panels
+        for panel in (model, baseline):
+            assert count(panel, TRUTH_COLOUR) + count(panel, BOTH_COLOUR) > 5 * 100
+        assert count(baseline, BOTH_COLOUR) > 3 * 100  # the baseline finds most discs
+        assert (rgb == np.asarray(decode(tmp_path / "overlays" / name))).all()
+
+
 def test_evaluate_cli_logs_holdout_metrics_to_the_finished_run(tracking_uri, dataset, tmp_path):
     import mlflow
     from click.testing import CliRunner
@@ -228,8 +255,10 @@ def test_evaluate_cli_logs_holdout_metrics_to_the_finished_run(tracking_uri, dat
 
     run_id = log_tiny_model()
     result = CliRunner().invoke(cli, ["evaluate", "tiny-eel-1", "--data-root", str(dataset),
-                                      "--baseline", "--no-progress", "--min-size", "5"])
+                                      "--baseline", "--no-progress", "--min-size", "5",
+                                      "--overlays", str(tmp_path / "overlays")])
     assert result.exit_code == 0, result.output
+    check_evaluation_overlays(run_id, tmp_path)
     assert "NF0014_T1 (2 stacks)" in result.output and "all (2 stacks)" in result.output
     assert "NF0016" not in result.output
     assert "difference" in result.output
@@ -256,10 +285,13 @@ def test_evaluate_cli_logs_holdout_metrics_to_the_finished_run(tracking_uri, dat
         table.set_index(["method", "patient"]).loc[("model", "all"), "instance_f1"])
 
 
-def test_evaluate_cli_patients_option_and_errors(tracking_uri, dataset):
-    from nf1prov.cli import main
+def test_evaluate_cli_patients_option_and_errors(tracking_uri, dataset, tmp_path):
+    import mlflow
+    from click.testing import CliRunner
 
-    log_tiny_model()
+    from nf1prov.cli import cli, main
+
+    run_id = log_tiny_model()
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "tiny-eel-1", "--data-root", str(dataset), "--patients", "NF9999",
               "--no-progress"])
@@ -269,8 +301,16 @@ def test_evaluate_cli_patients_option_and_errors(tracking_uri, dataset):
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "tiny-eel-1", "--data-root", str(dataset), "--patients", "NF0016",
-              "--no-progress", "--no-log"])
+              "--no-progress", "--no-log", "--overlays", str(tmp_path / "o")])
     assert exit_info.value.code == 0
+    # --no-log: the overlays go to --overlays only
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["NF0016_C4-2.png"]
+    assert mlflow.MlflowClient().list_artifacts(run_id, "evaluation") == []
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(cli, ["evaluate", "tiny-eel-1", "--data-root", str(dataset),
+                                      "--overlays", str(tmp_path / "file" / "o")])
+    assert result.exit_code == 2 and "Cannot create the --overlays folder" in result.output
+    assert "Evaluating" not in result.output  # refused before anything was scored
 
 
 def test_evaluate_refuses_to_log_patients_the_model_trained_on(tracking_uri, dataset):

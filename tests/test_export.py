@@ -157,7 +157,7 @@ def test_the_package_passes_bioimageio_test_model(trained, in_project, offline):
     assert any("pytorch_state_dict" in name for name in tested), tested
 
 
-def test_rdf_holds_provenance_weights_tensors_and_the_licence(trained, in_project):
+def test_rdf_holds_provenance_weights_tensors_and_the_licence(trained, in_project, tmp_path):
     from nf1prov import tracking
 
     assert f"Wrote {trained.package}" in trained.output
@@ -206,11 +206,29 @@ def test_rdf_holds_provenance_weights_tensors_and_the_licence(trained, in_projec
         test_input = np.load(archive.open(raw["test_tensor"]["source"]))
         test_output = np.load(archive.open(probabilities["test_tensor"]["source"]))
         readme = archive.read(description["documentation"]["source"]).decode()
-        assert archive.read(description["covers"][0]["source"]).startswith(b"\x89PNG")
+        cover = archive.read(description["covers"][0]["source"])
+    check_cover(cover, tmp_path)
     assert test_input.shape == (1, 3, 32, 32) and test_input.dtype == np.uint16
     assert test_output.shape == (1, 3, 32, 32) and test_output.dtype == np.float32
     assert trained.codename in readme and "## Validation" in readme
     assert "**Architecture:** UNet (width 4)" in readme  # the catalogue entry
+
+
+def check_cover(png: bytes, tmp_path) -> None:
+    """2:1 as bioimage.io asks; a titled bar with the class legend; the argmax classes of the
+    32-px test output (x8) in the shared class colours only."""
+    from nf1prov.segment.pictures import BAR_COLOUR, CLASS_COLOURS, GAP
+    from tests.picture_checks import check_header, decode
+
+    (tmp_path / "cover.png").write_bytes(png)
+    rgb = decode(tmp_path / "cover.png")
+    assert rgb.shape[1] == 2 * rgb.shape[0]
+    panels = check_header(rgb, CLASS_COLOURS.values())[-256:]
+    margin = (rgb.shape[1] - 2 * 256 - GAP) // 2  # centred on the bar colour
+    assert (panels[:, :margin] == BAR_COLOUR).all()
+    classes = panels[:, margin + 256 + GAP:margin + 512 + GAP].reshape(-1, 1, 3)
+    palette = np.array(list(CLASS_COLOURS.values()), np.uint8)
+    assert (classes == palette).all(-1).any(-1).all()
 
 
 def test_a_missing_licence_is_refused_and_nothing_is_written(in_project, tmp_path):

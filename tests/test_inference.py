@@ -370,11 +370,12 @@ def test_predict_cli_writes_ome_tiffs(tmp_path):
         tifffile.imwrite(d / "C4-2_TRANS.tif", smooth_stack((3, 40, 50)))
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["predict", str(model_dir), str(inputs), "-o", str(out),
-                                      "--no-progress", "--min-size", "0"])
+                                      "--no-progress", "--min-size", "0", "--preview",
+                                      "--probabilities-dtype", "float16"])
     assert result.exit_code == 0, result.output
     for patient in ("NF0014", "NF0016"):
         d = out / patient / "zstack_images" / "C4-2"
-        # float16: no OME pixel type, a shaped TIFF with the axes in its metadata
+        # float16 (asked for): no OME pixel type, a shaped TIFF with the axes in its metadata
         with tifffile.TiffFile(d / "C4-2_TRANS_probabilities.tif") as tif:
             assert tif.series[0].axes == "CZYX"
             prob = tif.asarray()
@@ -393,6 +394,22 @@ def test_predict_cli_writes_ome_tiffs(tmp_path):
         expected_labels = probabilities_to_instances(expected, 0,
                                                      seed_threshold=0.5, foreground_threshold=0.5)
         np.testing.assert_array_equal(labels, expected_labels)
+        check_preview(d / "C4-2_TRANS_preview.png", labels)
+
+
+def check_preview(png, labels):
+    """The model's outlines (enlarged x7 from 40 x 50) on the slice with the most cells: only on
+    cells, round every cell, under a titled bar with the legend."""
+    from nf1prov.segment.pictures import MODEL_COLOUR, cell_counts, most_cells_slice
+    from tests.picture_checks import check_header, decode
+
+    rgb = decode(png)
+    assert rgb.shape[1] == 350
+    panel = check_header(rgb, [MODEL_COLOUR])[-280:]
+    cells = np.kron(labels[most_cells_slice(labels)], np.ones((7, 7), labels.dtype))
+    drawn = np.all(panel == MODEL_COLOUR, axis=-1)
+    assert cell_counts(labels).max() >= 2 and not drawn[cells == 0].any()
+    assert (np.bincount(cells[drawn], minlength=cells.max() + 1)[np.unique(cells)[1:]] > 0).all()
 
 
 def test_predict_cli_float32_option_and_glob(tmp_path):

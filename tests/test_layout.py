@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nf1prov"
 # Lowest first. A room is a subpackage of nf1prov or a module directly in it.
 LAYERS = (
     ("errors", "resources", "process_spec", "code_origin", "devices", "git", "tracking",
-     "outbox"),                       # plumbing: errors, git, the MLflow store
+     "outbox", "atomic"),             # plumbing: errors, git, the MLflow store, atomic writes
     ("data",),                        # TIFFs, crops, splits, the upstream layout
     ("config", "description", "weights"),  # configs and their [description]; model files
     ("segment",),                     # prediction, instances, baseline, evaluation (arrays)

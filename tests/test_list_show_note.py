@@ -139,6 +139,8 @@ def test_show_model_with_files_changed(store):
     assert "train.epochs = 1" in out and "best_val_dice_inner-cell = 0.5" in out
     assert f"versus brave-owl-1 ({first[:10]})" in out
     assert "M\ta.py" in out and "A\tb.py" in out
+    page = f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id}"
+    assert f"run page:  {page} (while that `mlflow ui` runs)" in out.splitlines()
 
     first_out = invoke("show", "brave-owl-1").output
     assert "first model: no previous model" in first_out
@@ -151,6 +153,7 @@ def test_show_model_with_files_changed(store):
     assert shown["metrics"]["best_val_dice_inner-cell"] == 0.5
     assert shown["changes"]["previous"] == "brave-owl-1"
     assert shown["changes"]["files"] == ["M\ta.py", "A\tb.py"]
+    assert shown["run_url"] == page
     assert json.loads(invoke("show", "brave-owl-1", "--json").output)["changes"] == {
         "previous": None, "previous_sha": None, "files": None,
         "note": "first model: no previous model to compare with"}

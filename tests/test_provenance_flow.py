@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from nf1prov import git, tracking
 from nf1prov.cli import cli
+from nf1prov.train.health import warning_lines
 from tests.conftest import run_git, tiny_config
 from tests.test_commit_transaction import deleted_runs
 
@@ -56,8 +57,10 @@ def subprocess_env(tracking_uri: str) -> dict:
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
 
-def assert_contract(client, repo: Path, run_id: str, kind: str = "model") -> str:
-    """DESIGN 3.2 and 3.3 for one model run; returns its codename."""
+def assert_contract(client, repo: Path, run_id: str, kind: str = "model",
+                    trained_in: Path | None = None) -> str:
+    """DESIGN 3.2 and 3.3 for one model run (trained in ``repo``, or in its worktree
+    ``trained_in``); returns its codename."""
     run = client.get_run(run_id)
     tags = run.data.tags
     name = tags[tracking.RUN_NAME]
@@ -75,7 +78,16 @@ def assert_contract(client, repo: Path, run_id: str, kind: str = "model") -> str
     assert "- **Architecture:** UNet (width 4)" in tags[tracking.NOTE_CONTENT]
     assert tags[tracking.DESCRIPTION_PREFIX + "architecture"] == "UNet (width 4)"
     assert tags[tracking.HOST] and tags[tracking.PID] and float(tags[tracking.HEARTBEAT]) > 0
+    assert_source(tags, trained_in or repo)
     return name
+
+
+def assert_source(tags: dict, repo: Path) -> None:
+    """MLflow's UI shows Source (the project, its branch and commit) and Created by."""
+    assert tags[tracking.SOURCE_TYPE] == "PROJECT"
+    # the `origin` it can be fetched from, else the folder it trained in
+    assert tags[tracking.SOURCE_NAME] == (git.remote_url(repo) or str(git.repo_root(repo)))
+    assert tags[tracking.USER] == "Test Author <author@example.com>"  # conftest's identity
 
 
 def store_snapshot(client) -> list:
@@ -98,6 +110,9 @@ def test_two_trainings_two_commits_each_holding_its_code(project, tracking_uri):
     (project / "models" / "note.py").write_text("VERSION = 1\n")
     first = train()
     assert "mlflow ui --backend-store-uri " + tracking_uri in first.output
+    (first_run,) = tracking.model_runs(client)
+    assert (f"run page:   http://127.0.0.1:5000/#/experiments/{first_run.info.experiment_id}"
+            f"/runs/{first_run.info.run_id}") in first.output
     (project / "models" / "note.py").write_text("VERSION = 2\n")
     sub = project / "models"
     os.chdir(sub)  # from a subdirectory: the config path is relative to it
@@ -119,6 +134,14 @@ def test_two_trainings_two_commits_each_holding_its_code(project, tracking_uri):
         assert run.data.tags["nf1prov.env.torch"] == torch.__version__
         freeze = client.download_artifacts(run.info.run_id, "environment/pip-freeze.txt")
         assert "mlflow==" in Path(freeze).read_text().lower()
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == [
+            "plots/learning_curve.png"]
+    # 1 epoch: still improving; the verdict is printed last, with what to do
+    verdict = old.data.tags[tracking.HEALTH]
+    assert verdict.startswith("warning: ") and "still improving at the last epoch" in verdict
+    assert "health:     warning (below)" in first.output
+    assert first.output.rstrip("\n").splitlines()[-len(warning_lines(verdict)):] == \
+        warning_lines(verdict)
 
     # nothing changed since: the next model still gets its own (empty) commit
     os.chdir(project)
@@ -144,7 +167,8 @@ def test_detached_head_and_worktree(project, tracking_uri, tmp_path):
     invoke("train", "--config", str(project / "configs/tiny.toml"))
     run = tracking.model_runs(client)[0]
     sha = run.data.tags[tracking.GIT_COMMIT]
-    assert_contract(client, project, run.info.run_id)  # the tag is visible from the main tree
+    # the tag is visible from the main tree; Source names the worktree that trained it
+    assert_contract(client, project, run.info.run_id, trained_in=wt)
     assert run_git(project, "show", f"{sha}:worktree_only.py") == "X = 1"
 
 
@@ -293,6 +317,7 @@ def test_no_commit_makes_a_scratch_run(project, tracking_uri, tmp_path):
     tags = run.data.tags
     assert tags[tracking.KIND] == "scratch" and tags[tracking.GIT_COMMIT] == base
     assert tags[tracking.GIT_DIRTY] == "true" and tracking.GIT_TAG not in tags
+    assert_source(tags, project)
     diff = Path(client.download_artifacts(run.info.run_id, "git/uncommitted.diff")).read_text()
     assert diff.startswith(f"# nf1prov: complete diff against {base}")
     assert "+TRY = 1" in diff  # untracked files' content, not only their names
@@ -392,6 +417,9 @@ def test_sigterm_kills_then_resume_continues_the_same_run(project, tracking_uri,
     assert run.info.status == "FINISHED" and tracking.FAILURE not in run.data.tags
     assert len(tracking.model_runs(client)) == 1  # the same run, continued
     assert "best_val_dice_inner-cell" in run.data.metrics
+    # its verdict and curve cover every epoch (the history comes back with the checkpoint)
+    assert run.data.tags[tracking.HEALTH].startswith(("ok", "warning: "))
+    assert client.list_artifacts(run.info.run_id, "plots")[0].path == "plots/learning_curve.png"
     assert "already FINISHED" in invoke("train", "--resume", name, expect=2).output
 
 

@@ -314,6 +314,61 @@ def test_git_tags(git_repo):
                     tracking.GIT_REPO_URL: "git@example.org:lab/p.git"}
 
 
+def test_source_tags_name_the_project_and_who_trains(git_repo, monkeypatch):
+    """MLflow's UI shows Source (an MLflow PROJECT: its name, branch and commit) and Created by
+    (`mlflow.user`) from these tags (DESIGN 3.3)."""
+    import getpass
+
+    root = git.repo_root(git_repo)
+    assert run_tags.source_tags(root) == {
+        tracking.SOURCE_TYPE: "PROJECT", tracking.SOURCE_NAME: str(root),
+        tracking.USER: "Test Author <author@example.com>"}  # the author, not the committer
+    run_git(git_repo, "remote", "add", "origin", "https://bob:t0ken@git.example.org/lab/p.git")
+    tags = run_tags.source_tags(root)
+    assert tags[tracking.SOURCE_NAME] == "https://git.example.org/lab/p.git"
+    assert "t0ken" not in json.dumps(tags)
+    git_tags = run_tags.git_tags(root, None, False, None)
+    assert git_tags[tracking.GIT_REPO_URL] == "https://git.example.org/lab/p.git"
+    # no git identity at all: the OS login
+    run_git(git_repo, "config", "user.useConfigOnly", "true")
+    for var in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL",
+                "EMAIL"):
+        monkeypatch.delenv(var, raising=False)
+    assert run_tags.source_tags(root)[tracking.USER] == getpass.getuser()
+
+
+def test_run_page_url_for_a_server_and_for_a_local_store():
+    rid = "ab" * 16
+    assert tracking.run_url("https://bob:pw@mlflow.lab:8443/base/?x=1", "7", rid) == (
+        f"https://mlflow.lab:8443/base/#/experiments/7/runs/{rid}")
+    assert tracking.run_url("http://lab:5000", "7", rid) == (
+        f"http://lab:5000/#/experiments/7/runs/{rid}")
+    # a sqlite (or any other) store: where `mlflow ui --backend-store-uri ...` serves it
+    assert tracking.run_url("sqlite:////tmp/x/mlflow.db", "7", rid) == (
+        f"http://127.0.0.1:5000/#/experiments/7/runs/{rid}")
+
+
+def test_train_prints_and_records_the_run_page(client, experiment_id, tracking_uri, capsys):
+    from nf1prov.commands.train import outcome_record, print_outcome
+    from nf1prov.provenance.train_flow import Outcome
+
+    run_id = new_run(client, experiment_id, "brave-owl-1")
+    local = outcome_record(Outcome("brave-owl-1", run_id, experiment_id, "ab" * 20, "model",
+                                   tracking_uri), client)
+    page = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
+    assert local["run_url"] == page
+    print_outcome(local)
+    lines = capsys.readouterr().out.splitlines()
+    ui = lines.index(f"MLflow UI:  {tracking.ui_hint(tracking_uri)}")
+    assert lines[ui + 1] == f"run page:   {page} (while that `mlflow ui` runs)"
+    served = outcome_record(Outcome("brave-owl-1", run_id, experiment_id, "ab" * 20, "model",
+                                    "https://bob:pw@mlflow.lab/"), client)
+    print_outcome(served)
+    page = f"https://mlflow.lab/#/experiments/{experiment_id}/runs/{run_id}"
+    assert served["run_url"] == page
+    assert f"run page:   {page}" in capsys.readouterr().out.splitlines()
+
+
 def test_creation_tags_describe_the_run():
     tags = run_tags.creation_tags("model", {"task": "Segment", "data": ["a", ["b"]]})
     assert tags[tracking.KIND] == "model"

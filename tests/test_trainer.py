@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import mlflow
@@ -70,17 +71,53 @@ def artifact_paths(client, run_id: str, path: str = "") -> list[str]:
     return found
 
 
-def test_training_logs_everything_into_the_active_run(tracking_uri, data_root, tmp_path):
+def check_training_overlay(png: Path) -> None:
+    """A 32-px crop's overlay: a titled bar with the class legend over three panels enlarged x8
+    (input | target | prediction), the target in the class colours only."""
+    import numpy as np
+
+    from nf1prov.segment.pictures import CLASS_COLOURS, GAP
+    from tests.picture_checks import check_header, decode
+
+    rgb = decode(png)
+    assert rgb.shape[1] == 3 * 256 + 2 * GAP
+    panels = check_header(rgb, CLASS_COLOURS.values())[-256:]
+    target = panels[:, 256 + GAP:512 + GAP].reshape(-1, 1, 3)
+    is_class = (target == np.array(list(CLASS_COLOURS.values()), np.uint8)).all(-1).any(-1)
+    assert is_class.all()
+
+
+def epoch_lines(err: str) -> list[str]:
+    """The lines epochs left on stderr (not the progress bars, `epoch 1/2 train: 50%|...`)."""
+    return [line for line in map(str.strip, err.replace("\r", "\n").splitlines())
+            if re.match(r"(trial \d+ )?epoch \d+/\d+  loss ", line)]
+
+
+def check_learning_curve(client, run_id: str) -> None:
+    from nf1prov.segment.pictures import CLASS_COLOURS
+    from tests.test_health import colours_of
+
+    size, colours = colours_of(client.download_artifacts(run_id, "plots/learning_curve.png"))
+    assert size == (1000, 420) and len(colours) > 100
+    assert all(colours.get(rgb, 0) >= 20 for rgb in CLASS_COLOURS.values())
+
+
+def test_training_logs_everything_into_the_active_run(tracking_uri, data_root, tmp_path,
+                                                      capsys):
     config = tiny_config()
     epochs_seen = []
     run_id, result = train_in_run(config, data_root, tmp_path / "cache",
                                   on_epoch=lambda epoch, scores: epochs_seen.append(epoch))
+    lines = epoch_lines(capsys.readouterr().err)
     client = mlflow.MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"  # the caller's `with` ended it; train_model did not
 
-    # the result
+    # the result, and a line per epoch that stays on screen
     assert epochs_seen == [1, 2] and result.epochs_run == 2
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert lines[-1].endswith(f"best {result.best_epoch}  patience "
+                              f"{5 - (2 - result.best_epoch)}/5")
     assert result.best_epoch in (1, 2)
     assert result.best_val_loss == result.best_metrics["val_loss"]
     assert math.isfinite(result.best_val_loss)
@@ -106,14 +143,15 @@ def test_training_logs_everything_into_the_active_run(tracking_uri, data_root, t
     # artifacts
     paths = artifact_paths(client, run_id)
     expected = {"config/config.toml", "manifest/split_manifest.csv", "checkpoints/last.pt",
-                "config/instances.json"}
+                "config/instances.json", "plots/learning_curve.png"}
     assert expected <= set(paths)
+    check_learning_curve(client, run_id)
     for epoch in (1, 2):
         pngs = [p for p in paths if p.startswith(f"overlays/epoch_{epoch:03d}/")]
         assert len(pngs) == 2 and all(p.endswith(".png") for p in pngs)
     png = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=pngs[0],
                                                    dst_path=str(tmp_path / "png")))
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    check_training_overlay(png)
     toml = client.download_artifacts(run_id, "config/config.toml", str(tmp_path))
     assert "base_width = 4" in Path(toml).read_text()
 
@@ -127,6 +165,7 @@ def test_training_logs_everything_into_the_active_run(tracking_uri, data_root, t
         "Synthetic organoids", "Masks:", ["Background", "Inner-cell", "Cell-boundary"]]
     assert tags[tracking.DESCRIPTION_PREFIX + "architecture"] == "UNet (width 4)"
     assert "- **Data:**\n  - Synthetic organoids" in tags[tracking.NOTE_CONTENT]
+    assert tags[tracking.HEALTH] == "ok" or tags[tracking.HEALTH].startswith("warning: ")
 
     # the best model loads and predicts, and equals the returned one
     model = logged_model(run_id)
@@ -150,7 +189,7 @@ def test_same_config_same_data_gives_identical_metrics(tracking_uri, data_root, 
 
 
 @pytest.mark.parametrize("augment", [False, True], ids=["plain", "augmented"])
-def test_resume_continues_the_run_exactly(tracking_uri, data_root, tmp_path, augment):
+def test_resume_continues_the_run_exactly(tracking_uri, data_root, tmp_path, augment, capsys):
     cache = tmp_path / "cache"
 
     def config(epochs):
@@ -164,8 +203,11 @@ def test_resume_continues_the_run_exactly(tracking_uri, data_root, tmp_path, aug
         train_model(config(1), data_root, cache_dir=cache)
     checkpoint = Path(mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="checkpoints/last.pt", dst_path=str(tmp_path)))
+    capsys.readouterr()
     with mlflow.start_run(run_id=run.info.run_id):  # ... and resumed in the same run
         resumed = train_model(config(2), data_root, cache_dir=cache, resume_from=checkpoint)
+    assert [line.split("  ")[0] for line in epoch_lines(capsys.readouterr().err)] == [
+        "epoch 2/2"]
 
     assert resumed.epochs_run == 2
     assert resumed.history == straight.history
@@ -175,10 +217,15 @@ def test_resume_continues_the_run_exactly(tracking_uri, data_root, tmp_path, aug
     assert history == metric_history(client, straight_id)
     overlays = {p.split("/")[1] for p in artifact_paths(client, run.info.run_id, "overlays")}
     assert overlays == {"epoch_001", "epoch_002"}
+    # the verdict of the whole training (the checkpoint brought epoch 1 back), as uninterrupted
+    verdicts = [client.get_run(i).data.tags[tracking.HEALTH] for i in (run.info.run_id,
+                                                                         straight_id)]
+    assert verdicts[0] == verdicts[1]
+    check_learning_curve(client, run.info.run_id)
 
 
 def test_trials_run_as_nested_runs_and_the_parent_holds_the_best(tracking_uri, data_root,
-                                                                 tmp_path):
+                                                                 tmp_path, capsys):
     config = tiny_config(epochs=1, trials=2, search_batch_size=[2, 4],
                          search_learning_rate=[1e-3, 1e-2], max_batches_per_epoch=2)
     parent_id, result = train_in_run(config, data_root, tmp_path / "cache")
@@ -199,6 +246,16 @@ def test_trials_run_as_nested_runs_and_the_parent_holds_the_best(tracking_uri, d
         assert 1e-3 <= lr <= 1e-2 and 2 <= int(child.data.params["train.batch_size"]) <= 4
     model = logged_model(parent_id)
     assert model(torch.rand(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+    # trials print a shorter line each epoch and get a verdict; the model run draws the curve
+    assert sorted(epoch_lines(capsys.readouterr().err)) == [
+        f"trial {n} epoch 1/1  loss {child.data.metrics['train_loss']:.3f} val "
+        f"{child.data.metrics['val_loss']:.3f}  best 1  patience 5/5"
+        for n, child in enumerate(sorted(children, key=lambda r: r.info.run_name))]
+    for run in (parent, *children):
+        assert run.data.tags[tracking.HEALTH] == "ok" or \
+            run.data.tags[tracking.HEALTH].startswith("warning: ")
+        assert bool(client.list_artifacts(run.info.run_id, "plots")) == (run is parent)
+    check_learning_curve(client, parent_id)
 
 
 def test_a_failure_mid_training_raises_and_leaves_the_last_checkpoint(tracking_uri, data_root,

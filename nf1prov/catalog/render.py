@@ -18,13 +18,13 @@ import math
 import re
 import traceback
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from nf1prov import tracking
 from nf1prov.data.semantic import CLASS_NAMES
 from nf1prov.description import FIELD_LABELS, decode_value, readable_tags
 from nf1prov.errors import UserError
 from nf1prov.resources import shipped_dir
+from nf1prov.segment.evaluate import EVALUATED_PATIENTS
 
 TEMPLATE_NAME = "catalog.md.j2"
 PACKAGED_TEMPLATES = shipped_dir("templates")
@@ -41,9 +41,13 @@ BEST_EPOCH_METRIC = "best_epoch"
 # values of a store are params and metrics that no catalogue shows (the whole config, every
 # score of every epoch). tests/test_catalog_store.py checks that `entry` keeps to them.
 PARAMS_READ = (DATA_ROOT_PARAM, HOLDOUT_PARAM, *(f"dataset.{split}_fields" for split in SPLITS))
+# instance scores of `nf1prov evaluate` (DESIGN 3.7), shown beside the baseline's: (label, name)
+INSTANCE_SCORES = (("F1", "instance_f1"), ("AP", "instance_ap"))
 METRICS_READ = (EPOCHS_RUN_METRIC, BEST_EPOCH_METRIC,
                 *(f"{score}_{c}" for score in ("best_val_dice", "holdout_dice", "holdout_iou")
-                  for c in CLASSES))
+                  for c in CLASSES),
+                *(f"{method}_{name}" for method in ("holdout", "holdout_baseline")
+                  for _, name in INSTANCE_SCORES))
 
 
 # --- Markdown escaping ------------------------------------------------------------------------
@@ -143,6 +147,9 @@ def environment(template_dirs: list[Path]):
     env.filters["link"] = lambda text, url: Markup(f"[{md(text)}]({link_url(url)})")
     env.filters["raw"] = Markup  # explicit opt-out for template authors
     env.filters["scores"] = lambda items: ", ".join(f"{s['name']} {s['value']}" for s in items)
+    env.filters["versus"] = lambda items: ", ".join(
+        f"{s['name']} {s['value']}" + (f" (baseline {s['baseline']})" if s["baseline"] else "")
+        for s in items)
     env.filters["items"] = lambda values: Markup(", ".join(md(v) for v in values))
     return env
 
@@ -273,6 +280,37 @@ def warning(run) -> str | None:
     return None
 
 
+def health_warnings(tags: dict) -> list[str]:
+    """The reasons of a `warning: <reason>[; <reason>]...` health verdict (`tracking.HEALTH`),
+    one per catalogue line; none for `ok` or a run trained before the verdict existed. A
+    verdict in another form is shown whole rather than hidden."""
+    verdict = (tags.get(tracking.HEALTH) or "").strip()
+    if not verdict or verdict == "ok":
+        return []
+    if verdict.startswith("warning:"):
+        reasons = [r.strip() for r in verdict.removeprefix("warning:").split(";")]
+        return [r for r in reasons if r] or ["no reason recorded"]
+    return [verdict]
+
+
+def holdout_instances(metrics: dict) -> list[dict]:
+    """``[{"name": "F1", "value": "0.850", "baseline": "0.350" or None}, ...]`` for the instance
+    scores `nf1prov evaluate` logged (the baseline's with ``--baseline``)."""
+    return [{"name": label, "value": _fmt(metrics[f"holdout_{name}"]),
+             "baseline": (_fmt(metrics[f"holdout_baseline_{name}"])
+                          if f"holdout_baseline_{name}" in metrics else None)}
+            for label, name in INSTANCE_SCORES if f"holdout_{name}" in metrics]
+
+
+def evaluated_patients(tags: dict) -> list[str]:
+    """The patient folders the latest logged evaluation scored (`EVALUATED_PATIENTS`)."""
+    try:
+        patients = json.loads(tags.get(EVALUATED_PATIENTS) or "[]")
+    except ValueError:
+        return []
+    return [str(p) for p in patients] if isinstance(patients, list) else []
+
+
 def holdout_patients(params: dict) -> str | None:
     raw = params.get(HOLDOUT_PARAM)
     if raw is None:
@@ -297,17 +335,6 @@ def scores(metrics: dict, prefix: str) -> list[dict]:
     """``[{"name": "background", "value": "0.981"}, ...]`` for metrics ``<prefix>_<class>``."""
     return [{"name": c, "value": _fmt(metrics[f"{prefix}_{c}"])}
             for c in CLASSES if f"{prefix}_{c}" in metrics]
-
-
-def ui_base(tracking_uri: str | None) -> str | None:
-    """The MLflow UI address for an http(s) tracking server (credentials removed), else None."""
-    if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
-        return None
-    parts = urlsplit(tracking_uri)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
 def _whole(value: float | None) -> int | None:
@@ -357,6 +384,7 @@ def entry(run, ui: str | None) -> dict:
         "date": date,
         "status": info.status,
         "important": warning(run),
+        "warnings": health_warnings(tags),
         "notes": notes(tags),
         "fields": description(tags),
         "data_root": run.data.params.get(DATA_ROOT_PARAM) or None,
@@ -367,8 +395,10 @@ def entry(run, ui: str | None) -> dict:
         "val_dice": scores(run.data.metrics, "best_val_dice"),
         "holdout_dice": scores(run.data.metrics, "holdout_dice"),
         "holdout_iou": scores(run.data.metrics, "holdout_iou"),
+        "holdout_instances": holdout_instances(metrics),
+        "evaluated_patients": evaluated_patients(tags),
         "reproduced": tags.get(tracking.REPRODUCED),
-        "url": f"{ui}/#/experiments/{info.experiment_id}/runs/{info.run_id}" if ui else None,
+        "url": tracking.run_page(ui, info.experiment_id, info.run_id) if ui else None,
     }
 
 
@@ -388,7 +418,7 @@ def build_context(runs: list, tracking_uri: str | None = None,
     """Template context: ``groups`` (one per experiment, newest first) of ``entries``, and
     ``model_count``; runs that never got their commit are left out. ``registered``: what each
     run is registered as (`nf1prov.share.registry.labels_by_run`), as ``entry.registered``."""
-    ui = ui_base(tracking_uri)
+    ui = tracking.server_ui(tracking_uri)  # a link only where a server serves it
     models = [run for run in newest_first(runs) if is_committed(run)]
     groups: dict[str, dict] = {}
     for run in models:

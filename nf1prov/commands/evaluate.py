@@ -26,20 +26,29 @@ from nf1prov.commands.predict import postprocess_options, run_id_option
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
 @click.option("--no-log", is_flag=True, help="Print only; log nothing to the model's run.")
+@click.option("--overlays", "overlays_dir", default=None,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Also write the outline overlays (one PNG per field of view, model and "
+                   "ground truth on the slice with the most cells) to this folder (created).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @run_id_option
 @tracking_uri_option
 def command(model_ref, patients, data_root, baseline, seed_threshold, foreground_threshold,
-            min_size, batch_size, device, no_log, no_progress, run_id, tracking_uri) -> None:
+            min_size, batch_size, device, no_log, overlays_dir, no_progress, run_id,
+            tracking_uri) -> None:
     """Evaluate a model on holdout patients against a classical baseline.
 
     Prints per-class Dice/IoU and instance precision/recall/F1 (IoU 0.5) and average precision
     (IoU 0.5:0.95), per patient and overall, and logs the overall values to the model's run as
     holdout_<metric>_<class>, holdout_instance_* (holdout_baseline_* with --baseline), with the
-    per-patient table as the artifact evaluation/holdout_metrics.csv, and which patients and
-    data root were scored (tags nf1prov.evaluation.patients, nf1prov.evaluation.data_root).
+    per-patient table as the artifact evaluation/holdout_metrics.csv, an outline overlay per
+    field of view (model against ground truth, and the baseline with --baseline) under
+    evaluation/overlays/, and which patients and data root were scored (tags
+    nf1prov.evaluation.patients, nf1prov.evaluation.data_root).
     Patients that are not holdout patients of the model are refused unless --no-log.
     """
+    import tempfile
+
     from nf1prov import git
     from nf1prov.commands.predict import chosen_postprocess, load_for_command
     from nf1prov.errors import UserError
@@ -65,21 +74,44 @@ def command(model_ref, patients, data_root, baseline, seed_threshold, foreground
         data_root = root
     fields = holdout_fields(data_root, patients)
     check_patients(loaded, client, fields, logs=not no_log)
+    if overlays_dir is not None:
+        make_folder(overlays_dir)
     postprocess = chosen_postprocess(loaded, seed_threshold, foreground_threshold, min_size)
     click.echo(f"Evaluating {loaded.label} on {len(fields)} stack(s) of "
                f"{', '.join(patients)} under {data_root}; instances: {postprocess.describe()}.")
-    evaluation = evaluate(loaded, fields, baseline=baseline, postprocess=postprocess,
-                          baseline_min_size=10 if min_size is None else min_size,
-                          batch_size=batch_size, progress=not no_progress)
-    click.echo(format_report(evaluation, loaded.label))
-    if no_log:
-        return
-    if client is None or loaded.run_id is None:
-        click.echo("Not logged: MODEL is a local folder, not a run (pass its codename to log).")
-        return
-    metrics = log_to_run(client, loaded.run_id, evaluation, data_root)
-    click.echo(f"Logged {len(metrics)} holdout metrics and evaluation/holdout_metrics.csv to "
-               f"run {loaded.run_id} (scored: {', '.join(evaluated_patients(evaluation))}).")
+    logs = not no_log and client is not None and loaded.run_id is not None
+    with tempfile.TemporaryDirectory(prefix="nf1prov-overlays-") as tmp:
+        # drawn only where they go: --overlays, or the run (through a temporary folder)
+        overlays = overlays_dir or (Path(tmp) if logs else None)
+        evaluation = evaluate(loaded, fields, baseline=baseline, postprocess=postprocess,
+                              baseline_min_size=10 if min_size is None else min_size,
+                              batch_size=batch_size, progress=not no_progress,
+                              overlays=overlays)
+        click.echo(format_report(evaluation, loaded.label))
+        if overlays_dir is not None:
+            click.echo(f"Wrote {len(evaluation.overlays)} overlay(s) to {overlays_dir}.")
+        if no_log:
+            return
+        if not logs:
+            click.echo("Not logged: MODEL is a local folder, not a run (pass its codename to "
+                       "log).")
+            return
+        metrics = log_to_run(client, loaded.run_id, evaluation, data_root)
+    click.echo(f"Logged {len(metrics)} holdout metrics, evaluation/holdout_metrics.csv and "
+               f"{len(evaluation.overlays)} overlay(s) under evaluation/overlays/ to run "
+               f"{loaded.run_id} (scored: {', '.join(evaluated_patients(evaluation))}).")
+
+
+def make_folder(folder: Path) -> None:
+    """Create --overlays' folder before anything is evaluated: a folder that cannot be made
+    stops the command there, not after minutes of scoring."""
+    from nf1prov.errors import UserError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"Cannot create the --overlays folder {folder}: {exc.strerror or exc}. "
+                        "Pass a folder you can write to.") from None
 
 
 def check_patients(loaded, client, fields, logs: bool) -> None:

@@ -64,18 +64,23 @@ def load_for_command(model_ref: str, tracking_uri: str | None, device: str,
               help="Folder for the outputs (created; mirrors the inputs' sub-folders).")
 @postprocess_options
 @click.option("--probabilities-dtype", type=click.Choice(["float16", "float32"]),
-              default="float16", show_default=True)
+              default="float32", show_default=True,
+              help="float32: an OME-TIFF every reader opens; float16: half the size, a plain "
+                   "TIFF that Fiji/ImageJ cannot open (napari and tifffile can).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Tiles per forward pass.")
 @click.option("--overlap", default=None, type=click.IntRange(min=0),
               help="Tile overlap in pixels (default: half the training crop size).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
+@click.option("--preview", is_flag=True,
+              help="Also write <name>_preview.png: the model's cell outlines on the slice "
+                   "with the most cells, titled with the model.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @run_id_option
 @tracking_uri_option
 def command(model_ref, inputs, outdir, seed_threshold, foreground_threshold, min_size,
-            probabilities_dtype, batch_size, overlap, device, no_progress, run_id,
+            probabilities_dtype, batch_size, overlap, device, preview, no_progress, run_id,
             tracking_uri) -> None:
     """Segment z-stacks with a trained model.
 
@@ -84,10 +89,12 @@ def command(model_ref, inputs, outdir, seed_threshold, foreground_threshold, min
     (config.toml) or in ../config/config.toml. INPUT is a z-stack (.tif), a folder (its
     *_TRANS.tif files, else all .tif/.tiff) or a glob pattern.
 
-    For each stack writes <name>_probabilities.tif (class probabilities, C,Z,Y,X, float16;
-    <name>_probabilities.ome.tif with --probabilities-dtype float32),
+    For each stack writes <name>_probabilities.ome.tif (class probabilities, C,Z,Y,X, float32;
+    <name>_probabilities.tif with --probabilities-dtype float16),
     <name>_classes.ome.tif (uint8 class map) and <name>_labels.ome.tif (instance labels,
-    uint16, uint32 above 65535 cells).
+    uint16, uint32 above 65535 cells), each with the input's physical pixel sizes and the
+    model named in its OME-XML, then <name>_nf1prov.json (model, input sha256, outputs): its
+    presence means the stack is done. napari opens the outputs with nf1prov's reader.
     """
     from nf1prov.errors import UserError
     from nf1prov.segment.files import predict_files
@@ -104,7 +111,7 @@ def command(model_ref, inputs, outdir, seed_threshold, foreground_threshold, min
     for path, files in predict_files(loaded, inputs, outdir, postprocess=postprocess,
                                      batch_size=batch_size, overlap=overlap,
                                      probabilities_dtype=probabilities_dtype,
-                                     progress=not no_progress):
+                                     progress=not no_progress, preview=preview):
         n += 1
         click.echo(f"{path}: {files.n_cells} cells -> {files.labels}")
     click.echo(f"Wrote predictions of {n} stack(s) to {outdir}.")

@@ -86,6 +86,7 @@ def record(root, uri, client, run) -> dict:
         "metrics": dict(sorted(run.data.metrics.items())),
         "changes": changes_since_previous(root, client, run),
         "tracking_uri": tracking.ui_hint(uri),
+        "run_url": tracking.run_url(uri, info.experiment_id, info.run_id),
     }
 
 
@@ -96,6 +97,7 @@ def record(root, uri, client, run) -> dict:
 @tracking_uri_option
 def command(codename, as_json, tracking_uri) -> None:
     """Show one model: status, commit, tags, params, metrics, notes, files changed."""
+    from nf1prov import tracking
     from nf1prov.provenance import train_flow
 
     root, uri, client = open_store(tracking_uri, read_only=True)
@@ -136,3 +138,4 @@ def command(codename, as_json, tracking_uri) -> None:
         for line in shown["description"].splitlines():
             click.echo(f"  {line}")
     click.echo(f"MLflow UI: {shown['tracking_uri']}")
+    click.echo(f"run page:  {tracking.run_page_line(uri, run.info.experiment_id, run.info.run_id)}")

@@ -97,6 +97,7 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
             click.echo(json.dumps(record, indent=2))
             for failure in record["push_failures"]:
                 click.echo(failure, err=True)
+            print_health_warnings(record)
             if record["push_failures"]:
                 sys.exit(1)
         else:
@@ -208,6 +209,7 @@ def lead(config_path, data_root, experiment, overrides, no_commit, resume_name, 
     print_outcome(record)
     for failure in push_failures:  # the model is fine; the command did not do all it was asked
         click.echo(failure, err=True)
+    print_health_warnings(record)
     if push_failures:
         sys.exit(1)
     return None
@@ -270,8 +272,10 @@ def outcome_record(outcome, client) -> dict:
               "resumed": outcome.resumed,
               "tracking_uri": tracking.public_uri(outcome.tracking_uri),
               "mlflow_ui": tracking.ui_hint(outcome.tracking_uri),
+              "run_url": tracking.run_url(outcome.tracking_uri, outcome.experiment_id,
+                                          outcome.run_id),
               "best_epoch": None, "epochs_run": None, "best_val_dice": {}, "instances": None,
-              "val_instance_f1": None}
+              "val_instance_f1": None, "health": None}
     try:
         run = client.get_run(outcome.run_id)
     except Exception:
@@ -286,10 +290,13 @@ def outcome_record(outcome, client) -> dict:
     chosen = PostProcess.from_mapping(params, prefix=PARAM_PREFIX)
     record["instances"] = asdict(chosen) if chosen is not None else None
     record["val_instance_f1"] = metrics.get("val_instance_f1")
+    record["health"] = run.data.tags.get(tracking.HEALTH)
     return record
 
 
 def print_outcome(record: dict) -> None:
+    from nf1prov import tracking
+
     click.echo(f"codename:   {record['codename']}")
     click.echo(f"run ID:     {record['run_id']}")
     click.echo(f"experiment: {record['experiment_id']}")
@@ -300,6 +307,8 @@ def print_outcome(record: dict) -> None:
         click.echo(f"HEAD:       {record['head'] or '(no commit yet)'}")
         click.echo("kind:       scratch (--no-commit: not a catalogued model)")
     click.echo(f"MLflow UI:  {record['mlflow_ui']}")
+    click.echo("run page:   " + tracking.run_page_line(record["tracking_uri"],
+                                                   record["experiment_id"], record["run_id"]))
     if record["best_epoch"] is not None:
         dice = ", ".join(f"{name} {record['best_val_dice'][name]:.3f}"
                          for name in ("inner-cell", "cell-boundary")
@@ -312,3 +321,13 @@ def print_outcome(record: dict) -> None:
         scored = (f" (val instance F1 {record['val_instance_f1']:.3f})"
                   if record["val_instance_f1"] is not None else "")
         click.echo(f"instances:  {PostProcess(**record['instances']).describe()}{scored}")
+    if record["health"] is not None:
+        click.echo(f"health:     {'warning (below)' if record['health'] != 'ok' else 'ok'}")
+
+
+def print_health_warnings(record: dict) -> None:
+    """The model's health warnings (`nf1prov.train.health`), the last lines `train` prints."""
+    from nf1prov.train.health import warning_lines
+
+    for line in warning_lines(record["health"]):
+        click.echo(line, err=True)

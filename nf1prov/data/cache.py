@@ -3,14 +3,17 @@
 Entries are keyed by the file's resolved path, size and mtime (and the boundary thickness for
 targets, the method for per-slice normalisation ranges): editing or replacing a TIFF makes a
 new entry. Writes go to a temp file and are renamed into place, so two trainings sharing a
-cache never read a half-written entry.
+cache never read a half-written entry. `sha256_file` hashes a file's content the same way (the
+split manifest's hashes, the sidecar `predict` writes), streamed, remembered when given a cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,27 @@ def file_key(path: Path, *extra: object) -> str:
     stat = path.stat()
     text = "\0".join(map(str, (path.resolve(), stat.st_size, stat.st_mtime_ns, *extra)))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
+    """SHA-256 of a file's bytes; remembered under cache_dir/hashes keyed by path+size+mtime."""
+    path = Path(path)
+    entry = None
+    if cache_dir is not None:
+        entry = Path(cache_dir) / "hashes" / f"{file_key(path)}.json"
+        if entry.exists():
+            return json.loads(entry.read_text())["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    if entry is not None:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_suffix(f".{os.getpid()}.{time.monotonic_ns()}.tmp")  # unique per writer
+        tmp.write_text(json.dumps({"path": str(path), "sha256": value}))
+        tmp.replace(entry)
+    return value
 
 
 def read_tiff(path: Path) -> np.ndarray:

@@ -4,41 +4,16 @@ but `evaluate` scores, so that their content is on record too."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import time
 from pathlib import Path
 
 import pandas as pd
 
-from nf1prov.data.cache import file_key
+from nf1prov.data.cache import sha256_file
 from nf1prov.data.layout import FieldOfView
 
 HOLDOUT = "holdout"  # the split of the holdout patients' rows
 COLUMNS = ["patient", "well", "site", "fov_id", "split", "image_path", "image_bytes",
            "image_sha256", "mask_path", "mask_bytes", "mask_sha256"]
-
-
-def sha256_file(path: Path, cache_dir: Path | None = None) -> str:
-    """SHA-256 of a file's bytes; remembered under cache_dir/hashes keyed by path+size+mtime."""
-    path = Path(path)
-    entry = None
-    if cache_dir is not None:
-        entry = Path(cache_dir) / "hashes" / f"{file_key(path)}.json"
-        if entry.exists():
-            return json.loads(entry.read_text())["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    value = digest.hexdigest()
-    if entry is not None:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_suffix(f".{os.getpid()}.{time.monotonic_ns()}.tmp")  # unique per writer
-        tmp.write_text(json.dumps({"path": str(path), "sha256": value}))
-        tmp.replace(entry)
-    return value
 
 
 def build_manifest(splits: dict[str, list[FieldOfView]],

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from nf1prov import git, tracking
 from nf1prov.errors import UserError
 from nf1prov.provenance import scratch_code
+from nf1prov.provenance.models import write_run_record
 from nf1prov.provenance.resolve import ResolvedModel
 
 MODELS_DIR = Path(".nf1prov") / "models"
@@ -163,6 +164,7 @@ def checkout_model(root: Path, client, model: ResolvedModel, worktree: Path | No
         # Download first: a failed download leaves the tree where it was.
         destination = root / MODELS_DIR / model.codename
         files = download_artifacts(client, model.run, destination, roots)
+        record_run(destination, model)
         if git.head_sha(root) != model.sha or git.current_branch(root) is not None:
             git.checkout_detached(root, model.sha)
             ignore_models_dir(root)  # the model commit's .gitignore may predate .nf1prov/
@@ -185,10 +187,17 @@ def checkout_model(root: Path, client, model: ResolvedModel, worktree: Path | No
         ignore_models_dir(worktree)
         destination = worktree / MODELS_DIR / model.codename
         files = download_artifacts(client, model.run, destination, roots)
+        record_run(destination, model)
     except BaseException:
         git.remove_worktree(root, worktree)
         raise
     return CheckedOut(worktree, destination, files, applied)
+
+
+def record_run(destination: Path, model: ResolvedModel) -> None:
+    """`models.RUN_RECORD` in the artifacts folder: predictions from its model/ name the run."""
+    write_run_record(destination, codename=model.codename, run_id=model.run_id, sha=model.sha,
+                     experiment_id=model.experiment_id)
 
 
 def retrain_command(model: ResolvedModel, checked_out: CheckedOut, root: Path,

@@ -25,7 +25,8 @@ class LoadedModel:
     """A model ready to predict, with the training settings it must be used with.
 
     ``config`` is the run's resolved training config (``config/config.toml``) as a nested dict;
-    ``run_id``/``codename`` are None for a local folder that is not tied to a run.
+    ``run_id``/``codename``/``sha`` are None for a local folder that is not tied to a run (one
+    `nf1prov checkout` wrote is: its `RUN_RECORD`).
     ``postprocess``: the instance parameters the model was given at the end of training
     (`nf1prov.segment.instances`), what `predict` and `evaluate` use unless told otherwise.
     """
@@ -66,6 +67,31 @@ class LoadedModel:
         return predict_stack(self.model, stack, input_slices=self.input_slices,
                              tile_size=self.tile_size, device=self.device,
                              normalisation=self.normalisation, **options)
+
+
+RUN_RECORD = "run.json"  # beside model/ in a folder `nf1prov checkout` wrote: the model's run
+
+
+def write_run_record(folder: Path, *, codename: str, run_id: str, sha: str | None,
+                     experiment_id: str) -> None:
+    """Say which run a checked-out model folder holds, so that predictions made from the folder
+    name their model (codename, commit, run ID) as they do from the store."""
+    from nf1prov.atomic import write_atomic
+
+    record = {"codename": codename, "run_id": run_id, "commit": sha,
+              "experiment_id": experiment_id}
+    write_atomic(Path(folder) / RUN_RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def read_run_record(model_dir: Path) -> dict:
+    """The `RUN_RECORD` beside a local model folder ({} when there is none or it is unreadable:
+    the folder then names no run, which loses nothing the model needs to predict)."""
+    try:
+        record = json.loads((Path(model_dir).parent / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {key: str(value) for key, value in record.items() if value} \
+        if isinstance(record, dict) else {}
 
 
 def read_config_file(path: Path) -> dict:
@@ -122,9 +148,12 @@ def load_model(ref: str, *, client=None, tracking_uri: str | None = None,
         read_architecture(path, ref)  # a clear error for a folder of another kind, before config
         config_path = find_local_config(path)
         config = read_config_file(config_path)
-        model = load_weights(path, ref=ref, device=torch_device, repo=repo)
+        run = read_run_record(path)
+        model = load_weights(path, ref=ref, device=torch_device, repo=repo,
+                             codename=run.get("codename"))
         chosen = config_path.parent / Path(POSTPROCESS_ARTIFACT).name
-        loaded = LoadedModel(model, config, str(path), torch_device,
+        loaded = LoadedModel(model, config, str(path), torch_device, run_id=run.get("run_id"),
+                             codename=run.get("codename"), sha=run.get("commit"),
                              postprocess=model_postprocess(config, chosen_file=chosen))
     else:
         if client is None:

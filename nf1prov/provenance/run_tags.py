@@ -1,12 +1,15 @@
 """The MLflow tags of a model run (DESIGN 3.3) and of its environment.
 
 `creation_tags` are set when the run is created, before anything can fail, so that even a run
-that never trained is described; `commit_tags` are set once the model commit exists (they
-overwrite whatever `mlflow.source.git.commit` MLflow guessed when it started the run).
+that never trained is described; `git_tags` and `source_tags` are set once the model commit
+exists (they overwrite whatever `mlflow.source.git.commit` MLflow guessed when it started the
+run, and what `mlflow run` put in Source and Created by).
 """
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import json
 import platform
 import socket
@@ -48,10 +51,31 @@ def git_tags(root: Path, sha: str | None, dirty: bool, codename: str | None) -> 
     if branch:
         tags[tracking.GIT_BRANCH] = branch
     url = git.remote_url(root)
-    if url:
-        tags[tracking.GIT_REPO_URL] = url
+    if url:  # a token in an https remote must not reach the store
+        tags[tracking.GIT_REPO_URL] = tracking.public_uri(url)
     if codename:
         tags[tracking.GIT_TAG] = git.model_tag(codename)
+    return tags
+
+
+def source_tags(root: Path) -> dict[str, str]:
+    """What MLflow's UI shows as a run's Source and Created by (DESIGN 3.3).
+
+    The source is an MLflow PROJECT named by its `origin` URL (credentials removed) or, with
+    no remote, its folder: the way `mlflow run` names a project. For a PROJECT the run page
+    shows the name's last part with the branch and commit tags beside it, and links a GitHub,
+    GitLab or Bitbucket URL to the repository and the commit. The user is the git author
+    identity the model is committed as ("Name <email>"), else the OS login.
+    """
+    url = git.remote_url(root)
+    tags = {tracking.SOURCE_TYPE: "PROJECT",
+            tracking.SOURCE_NAME: tracking.public_uri(url) if url else str(root)}
+    author = git.identity(root, author=True)
+    if author:
+        tags[tracking.USER] = f"{author[0]} <{author[1]}>"
+    else:
+        with contextlib.suppress(OSError, KeyError):  # no login name known: leave it out
+            tags[tracking.USER] = getpass.getuser()
     return tags
 
 

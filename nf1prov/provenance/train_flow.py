@@ -142,7 +142,8 @@ def settle_interrupted_commit(root: Path) -> None:
 def record_code(plan: preflight.Plan, run_id: str, experiment_id: str,
                 progress: Progress) -> None:
     """Make the codename unique and (unless --no-commit) the model commit and tag; set the git
-    tags. Fills in ``progress`` as each thing comes to exist."""
+    tags and MLflow's Source and Created by (`run_tags.source_tags`). Fills in ``progress`` as
+    each thing comes to exist."""
     client, root = plan.client, plan.root
     progress.codename = codenames.make_unique(client, run_id, root)
     if plan.no_commit:
@@ -151,8 +152,8 @@ def record_code(plan: preflight.Plan, run_id: str, experiment_id: str,
         if dirty:
             run_tags.log_text(client, run_id, uncommitted_diff(root),
                               run_tags.UNCOMMITTED_DIFF_ARTIFACT)
-        for key, value in run_tags.git_tags(root, sha, dirty, codename=None).items():
-            client.set_tag(run_id, key, value)
+        tracking.log_tags(client, run_id, {**run_tags.git_tags(root, sha, dirty, codename=None),
+                                           **run_tags.source_tags(root)})
         progress.sha, progress.resumable, progress.dirty = sha, sha is not None and not dirty, dirty
         return
     with model_commit.commit_lock(root):
@@ -163,7 +164,8 @@ def record_code(plan: preflight.Plan, run_id: str, experiment_id: str,
             root, codename=name, run_id=run_id, experiment_id=experiment_id,
             experiment_name=plan.experiment_name, config=plan.config,
             config_path=plan.config_path, overrides=plan.overrides)
-        tags = run_tags.git_tags(root, None, dirty=False, codename=name)
+        tags = {**run_tags.git_tags(root, None, dirty=False, codename=name),
+                **run_tags.source_tags(root)}
         transaction = model_commit.ModelCommit(root, name, run_id, plan.tracking_uri, tags)
         with signals.deferred():  # an interrupt waits until commit, tag and run tags agree
             try:

@@ -316,6 +316,7 @@ class Evaluation:
 
     table: object  # pandas.DataFrame
     methods: tuple[str, ...]
+    overlays: list[Path] = field(default_factory=list)  # PNGs drawn (`save_overlay`)
 
     def overall(self, method: str = "model") -> dict:
         return self.table.loc[(method, "all")].to_dict()
@@ -323,12 +324,13 @@ class Evaluation:
 
 def evaluate(loaded, fields: Sequence, *, baseline: bool = False, postprocess=None,
              baseline_min_size: int = 10, batch_size: int = 8,
-             progress: bool = True) -> Evaluation:
+             progress: bool = True, overlays: Path | None = None) -> Evaluation:
     """Predict every field of view with ``loaded`` (a `nf1prov.provenance.models.LoadedModel`) and
     score it; with ``baseline`` the classical pipeline is scored on the same stacks.
 
     ``postprocess``: the model's instance parameters (`nf1prov.segment.instances.PostProcess`;
-    default ``loaded.postprocess``); ``baseline_min_size``: the baseline's smallest object."""
+    default ``loaded.postprocess``); ``baseline_min_size``: the baseline's smallest object;
+    ``overlays``: a folder to draw each field's outline overlay in (`save_overlay`)."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -338,6 +340,7 @@ def evaluate(loaded, fields: Sequence, *, baseline: bool = False, postprocess=No
     postprocess = postprocess or loaded.postprocess
     methods = ("model", "baseline") if baseline else ("model",)
     tallies: dict[tuple[str, str], _Tally] = {}
+    drawn: list[Path] = []
     thickness = loaded.boundary_thickness
     for fov in tqdm(fields, desc="evaluate", unit="stack", disable=not progress):
         stack = read_stack(Path(fov.image_path), loaded.normalisation)
@@ -347,16 +350,39 @@ def evaluate(loaded, fields: Sequence, *, baseline: bool = False, postprocess=No
         if baseline:
             labels = segment_baseline(stack, min_size=baseline_min_size)
             results["baseline"] = (labels_to_probabilities(labels, thickness), labels)
+        f1 = {}
         for method, (p, labels) in results.items():
             tally = score_stack(mask, p, labels, thickness)
             for key in ((method, fov.patient), (method, "all")):
                 tallies.setdefault(key, _Tally()).add(tally)
+            f1[method] = tally.scores()["instance_f1"]
+        if overlays is not None:
+            found = {method: labels for method, (_, labels) in results.items()}
+            drawn.append(save_overlay(overlays, fov, stack, mask, found, f1, loaded.label))
     rows = {key: tally.scores() for key, tally in tallies.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index = pd.MultiIndex.from_tuples(table.index, names=["method", "patient"])
     patients = sorted({p for _, p in table.index if p != "all"}) + ["all"]
     order = [(m, p) for m in methods for p in patients]
-    return Evaluation(table.loc[order], methods)
+    return Evaluation(table.loc[order], methods, drawn)
+
+
+def save_overlay(folder: Path, fov, stack: np.ndarray, mask: np.ndarray,
+                 labels: dict[str, np.ndarray], f1: dict[str, float], model: str) -> Path:
+    """``folder/<patient>_<well>-<site>.png``: on the slice with the most ground-truth cells,
+    one panel per method (model, baseline) with its outlines against the mask's, captioned with
+    the method's instance F1 on this stack (`nf1prov.segment.pictures.comparison_picture`)."""
+    from nf1prov.segment.pictures import comparison_picture
+
+    names = {"model": f"model {model}", "baseline": "baseline (Otsu + distance watershed)"}
+    panels = [(f"{names[method]}: instance F1 {f1[method]:.2f} on this stack", found)
+              for method, found in labels.items()]
+    picture = comparison_picture(stack, mask, panels, name=f"{fov.patient} {fov.well}-{fov.site}",
+                                 model=model)
+    path = Path(folder) / f"{fov.patient}_{fov.well}-{fov.site}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    return path
 
 
 SUMMARY_METRICS = (
@@ -422,9 +448,9 @@ def evaluation_tags(evaluation: Evaluation, data_root: Path) -> dict[str, str]:
 
 
 def log_to_run(client, run_id: str, evaluation: Evaluation, data_root: Path) -> dict[str, float]:
-    """Log the overall metrics, ``evaluation/holdout_metrics.csv`` and what was scored
-    (`evaluation_tags`) to an existing run; the caller has checked the patients are holdout
-    patients (`check_holdout`).
+    """Log the overall metrics, ``evaluation/holdout_metrics.csv``, the overlays drawn (under
+    ``evaluation/overlays/``) and what was scored (`evaluation_tags`) to an existing run; the
+    caller has checked the patients are holdout patients (`check_holdout`).
 
     MlflowClient logging does not change a FINISHED run's status."""
     import tempfile
@@ -441,4 +467,6 @@ def log_to_run(client, run_id: str, evaluation: Evaluation, data_root: Path) -> 
         path = Path(tmp) / "holdout_metrics.csv"
         evaluation.table.to_csv(path)
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    for overlay in evaluation.overlays:
+        client.log_artifact(run_id, str(overlay), artifact_path="evaluation/overlays")
     return metrics

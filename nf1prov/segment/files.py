@@ -2,25 +2,36 @@
 
 `predict_files` runs a loaded model (anything with ``predict(stack, ...)``, ``normalisation``
 and ``postprocess``, e.g. `nf1prov.provenance.models.LoadedModel`) over files, folders and glob
-patterns, checking every file's header before predicting any.
+patterns, checking every file's header before predicting any. Every output keeps the input's
+physical pixel sizes and names the model in its OME-XML (`nf1prov.segment.ome`); the
+``<stem>_nf1prov.json`` sidecar beside them (`write_sidecar`) is written last, so its presence
+means the stack is done.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
+from nf1prov import __version__
+from nf1prov.atomic import write_atomic
+from nf1prov.data.cache import sha256_file
 from nf1prov.data.semantic import CLASS_NAMES
 from nf1prov.errors import UserError
+from nf1prov.segment.ome import Sizes, output_metadata, physical_sizes, resolution_tags
 from nf1prov.segment.predict import class_map
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 # What `write_outputs` names its files: a folder of earlier predictions is not an input.
+# (The `SIDECAR_ENDING` and `_preview.png` files beside them are not TIFFs, so never inputs.)
 OUTPUT_ENDINGS = ("_probabilities.tif", "_probabilities.ome.tif", "_classes.ome.tif",
                   "_labels.ome.tif")
+SIDECAR_ENDING = "_nf1prov.json"
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[tuple[Path, Path]]:
@@ -96,12 +107,14 @@ def check_stack(path: Path, shape: tuple[int, ...], dtype, axes: str,
 
 
 def _open_series(path: Path, read: bool):
+    """(shape, dtype, axes, pixels or None, physical sizes) of the file's first series."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            return series.shape, series.dtype, series.axes, (series.asarray() if read else None)
+            return (series.shape, series.dtype, series.axes,
+                    series.asarray() if read else None, physical_sizes(tif))
     except Exception as exc:
         raise UserError(f"Cannot read {path} as a TIFF image: {exc}.") from None
 
@@ -112,8 +125,14 @@ def read_stack(path: Path, normalisation: str = "dtype_max") -> np.ndarray:
     Raises UserError naming the file when a model normalising with ``normalisation`` cannot
     take it (see `check_stack`).
     """
-    shape, dtype, axes, data = _open_series(path, read=True)
-    return data.reshape(check_stack(path, shape, dtype, axes, normalisation))
+    return read_stack_and_sizes(path, normalisation)[0]
+
+
+def read_stack_and_sizes(path: Path, normalisation: str = "dtype_max") -> tuple[np.ndarray,
+                                                                                 Sizes]:
+    """`read_stack` and the file's physical pixel sizes (`nf1prov.segment.ome`)."""
+    shape, dtype, axes, data, sizes = _open_series(path, read=True)
+    return data.reshape(check_stack(path, shape, dtype, axes, normalisation)), sizes
 
 
 def output_stem(path: Path) -> str:
@@ -133,45 +152,97 @@ class PredictionFiles:
 
 
 def write_outputs(outdir: Path, stem: str, prob: np.ndarray, labels: np.ndarray,
-                  probabilities_dtype: str = "float16") -> PredictionFiles:
+                  probabilities_dtype: str = "float32", *, sizes: Sizes | None = None,
+                  model: dict[str, str] | None = None) -> PredictionFiles:
     """Write one stack's predictions under ``outdir``:
 
     - ``<stem>_probabilities.ome.tif``: float32 (C, Z, Y, X) OME-TIFF, channels named by class;
-      with float16 (the default, half the size) ``<stem>_probabilities.tif`` instead, because
-      OME-XML has no half-float pixel type: a tifffile "shaped" TIFF whose JSON description
-      holds the axes ``CZYX`` (``tifffile.TiffFile(...).series[0].axes``);
+      with float16 (half the size) ``<stem>_probabilities.tif`` instead, because OME-XML has
+      no half-float pixel type: a tifffile "shaped" TIFF whose JSON description holds the axes
+      ``CZYX``, the sizes and, under ``"nf1prov"``, the model (``TiffFile.shaped_metadata``).
+      ImageJ's TIFF opener refuses float16 files, hence float32 by default;
     - ``<stem>_classes.ome.tif``: uint8 (Z, Y, X) class map (argmax), OME-TIFF;
     - ``<stem>_labels.ome.tif``: uint16/uint32 (Z, Y, X) instance labels, OME-TIFF.
+
+    Each keeps ``sizes`` (the input's physical pixel sizes: OME PhysicalSize*, and X/Y as
+    resolution tags in pixels per centimetre) and names ``model`` in an OME MapAnnotation
+    (`nf1prov.segment.ome`).
     """
     import tifffile
 
+    sizes = sizes or {}
+    tags = resolution_tags(sizes)
     outdir.mkdir(parents=True, exist_ok=True)
     if probabilities_dtype == "float16":
         prob_path = outdir / f"{stem}_probabilities.tif"
         # page by page: no float16 copy of the whole stack (the same bytes as writing one)
         pages = (page.astype(np.float16) for page in prob.reshape(-1, *prob.shape[-2:]))
-        tifffile.imwrite(prob_path, pages, shape=prob.shape, dtype=np.float16,
-                         metadata={"axes": "CZYX"})
+        tifffile.imwrite(prob_path, pages, shape=prob.shape, dtype=np.float16, **tags,
+                         metadata={"axes": "CZYX", **sizes, **({"nf1prov": model} if model
+                                                               else {})})
     else:
         prob_path = outdir / f"{stem}_probabilities.ome.tif"
-        tifffile.imwrite(prob_path, np.asarray(prob, np.float32), ome=True,
-                         metadata={"axes": "CZYX", "Channel": {"Name": list(CLASS_NAMES)}})
+        tifffile.imwrite(prob_path, np.asarray(prob, np.float32), ome=True, **tags,
+                         metadata=output_metadata(sizes, model, axes="CZYX",
+                                                  Channel={"Name": list(CLASS_NAMES)}))
     files = PredictionFiles(prob_path, outdir / f"{stem}_classes.ome.tif",
                             outdir / f"{stem}_labels.ome.tif", int(labels.max(initial=0)))
-    tifffile.imwrite(files.classes, class_map(prob), ome=True, compression="zlib",
-                     metadata={"axes": "ZYX"})
-    tifffile.imwrite(files.labels, labels, ome=True, compression="zlib",
-                     metadata={"axes": "ZYX"})
+    tifffile.imwrite(files.classes, class_map(prob), ome=True, compression="zlib", **tags,
+                     metadata=output_metadata(sizes, model, axes="ZYX"))
+    tifffile.imwrite(files.labels, labels, ome=True, compression="zlib", **tags,
+                     metadata=output_metadata(sizes, model, axes="ZYX"))
     return files
+
+
+def model_record(loaded, postprocess) -> dict[str, str]:
+    """What the outputs say of the model that made them: its codename, commit, run ID, where it
+    was loaded from (a folder as an absolute path) and the instance parameters, as text; what
+    is unknown (a local folder not from `nf1prov checkout`) is left out."""
+    source = str(getattr(loaded, "source", "") or "")
+    if source and Path(source).expanduser().exists():
+        source = str(Path(source).expanduser().resolve())
+    known = {"codename": getattr(loaded, "codename", None), "commit": getattr(loaded, "sha", None),
+             "run_id": getattr(loaded, "run_id", None), "model": source}
+    return {key: str(value) for key, value in known.items() if value} | postprocess.params()
+
+
+def sidecar_path(outdir: Path, stem: str) -> Path:
+    return Path(outdir) / f"{stem}{SIDECAR_ENDING}"
+
+
+def write_sidecar(path: Path, files: PredictionFiles, input_path: Path, sizes: Sizes,
+                  model: dict[str, str], postprocess, others: dict[str, Path] | None = None
+                  ) -> None:
+    """Write ``path`` (`sidecar_path`) atomically: the model (codename, commit, run ID, its
+    source; null when unknown), the instance parameters, nf1prov's version, the input's absolute
+    path and sha256, the file names of the outputs (and ``others``, e.g. the preview), the
+    physical sizes, the number of cells and the time (UTC). Written last: its presence means
+    the stack is done."""
+    outputs = {f.name: getattr(files, f.name).name for f in fields(files)
+               if isinstance(getattr(files, f.name), Path)}
+    outputs |= {kind: Path(other).name for kind, other in (others or {}).items()}
+    record = {key: model.get(key) for key in ("codename", "commit", "run_id", "model")} | {
+        "instances": asdict(postprocess),
+        "nf1prov_version": __version__,
+        "input": str(Path(input_path).resolve()),
+        "input_sha256": sha256_file(input_path),
+        "outputs": outputs,
+        "physical_sizes": sizes,
+        "n_cells": files.n_cells,
+        "written": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
+    write_atomic(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
 def predict_files(loaded, inputs: Iterable[str], outdir: Path, *,
                   postprocess=None, batch_size: int = 8,
-                  overlap: int | None = None, probabilities_dtype: str = "float16",
-                  progress: bool = True) -> Iterator[tuple[Path, PredictionFiles]]:
+                  overlap: int | None = None, probabilities_dtype: str = "float32",
+                  progress: bool = True,
+                  preview: bool = False) -> Iterator[tuple[Path, PredictionFiles]]:
     """Predict every input file and write its outputs; yields (input, PredictionFiles).
 
     ``postprocess``: instance parameters (default: the model's, ``loaded.postprocess``).
+    ``preview``: also write ``<stem>_preview.png`` (`nf1prov.segment.pictures.write_preview`).
     Outputs mirror each input's location relative to the folder it was found in, so
     same-named stacks of different patients do not overwrite each other.
     """
@@ -187,15 +258,36 @@ def predict_files(loaded, inputs: Iterable[str], outdir: Path, *,
         yield path, predict_file(loaded, path, outdir / path.parent.relative_to(base),
                                  postprocess=postprocess, batch_size=batch_size,
                                  overlap=overlap, probabilities_dtype=probabilities_dtype,
-                                 progress=progress)
+                                 progress=progress, preview=preview)
 
 
 def predict_file(loaded, path: Path, outdir: Path, *, postprocess, batch_size: int,
                  overlap: int | None, probabilities_dtype: str,
-                 progress: bool) -> PredictionFiles:
-    """One stack's prediction, instance labels and output files. The stack as read is dropped
-    once predicted, and nothing of one file outlives its call (memory: one stack at a time)."""
-    prob = loaded.predict(read_stack(path, loaded.normalisation), overlap=overlap,
+                 progress: bool, preview: bool = False) -> PredictionFiles:
+    """One stack's prediction, instance labels and output files, then its sidecar. The stack as
+    read is dropped once predicted (with ``preview``, once its preview is drawn), and nothing of
+    one file outlives its call (memory: one stack at a time).
+
+    The sidecar comes last, so its presence means the stack is done: an earlier run's is
+    removed before anything is written, and a failure on the way leaves none."""
+    stem = output_stem(path)
+    done = sidecar_path(outdir, stem)
+    done.unlink(missing_ok=True)
+    stack, sizes = read_stack_and_sizes(path, loaded.normalisation)
+    prob = loaded.predict(stack, overlap=overlap,
                           batch_size=batch_size, progress=progress, description=path.name)
-    return write_outputs(outdir, output_stem(path), prob, postprocess.segment(prob),
-                         probabilities_dtype)
+    image = stack if preview else None
+    del stack
+    labels = postprocess.segment(prob)
+    others = {}
+    if image is not None:  # before the sidecar that says "done"
+        from nf1prov.segment.pictures import write_preview
+
+        others["preview"] = outdir / f"{stem}_preview.png"
+        write_preview(others["preview"], image, labels, name=path.name, model=loaded.label)
+        del image
+    model = model_record(loaded, postprocess)
+    files = write_outputs(outdir, stem, prob, labels, probabilities_dtype, sizes=sizes,
+                          model=model)
+    write_sidecar(done, files, path, sizes, model, postprocess, others=others)
+    return files

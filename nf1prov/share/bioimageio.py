@@ -160,25 +160,22 @@ def torchscript(model, example: np.ndarray):
     return compiled
 
 
-def cover(image: np.ndarray, prob: np.ndarray, min_side: int = 256) -> np.ndarray:
+def cover(image: np.ndarray, prob: np.ndarray, title: str = "", min_side: int = 256
+          ) -> np.ndarray:
     """The package's cover: uint8 RGB (s, 2s, 3), the float (h, w) input slice in grey beside
-    the argmax class map of its (3, h, w) probabilities (background black, inner-cell green,
-    cell-boundary magenta), scaled up by a whole factor to at least ``min_side`` pixels high."""
-    low, high = np.percentile(image, PERCENTILES)
-    grey = np.clip((image - low) / (high - low if high > low else 1), 0, 1) * 255
-    left = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
-    colours = np.array([[0, 0, 0], [40, 200, 80], [230, 40, 200]], np.uint8)
-    right = colours[np.argmax(prob, axis=0)]
-    factor = max(1, -(-min_side // image.shape[0]))
-    both = np.concatenate([left, right], axis=1)
-    return np.repeat(np.repeat(both, factor, axis=0), factor, axis=1)
+    the argmax class map of its (3, h, w) probabilities in nf1prov's class colours, enlarged by
+    a whole factor to at least ``min_side`` pixels, under ``title`` and the class legend
+    (`nf1prov.segment.pictures.cover_picture`, the colours of every nf1prov picture)."""
+    from nf1prov.segment.pictures import cover_picture
+
+    return np.asarray(cover_picture(image, prob, title=title, min_side=min_side))
 
 
-def save_cover(path: Path, image: np.ndarray, prob: np.ndarray) -> None:
+def save_cover(path: Path, image: np.ndarray, prob: np.ndarray, title: str = "") -> None:
     """Write `cover` of ``image`` and ``prob`` as a PNG."""
     from PIL import Image
 
-    Image.fromarray(cover(image, prob)).save(path)
+    Image.fromarray(cover(image, prob, title)).save(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +475,8 @@ def export_model(root: Path, client, tracking_uri: str, model: ResolvedModel, ou
                                                      normalisation=loaded.normalisation))
 
         files = write_files(Path(tmp) / "package", loaded=loaded, data=data, artifacts=artifacts,
-                            source_name=Path(arch.source_path).name, source=source)
+                            source_name=Path(arch.source_path).name, source=source,
+                            codename=model.codename)
         entry_md, entry = catalog.render_entry(model.run, tracking_uri,
                                                catalog.template_dirs(root, None))
         provenance = {
@@ -516,9 +514,9 @@ def download_model(client, model: ResolvedModel, destination: Path) -> Path:
 
 
 def write_files(package: Path, *, loaded, data: TestData, artifacts: Path, source_name: str,
-                source: bytes) -> dict[str, Path]:
+                source: bytes, codename: str = "") -> dict[str, Path]:
     """The package's files (all but README.md and rdf.yaml) in a new folder ``package``; returns
-    them by role."""
+    them by role. ``codename`` titles the cover."""
     package.mkdir()
     files = {
         "input": package / "test_input.npy", "output": package / "test_output.npy",
@@ -533,7 +531,9 @@ def write_files(package: Path, *, loaded, data: TestData, artifacts: Path, sourc
     tifffile.imwrite(files["sample_input"], data.input)
     tifffile.imwrite(files["sample_output"], data.output)
     example = normalise(data.input[0], loaded.normalisation)[None]  # what the network sees
-    save_cover(files["cover"], example[0, loaded.input_slices // 2], data.output[0])
+    save_cover(files["cover"], example[0, loaded.input_slices // 2], data.output[0],
+               title=f"{codename or loaded.label}: test input slice ({data.fov_id}) and "
+                     "predicted classes")
     shutil.copyfile(artifacts / "model" / "weights.pt", files["weights"])
     shutil.copyfile(artifacts / CONFIG_ARTIFACT, files["config"])
     files["architecture"].write_bytes(source)

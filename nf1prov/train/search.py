@@ -26,9 +26,10 @@ it is older than `search_worker.GRACE_PERIOD_S` (its MLflow run is then ended FA
 model run takes the best COMPLETE trial (`study.best_trial`): the param and tag `best_trial`,
 params `best_trial.train.batch_size` / `best_trial.train.learning_rate`, the tag
 `nf1prov.search.best_run` (its run ID), its per-epoch metrics (so the model reads like a
-single-run model), its `best_*` metrics, instance parameters chosen for its model, and its model
-(read back from the trial run's `model/`) as `model/`. Trials write no checkpoints: a search is
-not resumable. If no trial completed, the model fails, naming the trials' failures.
+single-run model), its `best_*` metrics, instance parameters chosen for its model, its model
+(read back from the trial run's `model/`) as `model/`, and the health verdict and learning curve
+of its training (`trainer.log_health`). Trials write no checkpoints: a search is not
+resumable. If no trial completed, the model fails, naming the trials' failures.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from nf1prov.train.trainer import (
     PreparedData,
     TrainResult,
     log_best,
+    log_health,
     log_model,
     log_postprocess,
     log_run_inputs,
@@ -279,8 +281,9 @@ def finish_search(config: dict, data: PreparedData, study, client) -> TrainResul
     for epoch, scores in enumerate(result.history, start=1):
         box.log_metrics(scores, step=epoch)
     log_best(result)
-    log_postprocess(config, data, result.model)
+    instance_scores = log_postprocess(config, data, result.model)
     log_model(result.model)
+    log_health(config, data, result, instance_scores)  # the best trial's training, its curve
     return result
 
 

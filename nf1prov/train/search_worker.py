@@ -12,9 +12,11 @@ Each trial is an MLflow run `trial_<number>` of the model's experiment, created 
 trial`, `nf1prov.search.trial` (the number), `nf1prov.host`, `nf1prov.pid`,
 `nf1prov.heartbeat` (refreshed every epoch) and `nf1prov.env.torch_threads`; it is made the
 active run, so `fit` logs into it, and gets its params (`trial`, `train.batch_size`,
-`train.learning_rate`), per-epoch metrics, overlays, `best_*` metrics and its best weights as
-`model/` (`nf1prov.weights`), so that the model run can take the best trial's model from the
-store whichever process or machine trained it. The Optuna trial records its MLflow run, host and
+`train.learning_rate`), per-epoch metrics (and a shorter line per epoch on stderr, `trial N
+epoch ...`), overlays, `best_*` metrics, its best weights as `model/` (`nf1prov.weights`) and
+its health verdict `nf1prov.health` (no learning curve: the model run draws its own), so that
+the model run can take the best trial's model from the store whichever process or machine
+trained it. The Optuna trial records its MLflow run, host and
 pid as user attributes (`mlflow_run_id`, `host`, `pid`).
 
 A trial that raises is FAILED (its run gets `nf1prov.failure`; Ctrl-C and SIGTERM: KILLED) and
@@ -234,7 +236,7 @@ def train_trial(trial, config: dict, *, client, data, parent_id: str, experiment
     import mlflow
     import torch
 
-    from nf1prov.train.trainer import fit, log_best, log_model, param_value
+    from nf1prov.train.trainer import fit, log_best, log_health, log_model, param_value
 
     number = trial.number
     trial.set_user_attr(HOST_ATTR, socket.gethostname())  # first: a worker that dies from here
@@ -260,9 +262,10 @@ def train_trial(trial, config: dict, *, client, data, parent_id: str, experiment
         mlflow.log_params({"trial": str(number),
                            "train.batch_size": param_value(config["train"]["batch_size"]),
                            "train.learning_rate": param_value(config["train"]["learning_rate"])})
-        result = fit(config, data, on_epoch=epoch_done, checkpoint=False)
+        result = fit(config, data, on_epoch=epoch_done, checkpoint=False, trial=number)
         log_best(result)
         log_model(result.model)
+        log_health(config, data, result, None, curve=False)  # the model run draws its curve
         if code_root is not None:
             check_code(code_root)
     except BaseException as exc:

@@ -5,9 +5,11 @@ caller starts it, ends it, and marks it FAILED when this raises) and logs into i
 
 - params: the flattened config (`nf1prov.config.flatten`; lists as JSON) and dataset sizes;
 - artifacts: `config/config.toml`, `manifest/split_manifest.csv`, `overlays/epoch_NNN/*.png`,
-  `checkpoints/last.pt` (after every epoch) and the best model `model/`;
+  `checkpoints/last.pt` (after every epoch), the best model `model/` and
+  `plots/learning_curve.png`;
 - the split manifest as an MLflow dataset input (context "training");
-- tags: `mlflow.note.content` and `nf1prov.description.<field>` (DESIGN 3.3);
+- tags: `mlflow.note.content`, `nf1prov.description.<field>` and, at the end, the health
+  verdict `nf1prov.health` (DESIGN 3.3, `nf1prov.train.health`);
 - metrics per epoch (step = epoch, 1-based) named `<split>_<metric>_<class>` (DESIGN 3.7), and
   after training `best_epoch`, `best_val_loss`, `best_val_dice_<class>`.
 
@@ -33,6 +35,7 @@ import math
 import random
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -138,8 +141,9 @@ def train_one(config: dict, data_root: Path, *, cache_dir: Path,
     if not ranks.logs:
         return result
     log_best(result)
-    log_postprocess(config, data, result.model)
+    instance_scores = log_postprocess(config, data, result.model)
     log_model(result.model)
+    log_health(config, data, result, instance_scores)
     return result
 
 
@@ -199,9 +203,11 @@ class Training:
 
 
 def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
-        on_epoch: EpochCallback | None = None, checkpoint: bool = True) -> TrainResult:
+        on_epoch: EpochCallback | None = None, checkpoint: bool = True,
+        trial: int | None = None) -> TrainResult:
     """Train with early stopping on validation loss; log per-epoch metrics, overlays and (with
-    ``checkpoint``) `checkpoints/last.pt` to the active run. Returns the best epoch's model."""
+    ``checkpoint``) `checkpoints/last.pt` to the active run, and print each epoch's line
+    (`epoch_line`; ``trial``: the search trial it trains). Returns the best epoch's model."""
     d, t = config["data"], config["train"]
     ranks = distributed.current()
     device = distributed.device_for(resolve_device(t["device"]), ranks)
@@ -244,6 +250,7 @@ def fit(config: dict, data: PreparedData, *, resume_from: Path | None = None,
                 state["bad_epochs"] += 1
 
             if ranks.logs:
+                print(epoch_line(epoch, t, scores, state, trial), file=sys.stderr, flush=True)
                 log_overlays(run.model, data.val, overlay_indices, epoch, device,
                              d["input_slices"])
                 if checkpoint:
@@ -346,6 +353,23 @@ def run_epoch(split: str, model: nn.Module, loader: DataLoader, criterion: Weigh
     watch.check(split, epoch, learning_rate)
     metrics.sum_across(ranks)
     return metrics.compute()
+
+
+def epoch_line(epoch: int, t: dict, scores: dict[str, float], state: dict,
+               trial: int | None = None) -> str:
+    """The line an epoch leaves on screen (at most 100 characters up to 999 epochs and a
+    patience of 99): training and validation loss, validation Dice per class, the best epoch so
+    far (lowest validation loss) and the epochs left before early stopping, e.g. ``epoch 3/8
+    loss 0.412 val 0.398  Dice bg 0.97 inner 0.61 boundary 0.33  best 3  patience 5/5``. A
+    search trial's line is shorter, without the Dice (several trials' lines may interleave)."""
+    loss = f"loss {scores['train_loss']:.3f} val {scores['val_loss']:.3f}"
+    patience = f"patience {t['patience'] - state['bad_epochs']}/{t['patience']}"
+    stop = f"best {state['best_epoch']}  {patience}"
+    if trial is not None:
+        return f"trial {trial} epoch {epoch}/{t['epochs']}  {loss}  {stop}"
+    dice = " ".join(f"{short} {scores[f'val_dice_{name}']:.2f}" for name, short in
+                    zip(CLASS_NAMES, ("bg", "inner", "boundary"), strict=True))
+    return f"epoch {epoch}/{t['epochs']}  {loss}  Dice {dice}  {stop}"
 
 
 def current_learning_rate(optimizer: torch.optim.Optimizer) -> float:
@@ -646,14 +670,53 @@ def log_model(model: nn.Module) -> None:
         outbox.current().log_artifacts(tmp, artifact_path="model")
 
 
+def log_health(config: dict, data: PreparedData, result: TrainResult,
+               instance_scores: dict | None, curve: bool = True) -> str:
+    """The model's health verdict (`nf1prov.train.health`) as the tag ``nf1prov.health`` of the
+    active run and, with ``curve``, its `plots/learning_curve.png` (`nf1prov.train.plots`);
+    returns the verdict."""
+    from nf1prov.train import health, plots
+
+    t = config["train"]
+    verdict = health.verdict(
+        result.history, result.best_epoch, t["epochs"],
+        stopped_early=result.epochs_run < t["epochs"],
+        instance_f1=(instance_scores or {}).get("instance_f1"),
+        class_fractions=val_class_fractions(data.val, t, config["data"]["crop_margin"]))
+    box = outbox.current()
+    box.set_tags({tracking.HEALTH: verdict})
+    if curve:
+        with tempfile.TemporaryDirectory(prefix="nf1prov-plots-") as tmp:
+            run = _active_run()
+            path = plots.learning_curve(result.history, result.best_epoch,
+                                        Path(tmp) / "learning_curve.png",
+                                        title=run.info.run_name if run is not None else None)
+            box.log_artifact(path, artifact_path="plots")
+    return verdict
+
+
+def val_class_fractions(dataset, t: dict, margin: int) -> dict[str, float]:
+    """Each class's share of the pixels a validation pass scores: the crops it reads (the first
+    ``train.max_batches_per_epoch`` batches, in order), trimmed by the crop margin."""
+    count = len(dataset) if t["max_batches_per_epoch"] <= 0 else min(
+        len(dataset), t["max_batches_per_epoch"] * t["batch_size"])
+    pixels = np.zeros(len(CLASS_NAMES))
+    for i in range(count):
+        pixels += trim(torch.as_tensor(dataset[i][1]), margin).sum(dim=(-2, -1)).numpy()
+    total = pixels.sum()
+    return {name: float(n / total) if total else math.nan
+            for name, n in zip(CLASS_NAMES, pixels, strict=True)}
+
+
 MAX_TUNE_PIXELS = 16_000_000  # validation pixels segmented per candidate when choosing
 
 
-def log_postprocess(config: dict, data: PreparedData, model: nn.Module) -> None:
+def log_postprocess(config: dict, data: PreparedData, model: nn.Module) -> dict | None:
     """Choose the instance parameters of ``model`` (`nf1prov.segment.instances.tune`) on the
     validation split, or take the config's when ``postprocess.tune`` is false, and log them to
     the active run: params ``instances.*``, the artifact ``config/instances.json`` and, when
-    chosen, the metrics ``val_instance_f1`` and ``val_instance_ap`` they reach.
+    chosen, the metrics ``val_instance_f1`` and ``val_instance_ap`` they reach (returned as
+    ``instance_f1`` and ``instance_ap``; None when not chosen).
 
     Validation stacks are predicted whole, as `predict` does; past `MAX_TUNE_PIXELS` the centre
     slices are an evenly spaced subset, so that the search stays seconds on a large split."""
@@ -701,6 +764,7 @@ def log_postprocess(config: dict, data: PreparedData, model: nn.Module) -> None:
                          "val_instance_ap": scores["instance_ap"]})
     box.log_params({k: v for k, v in chosen.params().items() if k not in already_logged})
     box.log_text(chosen.to_json(), POSTPROCESS_ARTIFACT)
+    return scores
 
 
 def pick_overlay_crops(n: int, count: int) -> list[int]:
@@ -712,14 +776,12 @@ def pick_overlay_crops(n: int, count: int) -> list[int]:
 
 def log_overlays(model: nn.Module, dataset, indices: list[int], epoch: int,
                  device: torch.device, input_slices: int) -> None:
-    """PNG per crop: input centre slice | target | prediction, under overlays/epoch_NNN/.
-
-    Target and prediction are drawn as RGB = (cell-boundary, inner-cell, background), the
-    prediction as sigmoid probabilities.
-    """
+    """PNG per crop: input centre slice | target | prediction, under overlays/epoch_NNN/,
+    titled with the epoch and the crop's id, classes in the shared colours with their legend
+    (`nf1prov.segment.pictures.training_picture`; the prediction as sigmoid probabilities)."""
     if not indices:
         return
-    from PIL import Image
+    from nf1prov.segment.pictures import training_picture
 
     images = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices])
     targets = torch.stack([torch.as_tensor(dataset[i][1]) for i in indices])
@@ -728,18 +790,11 @@ def log_overlays(model: nn.Module, dataset, indices: list[int], epoch: int,
         probs = torch.sigmoid(model(images.to(device)).float()).cpu()
     with tempfile.TemporaryDirectory() as tmp:
         for k, i in enumerate(indices):
-            centre = images[k, input_slices // 2]
-            lo, hi = centre.min(), centre.max()
-            grey = ((centre - lo) / (hi - lo) if hi > lo else torch.zeros_like(centre))
-            panels = [grey.expand(3, -1, -1), targets[k].flip(0), probs[k].flip(0)]
-            rgb = torch.cat(panels, dim=2).permute(1, 2, 0)  # (H, 3W, 3)
-            pixels = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-            picture = Image.fromarray(pixels)
-            scale = max(1, 128 // pixels.shape[0])  # tiny crops are hard to see: enlarge
-            if scale > 1:
-                picture = picture.resize((picture.width * scale, picture.height * scale),
-                                         Image.NEAREST)
-            picture.save(Path(tmp) / f"{safe_name(dataset.meta(i)['sample_id'])}.png")
+            crop = dataset.meta(i)["sample_id"]
+            picture = training_picture(images[k, input_slices // 2].numpy(),
+                                       targets[k].numpy(), probs[k].numpy(),
+                                       title=f"epoch {epoch} · validation crop {crop}")
+            picture.save(Path(tmp) / f"{safe_name(crop)}.png")
         outbox.current().log_artifacts(tmp, artifact_path=f"overlays/epoch_{epoch:03d}")
 
 
