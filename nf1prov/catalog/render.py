@@ -25,6 +25,7 @@ from nf1prov.description import FIELD_LABELS, decode_value, readable_tags
 from nf1prov.errors import UserError
 from nf1prov.resources import shipped_dir
 from nf1prov.segment.evaluate import EVALUATED_PATIENTS
+from nf1prov.train import health
 
 TEMPLATE_NAME = "catalog.md.j2"
 PACKAGED_TEMPLATES = shipped_dir("templates")
@@ -285,11 +286,10 @@ def health_warnings(tags: dict) -> list[str]:
     one per catalogue line; none for `ok` or a run trained before the verdict existed. A
     verdict in another form is shown whole rather than hidden."""
     verdict = (tags.get(tracking.HEALTH) or "").strip()
-    if not verdict or verdict == "ok":
+    if not verdict or verdict == health.OK:
         return []
-    if verdict.startswith("warning:"):
-        reasons = [r.strip() for r in verdict.removeprefix("warning:").split(";")]
-        return [r for r in reasons if r] or ["no reason recorded"]
+    if verdict.startswith(health.WARNING.rstrip()):
+        return health.reasons(verdict) or ["no reason recorded"]
     return [verdict]
 
 

@@ -95,10 +95,13 @@ ADVICE = {
 
 
 def reasons(health: str | None) -> list[str]:
-    """The reasons of a ``nf1prov.health`` value (none for ``ok``, a missing or unknown one)."""
-    if not health or not health.startswith(WARNING):
+    """The reasons of a ``nf1prov.health`` value (none for ``ok``, a missing or unknown one);
+    read leniently (spaces around the separators), as the catalogue reads stored tags."""
+    prefix = WARNING.rstrip()
+    if not health or not health.strip().startswith(prefix):
         return []
-    return [r for r in health.removeprefix(WARNING).split(REASON_SEPARATOR) if r]
+    parts = health.strip().removeprefix(prefix).split(REASON_SEPARATOR.strip())
+    return [r.strip() for r in parts if r.strip()]
 
 
 def warning_lines(health: str | None) -> list[str]:
