@@ -136,6 +136,20 @@ class Outbox:
         self._submit({"op": "folder", "run_id": self._run(run_id), "path": str(folder),
                       "artifact_path": artifact_path})
 
+    def log_logged_model(self, folder: Path | str, *, metrics: dict[str, float] | None = None,
+                         step: int = 0, params: dict[str, str] | None = None,
+                         tags: dict[str, str] | None = None,
+                         dataset: tuple[str, str] | None = None,
+                         run_id: str | None = None) -> None:
+        """The MLflow model saved in ``folder`` as the run's logged model, with ``params`` and
+        ``tags``, ``metrics`` linked to it and to ``dataset``
+        (`nf1prov.tracking.log_logged_model`)."""
+        now = int(time.time() * 1000)
+        self._submit({"op": "logged_model", "run_id": self._run(run_id), "path": str(folder),
+                      "upload": uuid.uuid4().hex, "step": step, "params": params or {},
+                      "tags": tags or {}, "dataset": list(dataset) if dataset else None,
+                      "metrics": [[k, float(v), now, step] for k, v in (metrics or {}).items()]})
+
     def set_terminated(self, status: str, run_id: str) -> None:
         self._submit({"op": "end", "run_id": run_id, "status": status})
 
@@ -200,7 +214,8 @@ class Outbox:
         return True
 
     def summary(self) -> str:
-        """What is still queued, in words: '3 metric batches, model/, the run's end'."""
+        """What is still queued, in words: '12 metric values; artifacts checkpoints/last.pt; the
+        MLflow model (the weights); the run's end'."""
         counts: dict[str, int] = {}
         artifacts: list[str] = []
         for item in self.pending:
@@ -210,12 +225,14 @@ class Outbox:
                         counts[kind] = counts.get(kind, 0) + len(item[kind])
             elif item["op"] in ("file", "folder", "text"):
                 artifacts.append(_artifact_name(item))
-            elif item["op"] == "end":
-                counts["end"] = 1
+            elif item["op"] in ("logged_model", "end"):
+                counts[item["op"]] = 1
         parts = [f"{n} {'metric values' if k == 'metrics' else k}" for k, n in counts.items()
-                 if k != "end"]
+                 if k not in ("logged_model", "end")]
         if artifacts:
             parts.append("artifacts " + ", ".join(dict.fromkeys(artifacts)))
+        if "logged_model" in counts:  # the run's logged model "model": where its weights are
+            parts.append("the MLflow model (the weights)")
         if "end" in counts:
             parts.append("the run's end")
         return "; ".join(parts) or "nothing"
@@ -276,7 +293,7 @@ class Outbox:
         files are gone by the time it is delivered)."""
         if not self.queueing:
             raise RuntimeError("this outbox does not queue")
-        if item["op"] in ("file", "folder"):
+        if item["op"] in ("file", "folder", "logged_model"):
             source = Path(item["path"])
             copy = self.spool / "files" / uuid.uuid4().hex / source.name
             copy.parent.mkdir(parents=True)
@@ -308,6 +325,13 @@ class Outbox:
             self.client.log_artifact(run_id, item["path"], item["artifact_path"])
         elif op == "folder":
             self.client.log_artifacts(run_id, item["path"], item["artifact_path"])
+        elif op == "logged_model":
+            from nf1prov.tracking import log_logged_model
+
+            log_logged_model(self.client, run_id, Path(item["path"]), upload=item["upload"],
+                             step=item["step"], params=item["params"], tags=item["tags"],
+                             metrics=item["metrics"],
+                             dataset=tuple(item["dataset"]) if item["dataset"] else None)
         elif op == "end":
             if item["status"] == "FINISHED":  # `list --reap` may have failed it meanwhile
                 from nf1prov.tracking import FAILURE

@@ -53,6 +53,12 @@ KIND_TRIAL = "trial"  # a nested Optuna trial under a model run
 KIND_SCRATCH = "scratch"  # trained with --no-commit: never enters the catalogue
 
 DEFAULT_EXPERIMENT = "nf1-segmentation"
+# MLflow 3's UI opens an experiment without this tag on its GenAI pages; nf1prov's are models
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_MODELS = "custom_model_development"
+LOGGED_MODEL = "model"  # a model run's MLflow logged model: runs:/<run_id>/model (DESIGN 3.11)
+MODEL_COMMIT = "nf1prov.commit"  # on a logged model and a registered version: the commit
+UPLOAD = "nf1prov.upload"  # on a logged model: which upload made it (tracking.log_logged_model)
 
 
 def child_environment(tracking_uri: str | None = None) -> dict[str, str]:
@@ -100,9 +106,14 @@ def server_ui(tracking_uri: str | None) -> str | None:
     return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
+# MLflow 3's UI shows an experiment on its GenAI pages unless the URL asks for these
+ML_PAGES = "?workflowType=machine_learning"
+
+
 def run_page(ui: str, experiment_id: str, run_id: str) -> str:
-    """A run's page in the MLflow UI at ``ui``."""
-    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
+    """A run's page in the MLflow UI at ``ui`` (its experiment then opens on the model
+    training pages, `ML_PAGES`)."""
+    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}{ML_PAGES}"
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
@@ -320,13 +331,17 @@ def ensure_experiment(c, name: str, tracking_uri: str) -> str:
     experiment = c.get_experiment_by_name(name)
     if experiment is not None:
         refuse_deleted(experiment, name)
+        if EXPERIMENT_KIND not in experiment.tags:  # made by an older nf1prov or by hand
+            c.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND,
+                                 EXPERIMENT_KIND_MODELS)
         return experiment.experiment_id
     artifact_location = None
     db = sqlite_path(tracking_uri)
     if db is not None:
         artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
     try:
-        return c.create_experiment(name, artifact_location=artifact_location)
+        return c.create_experiment(name, artifact_location=artifact_location,
+                                   tags={EXPERIMENT_KIND: EXPERIMENT_KIND_MODELS})
     except Exception:
         # Another process created it between our lookup and our create (its unique name
         # constraint refused ours): use theirs. Anything else is re-raised.
@@ -334,6 +349,82 @@ def ensure_experiment(c, name: str, tracking_uri: str) -> str:
         if experiment is None or experiment.lifecycle_stage == "deleted":
             raise
         return experiment.experiment_id
+
+
+def run_logged_models(c, run_id: str, name: str = LOGGED_MODEL) -> list:
+    """The logged models ``name`` that run ``run_id`` made (MLflow's LoggedModel), oldest
+    first."""
+    experiment_id = c.get_run(run_id).info.experiment_id
+    found, token = [], None
+    while True:
+        page = c.search_logged_models(experiment_ids=[experiment_id],
+                                      filter_string=f"name = '{name}'", page_token=token)
+        found += [m for m in page if m.source_run_id == run_id]
+        token = page.token
+        if not token:
+            break
+    return sorted(found, key=lambda m: m.creation_timestamp)
+
+
+def run_logged_model(c, run_id: str, name: str = LOGGED_MODEL):
+    """The READY logged model ``name`` of run ``run_id`` (the newest), or None."""
+    from mlflow.entities import LoggedModelStatus
+
+    ready = [m for m in run_logged_models(c, run_id, name)
+             if m.status == LoggedModelStatus.READY]
+    return ready[-1] if ready else None
+
+
+def log_logged_model(c, run_id: str, folder: Path, *, upload: str, name: str = LOGGED_MODEL,
+                     step: int = 0, params: dict[str, str] | None = None,
+                     tags: dict[str, str] | None = None, metrics: list | None = None,
+                     dataset: tuple[str, str] | None = None) -> str:
+    """Make the MLflow model saved in ``folder`` run ``run_id``'s logged model ``name`` (with
+    ``params`` and ``tags``): create it, upload its files, mark it READY, list it among the run's
+    outputs, delete the run's other models of that name (an earlier attempt's: ``runs:/<run
+    id>/<name>`` must mean this one), and log ``metrics`` ([(key, value, timestamp, step)])
+    linked to it and to ``dataset`` ((name, digest) of the run's dataset input). Returns its
+    model ID.
+
+    ``upload`` names this upload: called again with it (the outbox delivering again after an
+    outage), the model it created is completed, not made twice."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+
+    earlier = run_logged_models(c, run_id, name)
+    model = next((m for m in earlier if m.tags.get(UPLOAD) == upload), None)
+    if model is None:
+        model = c.create_logged_model(c.get_run(run_id).info.experiment_id, name=name,
+                                      source_run_id=run_id, params=params,
+                                      tags={**(tags or {}), UPLOAD: upload})
+    if model.status != LoggedModelStatus.READY:
+        _name_in_mlmodel(Path(folder), model.model_id, run_id)
+        c.log_model_artifacts(model.model_id, str(folder))
+        c.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    for other in earlier:
+        if other.model_id != model.model_id:
+            c.delete_logged_model(other.model_id)
+    outputs = c.get_run(run_id).outputs
+    if model.model_id not in {o.model_id for o in (outputs.model_outputs if outputs else [])}:
+        c.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    dataset_name, dataset_digest = dataset or (None, None)
+    linked = [Metric(key, value, timestamp, at, model_id=model.model_id,
+                     dataset_name=dataset_name, dataset_digest=dataset_digest, run_id=run_id)
+              for key, value, timestamp, at in metrics or []]
+    if linked:
+        c.log_batch(run_id, metrics=linked)
+    return model.model_id
+
+
+def _name_in_mlmodel(folder: Path, model_id: str, run_id: str) -> None:
+    """Write the logged model's ID and run into the folder's ``MLmodel`` (what
+    `mlflow.pyfunc.log_model` does; a loaded model's ``metadata.model_id`` reads it)."""
+    from mlflow.models import Model
+
+    mlmodel = folder / "MLmodel"
+    if mlmodel.is_file():
+        record = Model.load(str(mlmodel))
+        record.model_id, record.run_id = model_id, run_id
+        record.save(str(mlmodel))
 
 
 def search_runs_all(c, filter_string: str = "", order_by: list[str] | None = None) -> list:

@@ -118,7 +118,22 @@ def save(model, folder: Path) -> Architecture:
     return arch
 
 
+MLFLOW_ARTIFACTS = "artifacts"  # where an MLflow pyfunc model keeps them (DESIGN 3.11)
+
+
+def model_files(folder: Path) -> Path:
+    """The folder that holds ``weights.pt`` and ``architecture.json`` in a model folder:
+    ``folder`` itself (runs before MLflow models: the run artifact ``model/``), or its
+    ``artifacts/`` (an MLflow pyfunc model, `nf1prov.segment.mlflow_model`)."""
+    folder = Path(folder)
+    inner = folder / MLFLOW_ARTIFACTS
+    if not (folder / ARCHITECTURE_FILE).is_file() and (inner / ARCHITECTURE_FILE).is_file():
+        return inner
+    return folder
+
+
 def read_architecture(folder: Path, ref: str) -> Architecture:
+    folder = model_files(folder)
     record = folder / ARCHITECTURE_FILE
     if not record.is_file():
         if (folder / PICKLED_MARKER).is_file():
@@ -134,18 +149,23 @@ def read_architecture(folder: Path, ref: str) -> Architecture:
 
 
 def load(folder: Path, *, ref: str | None = None, device="cpu", repo: Path | None = None,
-         codename: str | None = None):
-    """The model in ``folder`` (see the module docstring), on ``device``, in eval mode.
+         codename: str | None = None, source: Path | None = None):
+    """The model in ``folder`` (see the module docstring; `model_files`), on ``device``, in eval
+    mode.
 
     ``repo`` is a git repository to take the architecture's source from when the installed one
-    differs; ``codename`` lets a missing commit be fetched by its ``model/<codename>`` tag.
+    differs; ``codename`` lets a missing commit be fetched by its ``model/<codename>`` tag;
+    ``source`` is a copy of the architecture's source file shipped with the model, used when its
+    bytes are the recorded blob (default: the file of that name beside the weights, where an
+    MLflow model keeps it, `nf1prov.segment.mlflow_model`).
     """
     import torch
 
-    folder = Path(folder)
+    folder = model_files(Path(folder))
     ref = ref or str(folder)
     arch = read_architecture(folder, ref)
-    cls = architecture_class(arch, ref=ref, repo=repo, codename=codename)
+    source = source or folder / Path(arch.source_path).name
+    cls = architecture_class(arch, ref=ref, repo=repo, codename=codename, source=source)
     try:
         model = cls(**arch.args)
     except TypeError as exc:
@@ -186,17 +206,39 @@ def load_failure(exc: Exception) -> str:
     return " ".join(kept) or type(exc).__name__
 
 
-def architecture_class(arch: Architecture, *, ref: str, repo: Path | None,
-                       codename: str | None) -> type:
-    """The class ``arch`` names, defined by exactly the source it was trained with."""
+def installed_module(arch: Architecture):
+    """The installed module ``arch`` names when its source file is the recorded blob, else
+    None."""
     try:
         module = importlib.import_module(arch.module)
         installed = Path(inspect.getsourcefile(module))
         if blob_hash(installed.read_bytes()) == arch.source_blob:
-            return _class_from(module, arch, ref)
+            return module
     except (ImportError, TypeError, OSError):
-        pass  # not installed here: the source must come from git
-    source = _source_from_git(arch, repo, codename)
+        pass  # not installed here
+    return None
+
+
+def source_text(arch: Architecture, *, repo: Path | None, codename: str | None,
+                source: Path | None = None) -> str | None:
+    """The source the model was trained with: the installed module's, else ``source`` (a copy
+    shipped with the model), else the git repository's (`_source_from_git`); each only when its
+    bytes hash to the recorded blob. None when none has it."""
+    module = installed_module(arch)
+    if module is not None:
+        return Path(inspect.getsourcefile(module)).read_bytes().decode("utf-8")
+    shipped = _source_from_file(arch, source)
+    return shipped if shipped is not None else _source_from_git(arch, repo, codename)
+
+
+def architecture_class(arch: Architecture, *, ref: str, repo: Path | None,
+                       codename: str | None, source: Path | None = None) -> type:
+    """The class ``arch`` names, defined by exactly the source it was trained with
+    (`source_text`)."""
+    module = installed_module(arch)
+    if module is not None:
+        return _class_from(module, arch, ref)
+    source = _source_from_file(arch, source) or _source_from_git(arch, repo, codename)
     if source is None:
         where = f"the git repository {repo}" if repo else "a git repository (none here)"
         fetch = (f"`git fetch origin tag model/{codename}`" if codename
@@ -227,6 +269,15 @@ def _class_from(module, arch: Architecture, ref: str) -> type:
         raise UserError(f"Model {ref!r}: {arch.source_path} defines no class "
                         f"{arch.class_name}.")
     return cls
+
+
+def _source_from_file(arch: Architecture, path: Path | None) -> str | None:
+    try:
+        data = Path(path).read_bytes() if path is not None else None
+    except OSError:
+        return None
+    return data.decode("utf-8") if data is not None and blob_hash(data) == arch.source_blob \
+        else None
 
 
 def _source_from_git(arch: Architecture, repo: Path | None, codename: str | None) -> str | None:

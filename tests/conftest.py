@@ -196,6 +196,48 @@ def copy_workspace(template: Path, destination: Path) -> None:
         conn.execute("UPDATE experiments SET artifact_location = "
                      "replace(artifact_location, ?, ?)", (old, new))
         conn.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+        conn.execute("UPDATE logged_models SET artifact_location = "
+                     "replace(artifact_location, ?, ?)", (old, new))
+        conn.execute("UPDATE model_versions SET storage_location = "
+                     "replace(storage_location, ?, ?)", (old, new))
+
+
+def train_once(tmp_path_factory, migrated_store: Path, data_root: Path, name: str, train):
+    """For a module-scoped fixture: a fresh folder laid out as the `project` and `tracking_uri`
+    fixtures lay out a test's tmp_path (repo/ with `project_files`, mlflow.db, mlartifacts/),
+    and ``train(repo)`` called there in the hermetic environment (one torch thread, the store
+    as MLFLOW_TRACKING_URI). Returns (the folder, what ``train`` returned); `use_workspace` gives
+    each test its own copy."""
+    import mlflow
+
+    base = tmp_path_factory.mktemp(name)
+    repo = base / "repo"
+    repo.mkdir()
+    shutil.copyfile(migrated_store, base / "mlflow.db")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        hermetic_environment(mp, tmp_path_factory)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.chdir(repo)
+        mlflow.set_tracking_uri(uri)
+        run_git(repo, "init", "--quiet", "--initial-branch=main")
+        project_files(repo, data_root)
+        return base, train(repo)
+
+
+def use_workspace(base: Path, tmp_path: Path, monkeypatch) -> str:
+    """Copy a `train_once` folder into the test's tmp_path (`copy_workspace`) and work there, as
+    if the test had trained in `project`; returns the copy's tracking URI."""
+    import mlflow
+
+    copy_workspace(base, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path / "repo")
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 class SmallDisk:

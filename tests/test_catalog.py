@@ -235,7 +235,8 @@ def test_holdout_figures_and_ui_link_for_http_servers_only(tmp_path, client):
     text = build(tmp_path, client, "", tracking_uri="https://user:secret@mlflow.lab:8443/").new
     assert "- **Holdout Dice:** background 0.500, cell-boundary 0.250" in text
     assert "- **Holdout IoU:** inner-cell n/a" in text
-    url = f"https://mlflow.lab:8443/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    url = (f"https://mlflow.lab:8443/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+           f"{tracking.ML_PAGES}")
     assert f"[MLflow UI]({url})" in text and "secret" not in text
     assert "MLflow UI" not in build(tmp_path, client, "", tracking_uri="sqlite:///x.db").new
 

@@ -139,7 +139,7 @@ def test_show_model_with_files_changed(store):
     assert "train.epochs = 1" in out and "best_val_dice_inner-cell = 0.5" in out
     assert f"versus brave-owl-1 ({first[:10]})" in out
     assert "M\ta.py" in out and "A\tb.py" in out
-    page = f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id}"
+    page = f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id}{tracking.ML_PAGES}"
     assert f"run page:  {page} (while that `mlflow ui` runs)" in out.splitlines()
 
     first_out = invoke("show", "brave-owl-1").output

@@ -5,11 +5,13 @@ store is the one that comes back (the whole server story is in test_lab_store.py
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 
 import mlflow
 import pytest
 from click.testing import CliRunner
+from mlflow.entities import LoggedModelStatus
 
 from nf1prov import outbox, tracking
 
@@ -59,13 +61,22 @@ def test_queued_logging_arrives_in_order_once_the_store_is_back(impatient, tmp_p
     away.log_artifacts(folder, "model", run_id=run_id)
     away.log_params({"train.seed": 0}, run_id=run_id)
     away.log_text("a = 1\n", "config/config.toml", run_id=run_id)
+    mlflow_model = tmp_path / "mlflow-model"  # the run's MLflow model, as the trainer saves it
+    (mlflow_model / "artifacts").mkdir(parents=True)
+    (mlflow_model / "MLmodel").write_text("flavors: {}\n")
+    (mlflow_model / "artifacts" / "weights.pt").write_text("w")
+    away.log_logged_model(mlflow_model, metrics={"best_val_loss": 0.25}, step=3,
+                          params={"tile_size": "32"}, run_id=run_id)
     checkpoint.unlink()  # the caller's files are gone: the spool holds copies
+    shutil.rmtree(mlflow_model)
     assert away.finish(run_id, patience_s=0) is False
     # only the newest checkpoint waits; every metric value does
     assert [i["op"] for i in away.pending] == ["batch", "batch", "batch", "file", "folder",
-                                               "batch", "text", "end"]
-    assert "3 metric values" in away.summary() and "checkpoints/last.pt" in away.summary()
-    assert "the run's end" in away.summary()
+                                               "batch", "text", "logged_model", "end"]
+    assert away.summary() == ("3 metric values; 1 params; artifacts checkpoints/last.pt, "
+                              "model/, config/config.toml; the MLflow model (the weights); "
+                              "the run's end")
+    assert outbox.describe_saved(tmp_path / "spool") == away.summary()
     saved = json.loads((tmp_path / "spool" / outbox.PENDING_FILE).read_text())
     assert saved["store"] == tracking_uri
 
@@ -81,8 +92,15 @@ def test_queued_logging_arrives_in_order_once_the_store_is_back(impatient, tmp_p
                                                 dst_path=str(tmp_path / "down"))
     assert (tmp_path / "down" / "checkpoints" / "last.pt").read_text() == "checkpoint 3"
     assert local
+    # MLflow 3 lists the run's logged model "model" (MLmodel, artifacts/) under model/ too
     names = {f.path for f in client.list_artifacts(run_id, "model")}
-    assert names == {"model/weights.pt"}
+    assert names == {"model/weights.pt", "model/MLmodel", "model/artifacts"}
+    (logged,) = tracking.run_logged_models(client, run_id)  # the run's one, complete
+    assert logged.status == LoggedModelStatus.READY and logged.params == {"tile_size": "32"}
+    assert [(m.key, m.value, m.step) for m in logged.metrics] == [("best_val_loss", 0.25, 3)]
+    assert [o.model_id for o in run.outputs.model_outputs] == [logged.model_id]
+    assert {f.path for f in client.list_logged_model_artifacts(logged.model_id)} == {
+        "MLmodel", "artifacts"}
     assert not (tmp_path / "spool").exists()
 
 

@@ -112,7 +112,7 @@ def test_two_trainings_two_commits_each_holding_its_code(project, tracking_uri):
     assert "mlflow ui --backend-store-uri " + tracking_uri in first.output
     (first_run,) = tracking.model_runs(client)
     assert (f"run page:   http://127.0.0.1:5000/#/experiments/{first_run.info.experiment_id}"
-            f"/runs/{first_run.info.run_id}") in first.output
+            f"/runs/{first_run.info.run_id}{tracking.ML_PAGES}") in first.output
     (project / "models" / "note.py").write_text("VERSION = 2\n")
     sub = project / "models"
     os.chdir(sub)  # from a subdirectory: the config path is relative to it

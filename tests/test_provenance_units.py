@@ -337,15 +337,19 @@ def test_source_tags_name_the_project_and_who_trains(git_repo, monkeypatch):
     assert run_tags.source_tags(root)[tracking.USER] == getpass.getuser()
 
 
+ML = tracking.ML_PAGES
+
+
 def test_run_page_url_for_a_server_and_for_a_local_store():
     rid = "ab" * 16
+    assert ML == "?workflowType=machine_learning"  # MLflow 3 UI: the model training pages
     assert tracking.run_url("https://bob:pw@mlflow.lab:8443/base/?x=1", "7", rid) == (
-        f"https://mlflow.lab:8443/base/#/experiments/7/runs/{rid}")
+        f"https://mlflow.lab:8443/base/#/experiments/7/runs/{rid}{ML}")
     assert tracking.run_url("http://lab:5000", "7", rid) == (
-        f"http://lab:5000/#/experiments/7/runs/{rid}")
+        f"http://lab:5000/#/experiments/7/runs/{rid}{ML}")
     # a sqlite (or any other) store: where `mlflow ui --backend-store-uri ...` serves it
     assert tracking.run_url("sqlite:////tmp/x/mlflow.db", "7", rid) == (
-        f"http://127.0.0.1:5000/#/experiments/7/runs/{rid}")
+        f"http://127.0.0.1:5000/#/experiments/7/runs/{rid}{ML}")
 
 
 def test_train_prints_and_records_the_run_page(client, experiment_id, tracking_uri, capsys):
@@ -355,7 +359,7 @@ def test_train_prints_and_records_the_run_page(client, experiment_id, tracking_u
     run_id = new_run(client, experiment_id, "brave-owl-1")
     local = outcome_record(Outcome("brave-owl-1", run_id, experiment_id, "ab" * 20, "model",
                                    tracking_uri), client)
-    page = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
+    page = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}{ML}"
     assert local["run_url"] == page
     print_outcome(local)
     lines = capsys.readouterr().out.splitlines()
@@ -364,7 +368,7 @@ def test_train_prints_and_records_the_run_page(client, experiment_id, tracking_u
     served = outcome_record(Outcome("brave-owl-1", run_id, experiment_id, "ab" * 20, "model",
                                     "https://bob:pw@mlflow.lab/"), client)
     print_outcome(served)
-    page = f"https://mlflow.lab/#/experiments/{experiment_id}/runs/{run_id}"
+    page = f"https://mlflow.lab/#/experiments/{experiment_id}/runs/{run_id}{ML}"
     assert served["run_url"] == page
     assert f"run page:   {page}" in capsys.readouterr().out.splitlines()
 

@@ -32,7 +32,10 @@ def test_register_moves_the_alias_and_predict_takes_it(tracking_uri, dataset, tm
     assert f"models:/{EXPERIMENT}@champion" in out
     assert "already registered as" in invoke("register", "tiny-eel-1")  # one version per model
     version = client.get_model_version(EXPERIMENT, "1")
-    assert version.run_id == first and version.source == f"runs:/{first}/model"
+    # a model logged before MLflow models gets one when registered: the version is it
+    assert "made now from its model/ artifact" in out
+    logged = tracking.run_logged_model(client, first)
+    assert version.run_id == first and version.source == f"models:/{logged.model_id}"
     assert version.tags[registry.CODENAME_TAG] == "tiny-eel-1"
     assert version.tags[registry.COMMIT_TAG] == "0" * 40
 

@@ -30,7 +30,7 @@ from nf1prov.provenance.reproduce import (
     compare_splits,
     format_comparison,
 )
-from tests.conftest import copy_workspace, hermetic_environment, project_files, run_git
+from tests.conftest import run_git, train_once, use_workspace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,25 +59,10 @@ class Trained:
 
 @pytest.fixture(scope="module")
 def _trained_workspace(tmp_path_factory, _migrated_store, data_root):
-    """One tiny committed model, trained once for the module in a folder laid out as the
-    `project` and `tracking_uri` fixtures lay out a test's tmp_path (repo/, mlflow.db,
-    mlartifacts/); `trained` copies it for each test."""
-    import mlflow
-
-    base = tmp_path_factory.mktemp("reproduce-model")
-    repo = base / "repo"
-    repo.mkdir()
-    shutil.copyfile(_migrated_store, base / "mlflow.db")
-    uri = f"sqlite:///{base / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        hermetic_environment(mp, tmp_path_factory)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("OMP_NUM_THREADS", "1")
-        mp.chdir(repo)
-        mlflow.set_tracking_uri(uri)
-        run_git(repo, "init", "--quiet", "--initial-branch=main")
-        project_files(repo, data_root)
-        name, run_id = train_model(repo)
+    """One tiny committed model, trained once for the module (`train_once`); `trained` copies
+    it for each test."""
+    base, (name, run_id) = train_once(tmp_path_factory, _migrated_store, data_root,
+                                      "reproduce-model", train_model)
     return base, name, run_id
 
 
@@ -85,15 +70,8 @@ def _trained_workspace(tmp_path_factory, _migrated_store, data_root):
 def trained(_trained_workspace, tmp_path, monkeypatch) -> Trained:
     """A copy of the module's one trained model for this test (its repository, store and
     artifacts, which the test may change), as if the test had trained it in `project`."""
-    import mlflow
-
     base, name, run_id = _trained_workspace
-    copy_workspace(base, tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.chdir(tmp_path / "repo")
-    mlflow.set_tracking_uri(uri)
+    uri = use_workspace(base, tmp_path, monkeypatch)
     return Trained(tmp_path / "repo", uri, name, run_id)
 
 

@@ -63,8 +63,12 @@ def artifact_sources(client, run) -> list[ArtifactSource]:
     outputs = getattr(run, "outputs", None)
     for output in getattr(outputs, "model_outputs", None) or []:
         import mlflow
+        from mlflow.exceptions import MlflowException
 
-        logged = client.get_logged_model(output.model_id)
+        try:
+            logged = client.get_logged_model(output.model_id)
+        except MlflowException:  # deleted: replaced by a later upload (log_logged_model)
+            continue
         sources.append(ArtifactSource(
             str(safe_artifact_path(logged.name)),
             lambda p, m=logged.model_id: client.list_logged_model_artifacts(m, p),
@@ -96,8 +100,10 @@ def download_artifacts(client, run, destination: Path,
     """Download the run's artifacts into ``destination`` (replaced atomically); returns the
     paths written, relative to ``destination``. Every path is checked before anything is
     fetched."""
-    plan = [(source, path, dest) for source in artifact_sources(client, run)
-            for path, dest in list_artifact_files(source, roots)]
+    # MLflow 3 lists a run's logged model under the run's own listing too: one file per
+    # destination, the logged model's winning (as MLflow's own download does)
+    plan = list({dest: (source, path, dest) for source in artifact_sources(client, run)
+                 for path, dest in list_artifact_files(source, roots)}.values())
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
     try:

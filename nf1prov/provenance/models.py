@@ -130,19 +130,20 @@ def find_local_config(model_dir: Path) -> Path:
 
 def load_model(ref: str, *, client=None, tracking_uri: str | None = None,
                run_id: str | None = None, device: str | None = "auto") -> LoadedModel:
-    """Load a model by local model folder, codename or run ID.
+    """Load a model by local model folder, codename, run ID or ``models:/`` URI.
 
     A path that exists is a local folder holding ``weights.pt`` and ``architecture.json`` (the
     run artifact ``model/``, e.g. ``.nf1prov/models/<codename>/model`` after ``nf1prov
     checkout``), with its config beside it (`find_local_config`); anything else is resolved
-    through the tracking store with `nf1prov.provenance.resolve.resolve_model` (``run_id`` picks
+    through the tracking store (``client``, else ``tracking_uri``, else the environment's
+    ``MLFLOW_TRACKING_URI``) with `nf1prov.provenance.resolve.resolve_model` (``run_id`` picks
     one of several runs of a codename) and its ``model/`` and ``config/config.toml`` artifacts are
     downloaded. The weights are tensors only; the architecture's code is the installed one when
     it is the code the model was trained with, else the model's own from the git repository
     around the working directory (`nf1prov.weights`).
     """
     torch_device = pick_device(device)
-    repo = _enclosing_repo()
+    repo = enclosing_repo()
     path = Path(ref).expanduser()
     if path.exists():
         read_architecture(path, ref)  # a clear error for a folder of another kind, before config
@@ -156,9 +157,7 @@ def load_model(ref: str, *, client=None, tracking_uri: str | None = None,
                              codename=run.get("codename"), sha=run.get("commit"),
                              postprocess=model_postprocess(config, chosen_file=chosen))
     else:
-        if client is None:
-            raise UserError(f"{ref!r} is not a local model folder, and no MLflow tracking store "
-                            "was given to look it up as a codename or run ID.")
+        client = client or _store_client(ref, tracking_uri)
         import tempfile
 
         import mlflow.artifacts
@@ -192,7 +191,21 @@ def load_model(ref: str, *, client=None, tracking_uri: str | None = None,
     return loaded
 
 
-def _enclosing_repo() -> Path | None:
+def _store_client(ref: str, tracking_uri: str | None):
+    """A read-only client of ``tracking_uri``, else of ``MLFLOW_TRACKING_URI``."""
+    import os
+
+    from nf1prov import tracking
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise UserError(f"{ref!r} is not a local model folder, and no MLflow tracking store was "
+                        "given to look it up as a codename or run ID: pass tracking_uri= (or a "
+                        "client), or set MLFLOW_TRACKING_URI.")
+    return tracking.client(uri, read_only=True)
+
+
+def enclosing_repo() -> Path | None:
     """The git work tree around the working directory, if any: where an old model's
     architecture source is looked up."""
     from nf1prov import git

@@ -117,6 +117,7 @@ def _with_local_commit(resolved: ResolvedModel, root: Path) -> ResolvedModel:
 
 MODELS_PREFIX = "models:/"
 MODELS_URI_RE = re.compile(r"models:/(?P<name>[^@/]+)(?:@(?P<alias>[^@/]+)|/(?P<version>\d+))")
+LOGGED_MODEL_URI_RE = re.compile(r"models:/(?P<model_id>m-[0-9a-f]{32})")
 
 
 def quoted(text: str) -> str:
@@ -124,9 +125,20 @@ def quoted(text: str) -> str:
 
 
 def registered_run(client, uri: str) -> str:
-    """The run ID behind ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
+    """The run ID behind ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or
+    ``models:/<model_id>`` (an MLflow logged model, ``m-<hex>``)."""
     from mlflow.exceptions import MlflowException
 
+    logged = LOGGED_MODEL_URI_RE.fullmatch(uri)
+    if logged:  # models:/<model_id>, an MLflow logged model: the run that made it
+        try:
+            run_id = client.get_logged_model(logged["model_id"]).source_run_id
+        except MlflowException:
+            raise UserError(f"{uri} names no logged model in {client.tracking_uri}.") from None
+        if not run_id:
+            raise UserError(f"{uri} was logged outside a run and is no nf1prov model: pass a "
+                            "model's codename instead.")
+        return run_id
     match = MODELS_URI_RE.fullmatch(uri)
     if not match:
         raise UserError(f"{uri!r} is not a model registry URI: use models:/<name>@<alias> or "

@@ -48,6 +48,7 @@ from nf1prov.provenance.models import model_postprocess
 from nf1prov.provenance.resolve import ResolvedModel
 from nf1prov.segment.files import read_stack
 from nf1prov.segment.predict import predict_stack
+from nf1prov.weights import WEIGHTS_FILE, model_files
 
 INSTALL_HINT = ("pip install -e '.[export]' in the nf1prov repository (or: pip install "
                 "'bioimageio.core>=0.11' 'pydantic<2.12') into the environment nf1prov runs in")
@@ -534,7 +535,7 @@ def write_files(package: Path, *, loaded, data: TestData, artifacts: Path, sourc
     save_cover(files["cover"], example[0, loaded.input_slices // 2], data.output[0],
                title=f"{codename or loaded.label}: test input slice ({data.fov_id}) and "
                      "predicted classes")
-    shutil.copyfile(artifacts / "model" / "weights.pt", files["weights"])
+    shutil.copyfile(model_files(artifacts / "model") / WEIGHTS_FILE, files["weights"])
     shutil.copyfile(artifacts / CONFIG_ARTIFACT, files["config"])
     files["architecture"].write_bytes(source)
     torchscript(loaded.model, example).save(str(files["torchscript"]))

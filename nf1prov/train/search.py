@@ -63,7 +63,7 @@ from nf1prov.train.trainer import (
     TrainResult,
     log_best,
     log_health,
-    log_model,
+    log_mlflow_model,
     log_postprocess,
     log_run_inputs,
     prepare_data,
@@ -281,8 +281,8 @@ def finish_search(config: dict, data: PreparedData, study, client) -> TrainResul
     for epoch, scores in enumerate(result.history, start=1):
         box.log_metrics(scores, step=epoch)
     log_best(result)
-    instance_scores = log_postprocess(config, data, result.model)
-    log_model(result.model)
+    postprocess, instance_scores = log_postprocess(config, data, result.model)
+    log_mlflow_model(config, data, result, postprocess, instance_scores)
     log_health(config, data, result, instance_scores)  # the best trial's training, its curve
     return result
 

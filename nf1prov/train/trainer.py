@@ -141,8 +141,8 @@ def train_one(config: dict, data_root: Path, *, cache_dir: Path,
     if not ranks.logs:
         return result
     log_best(result)
-    instance_scores = log_postprocess(config, data, result.model)
-    log_model(result.model)
+    postprocess, instance_scores = log_postprocess(config, data, result.model)
+    log_mlflow_model(config, data, result, postprocess, instance_scores)
     log_health(config, data, result, instance_scores)
     return result
 
@@ -670,6 +670,42 @@ def log_model(model: nn.Module) -> None:
         outbox.current().log_artifacts(tmp, artifact_path="model")
 
 
+def log_mlflow_model(config: dict, data: PreparedData, result: TrainResult, postprocess,
+                     instance_scores: dict | None) -> None:
+    """The best model as the active run's MLflow logged model ``model``
+    (`nf1prov.segment.mlflow_model`: pyfunc from code, its files under ``model/artifacts/``),
+    with its best-epoch metrics (and instance scores) linked to it and to the split manifest,
+    the run's dataset input; this commit's `nf1prov.segment.mlflow_pyfunc` is its code."""
+    import mlflow.data
+
+    from nf1prov import weights
+    from nf1prov.segment import mlflow_model
+
+    run = _active_run()
+    split = data.val if data.val.fields else data.train
+    stack = split.cache.image(split.fields[0].image_path)
+    settings = mlflow_model.settings(
+        config, postprocess, input_dtype=stack.dtype, codename=run.info.run_name,
+        commit=run.data.tags.get(tracking.GIT_COMMIT), run_id=run.info.run_id)
+    with warnings.catch_warnings():  # as in log_run_inputs: the same dataset, its digest
+        warnings.simplefilter("ignore", UserWarning)
+        digest = mlflow.data.from_pandas(data.manifest, source=data.source,
+                                         name="split_manifest").digest
+    linked = {f"best_{k}": v for k, v in result.best_metrics.items()
+              if k.startswith("val_dice_")} | {"best_val_loss": result.best_val_loss}
+    linked |= {f"val_{k}": (instance_scores or {})[k] for k in ("instance_f1", "instance_ap")
+               if k in (instance_scores or {})}  # those log_postprocess logs
+    with tempfile.TemporaryDirectory(prefix="nf1prov-mlflow-model-") as tmp:
+        weights.save(result.model.to("cpu").eval(), Path(tmp) / "weights")
+        saved = mlflow_model.save(Path(tmp) / "weights", settings, Path(tmp) / "model",
+                                  mlflow_model.example(stack, settings["input_slices"]))
+        outbox.current().log_logged_model(
+            saved, metrics=linked, step=result.best_epoch, dataset=("split_manifest", digest),
+            params=mlflow_model.params(settings),
+            tags={tracking.CODENAME: settings["codename"] or "",
+                  tracking.MODEL_COMMIT: settings["commit"] or ""})
+
+
 def log_health(config: dict, data: PreparedData, result: TrainResult,
                instance_scores: dict | None, curve: bool = True) -> str:
     """The model's health verdict (`nf1prov.train.health`) as the tag ``nf1prov.health`` of the
@@ -711,12 +747,13 @@ def val_class_fractions(dataset, t: dict, margin: int) -> dict[str, float]:
 MAX_TUNE_PIXELS = 16_000_000  # validation pixels segmented per candidate when choosing
 
 
-def log_postprocess(config: dict, data: PreparedData, model: nn.Module) -> dict | None:
+def log_postprocess(config: dict, data: PreparedData, model: nn.Module):
     """Choose the instance parameters of ``model`` (`nf1prov.segment.instances.tune`) on the
     validation split, or take the config's when ``postprocess.tune`` is false, and log them to
     the active run: params ``instances.*``, the artifact ``config/instances.json`` and, when
-    chosen, the metrics ``val_instance_f1`` and ``val_instance_ap`` they reach (returned as
-    ``instance_f1`` and ``instance_ap``; None when not chosen).
+    chosen, the metrics ``val_instance_f1`` and ``val_instance_ap`` they reach. Returns the
+    parameters (a `PostProcess`) and the scores (``instance_f1`` and ``instance_ap``; None when
+    not chosen).
 
     Validation stacks are predicted whole, as `predict` does; past `MAX_TUNE_PIXELS` the centre
     slices are an evenly spaced subset, so that the search stays seconds on a large split."""
@@ -764,7 +801,7 @@ def log_postprocess(config: dict, data: PreparedData, model: nn.Module) -> dict 
                          "val_instance_ap": scores["instance_ap"]})
     box.log_params({k: v for k, v in chosen.params().items() if k not in already_logged})
     box.log_text(chosen.to_json(), POSTPROCESS_ARTIFACT)
-    return scores
+    return chosen, scores
 
 
 def pick_overlay_crops(n: int, count: int) -> list[int]:
