@@ -10,7 +10,10 @@
 #      bit-deterministic; on a CPU the tolerance is 0: bit-identical);
 #   4. predict_stack throughput, MP/s on cuda vs cpu (benchmarks/bench_gpu_predict.py), and
 #      against MONAI's sliding_window_inference on the same device (benchmarks/bench_predict.py,
-#      when monai is installed: it is in benchmarks/gpu_wheels.txt).
+#      when monai is installed: it is in benchmarks/gpu_wheels.txt);
+#   5. training samples/s of the width-64 UNet on 512-px crops: eager fp32, AMP bf16 and fp16,
+#      torch.compile with channels-last, and the MFU (benchmarks/bench_gpu_train.py; on a CPU a
+#      width-4 UNet on 64-px crops, without torch.compile, whose compilation takes minutes there).
 # Without CUDA it still runs, on the CPU, and says what it skipped. Prints a summary of figures
 # at the end; with $OUT set, writes $OUT/gpu_check.log and $OUT/gpu_check_summary.txt.
 # Exit 0 when every check passed, 1 otherwise.
@@ -21,7 +24,7 @@
 # then the wheels in $WHL (.whl/, from benchmarks/fetch_gpu_wheels.sh), if any, are installed
 # into $SITE (/tmp/site) first and put on PYTHONPATH. Other settings: EPOCHS (4), REPRO_TOL
 # (0.1 on CUDA: 0.089 was measured on an H100), BENCH_ARGS (bench_gpu_predict.py's options),
-# PREDICT_ARGS (bench_predict.py's).
+# PREDICT_ARGS (bench_predict.py's), TRAIN_BENCH_ARGS (bench_gpu_train.py's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -71,7 +74,7 @@ print(int(cuda))
 EOF
 ) || { echo "cannot import torch with $PY"; exit 1; }
 if [ "$CUDA" = 1 ]; then DEVICE=cuda; TOL=${REPRO_TOL:-0.1}; else DEVICE=cpu; TOL=0; fi
-[ "$CUDA" = 1 ] || say "NOTE  no CUDA device: the CUDA tests and the cuda timing are skipped; training, reproduce and predict run on the CPU"
+[ "$CUDA" = 1 ] || say "NOTE  no CUDA device: the CUDA tests and the cuda timing are skipped; training, reproduce and predict run on the CPU, the training throughput on a tiny UNet"
 $PY -c "import mlflow, nf1prov; print('mlflow', mlflow.__version__, 'nf1prov from', nf1prov.__file__)" \
   || { echo "nf1prov or mlflow cannot be imported (wheels missing? see docs/gpu.md)"; exit 1; }
 
@@ -163,6 +166,19 @@ if $PY -c "import monai" 2>/dev/null; then
   fi
 else
   say "SKIP  predict vs MONAI: monai is not installed (pip install monai==1.6.1)"
+fi
+
+header "5. training throughput: benchmarks/bench_gpu_train.py"
+[ "$CUDA" = 1 ] || TRAIN_BENCH_ARGS=${TRAIN_BENCH_ARGS:---device cpu --width 4 --crop 64 --batch-size 4 --warmup 2 --steps 2 --repeats 2 --settings eager-fp32,amp-bf16,amp-fp16}
+T=$SECONDS
+# shellcheck disable=SC2086
+if $PY benchmarks/bench_gpu_train.py ${TRAIN_BENCH_ARGS:-} 2>&1 | tee "$WS/train_bench.out"; then
+  say "PASS  train throughput ($((SECONDS - T)) s): $(sed -n 's/^RESULT //p' "$WS/train_bench.out")"
+  while read -r line; do
+    say "NOTE  train throughput: $line"
+  done < <(grep ' skipped: ' "$WS/train_bench.out" | tr -s ' ')
+else
+  fail "train throughput benchmark (bench_gpu_train.py)"
 fi
 
 header "summary"
