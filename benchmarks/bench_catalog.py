@@ -13,7 +13,17 @@ then times, in the same run:
   ours (CLI)       `python -m nf1prov catalog --readme README.md` as a subprocess, the store in
                    MLFLOW_TRACKING_URI: interpreter start, imports, store check, git checks,
                    the README and the last-written record written;
-  peer (script)    the peer above as a `python -c` script that writes the block to a file.
+  peer (script)    the peer above as a `python -c` script that writes the block to a file;
+  the read-only verbs as a user runs them (`python -m nf1prov ...` in a repository whose
+  README is up to date), each read directly (`nf1prov.store_read`, MLflow not imported) and
+  through MLflow (NF1PROV_STORE_READER=mlflow: the path before issue [4/8]): `catalog
+  --check` (the pre-commit hook), `list` and `show` of one model;
+  floor (script)   the outside check p5's floor: a `python -c` script that imports sqlite3 and
+                   jinja2 only, reads the same rows (the model runs, their tags, the params and
+                   metrics the catalogue shows) and renders the same templates
+                   (catalog.md.j2, catalog_entry.md.j2) from a context built the plainest way
+                   (no Markdown escaping, no long-tag joins, no health or registry lines); p5
+                   asks `catalog --check` <= 6x its CPU seconds at 1,200 models.
 
 Each size has its own store (the larger holds the smaller's runs). Every variant is timed the
 same way, on every store: rounds that call each (variant, store) once, interleaved, so that a
@@ -22,7 +32,9 @@ machine busier at some moment weighs on all alike; one warm-up round, then the m
 (this process and the subprocesses it waited for). Ours and the peer must produce the same
 catalogue, byte for byte (asserted). Printed: the times, ours/peer at
 each size, and for each variant the cost of the largest size over the smallest: for ours (CLI),
-the cost a user sees of a store of 1,200 models over one of 10.
+the cost a user sees of a store of 1,200 models over one of 10; then the read-only verbs' CPU
+seconds read directly and through MLflow (after / before) and p5's ratio, `catalog --check`
+over the floor. The verbs' two ways must print the same bytes (asserted).
 
     .venv/bin/python benchmarks/bench_catalog.py [--sizes 10,1200] [--repeats 5] [--epochs 5]
     .venv/bin/python benchmarks/bench_catalog.py --profile 1200   # cProfile of ours (library)
@@ -55,6 +67,10 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 import nf1prov
 from nf1prov import catalog, tracking
 from nf1prov.config import defaults, flatten
+from nf1prov.resources import shipped_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_demo import machine_line, versions  # noqa: E402  (the header every benchmark prints)
 
 README = "# Project\n\nSome prose.\n\n## Model Descriptions\n\nTrained models, newest first.\n"
 DESCRIPTION = {  # the upstream README's description of fearless-eel-256
@@ -206,6 +222,75 @@ Path(sys.argv[2]).write_text(peer_library(MlflowClient(tracking_uri=sys.argv[1])
 """
 
 
+# p5's floor: the same rows, the same templates, nothing else (argv: database, templates, out).
+FLOOR_SCRIPT = r"""
+import datetime, json, sqlite3, sys
+import jinja2
+
+db, templates, out = sys.argv[1:4]
+con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+where = ("r.lifecycle_stage = 'active' AND r.run_uuid IN (SELECT run_uuid FROM tags WHERE "
+         "key = 'nf1prov.kind' AND value = 'model')")
+runs = {row[0]: {"run_id": row[0], "experiment_id": str(row[1]), "status": row[2],
+                 "start": row[3], "tags": {}, "params": {}, "metrics": {}}
+        for row in con.execute("SELECT r.run_uuid, r.experiment_id, r.status, r.start_time "
+                               f"FROM runs AS r WHERE {where} ORDER BY r.start_time DESC")}
+for table, field, keys in (("tags", "tags", ""),
+                           ("params", "params", " AND x.key IN ('data.root')"),
+                           ("latest_metrics", "metrics",
+                            " AND (x.key LIKE 'best%' OR x.key = 'epochs_run')")):
+    for run_id, key, value in con.execute(
+            f"SELECT x.run_uuid, x.key, x.value FROM {table} AS x WHERE x.run_uuid IN "
+            f"(SELECT r.run_uuid FROM runs AS r WHERE {where}){keys}"):
+        runs[run_id][field][key] = value
+
+
+def bullets(items, depth=0):
+    for item in items:
+        if isinstance(item, list):
+            yield from bullets(item, depth + 1)
+        else:
+            yield {"indent": "  " * depth, "text": item}
+
+
+def entry(run):
+    tags, metrics = run["tags"], run["metrics"]
+    fields = [{"label": key[20:].capitalize(), "text": value,
+               "bullets": list(bullets(json.loads(value))) if value.startswith("[") else []}
+              for key, value in tags.items() if key.startswith("nf1prov.description.") and value]
+    splits = json.loads(tags.get("nf1prov.data.splits", "{}"))
+    return {"commit": tags.get("mlflow.source.git.commit"),
+            "codename": tags.get("nf1prov.codename"), "important": None, "warnings": [],
+            "notes": json.loads(tags.get("nf1prov.notes", "[]")),
+            "fields": fields, "run_id": run["run_id"], "status": run["status"],
+            "date": datetime.datetime.fromtimestamp(run["start"] / 1000, datetime.UTC)
+            .strftime("%Y-%m-%d"), "url": None, "registered": [],
+            "data_root": run["params"].get("data.root"),
+            "splits": [{"name": k, "fields": v["fields"], "patients": v["patients"]}
+                       for k, v in splits.items()],
+            "holdout_patients": None, "epochs_run": metrics.get("epochs_run"),
+            "best_epoch": metrics.get("best_epoch"),
+            "val_dice": [{"name": k[14:], "value": f"{v:.3f}"} for k, v in metrics.items()
+                         if k.startswith("best_val_dice_")],
+            "holdout_dice": [], "holdout_iou": [], "holdout_instances": [], "reproduced": None}
+
+
+env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates), trim_blocks=True,
+                         lstrip_blocks=True, keep_trailing_newline=True)
+env.filters.update(code=lambda v: f"`{v}`", items=", ".join,
+                   link=lambda text, url: f"[{text}]({url})",
+                   scores=lambda items: ", ".join(f"{s['name']} {s['value']}" for s in items))
+groups = {}
+for run in runs.values():
+    groups.setdefault(run["experiment_id"], []).append(entry(run))
+with open(out, "w") as file:
+    file.write(env.get_template("catalog.md.j2").render(
+        groups=[{"experiment_id": e, "entries": entries} for e, entries in groups.items()]))
+"""
+THROUGH_MLFLOW = {tracking.STORE_READER: "mlflow"}  # the verbs' path before issue [4/8]
+VERBS = ("catalog --check", "list", "show")
+
+
 @dataclass
 class Case:
     """One variant on one store: ``call()``, after ``before()`` (not timed)."""
@@ -264,6 +349,8 @@ def bench(sizes: list[int], repeats: int, epochs: int, where: str | None) -> Non
     with tempfile.TemporaryDirectory(prefix="bench-catalog-", dir=where) as tmp:
         tmp = Path(tmp)
         code = Path(nf1prov.__file__).parents[1]  # the nf1prov under test, in the subprocesses too
+        print(machine_line())
+        print(versions())
         print(f"nf1prov from {code}; stores in {tmp}; {epochs} epochs of metric history a run")
         cases = []
         for size, uri in make_stores(tmp, sizes, epochs).items():
@@ -278,6 +365,7 @@ def bench(sizes: list[int], repeats: int, epochs: int, where: str | None) -> Non
                       Case("peer (library)", size, partial(peer_library, client)),
                       Case("ours (CLI)", size, partial(run, cli, repo, env), restore),
                       Case("peer (script)", size, partial(run, script, repo, env))]
+            cases += verb_cases(tmp, size, uri, env)
         # Round 0 warms up. Every round times every case once, the order reversed each round,
         # so that a machine busier at some moment weighs on all of them alike.
         for round_ in range(repeats + 1):
@@ -292,12 +380,53 @@ def bench(sizes: list[int], repeats: int, epochs: int, where: str | None) -> Non
             readme = tmp / f"repo-{size}" / "README.md"
             assert catalog.catalogue_block(readme.read_text())[0] == ours
             assert (tmp / f"peer-{size}.md").read_text() == ours
+            for verb in VERBS:  # read directly or through MLflow: the same bytes
+                assert by[verb, size].result == by[f"{verb} (MLflow)", size].result, verb
+            assert (tmp / f"floor-{size}.md").read_text().count("**Commit:**") == size
         print(f"median of {repeats} rounds after a warm-up, every case once a round; "
               "wall / CPU seconds")
         times: dict[int, dict[str, tuple[float, float]]] = {size: {} for size in sizes}
         for case in cases:
             times[case.size][case.label] = case.medians()
         report(times)
+        report_verbs(times)
+
+
+def verb_cases(tmp: Path, size: int, uri: str, env: dict) -> list[Case]:
+    """The read-only verbs, read directly and through MLflow, and p5's floor, on the store of
+    ``size`` runs: `catalog --check` in a repository whose README is up to date (as a
+    pre-commit hook finds it), `list`, `show` of the oldest model."""
+    checked = make_repo(tmp / f"checked-{size}")
+    nf1prov_cli = [sys.executable, "-m", "nf1prov"]
+    run([*nf1prov_cli, "catalog"], checked, env)  # the README up to date
+    commands = {"catalog --check": [*nf1prov_cli, "catalog", "--check"],
+                "list": [*nf1prov_cli, "list"],
+                "show": [*nf1prov_cli, "show", run_shape(0, 0, 0)[0][tracking.RUN_NAME]]}
+    cases = [Case(f"{verb}{how}", size, partial(run, command, checked, env | extra))
+             for verb, command in commands.items()
+             for how, extra in (("", {}), (" (MLflow)", THROUGH_MLFLOW))]
+    floor = [sys.executable, "-c", FLOOR_SCRIPT, str(tracking.sqlite_path(uri)),
+             str(shipped_dir("templates")), str(tmp / f"floor-{size}.md")]
+    return cases + [Case("floor (script)", size, partial(run, floor, checked, env))]
+
+
+def report_verbs(times: dict[int, dict[str, tuple[float, float]]]) -> None:
+    """The read-only verbs' CPU seconds, read directly (after) and through MLflow (before), and
+    p5: `catalog --check` over the floor at the largest size."""
+    sizes = sorted(times)
+    print("\nCPU seconds of the read-only verbs (python -m nf1prov ...): read directly "
+          "(after) / through MLflow (before)")
+    print(f"{'':22}" + "".join(f"{f'{size:,} runs':>26}" for size in sizes))
+    for verb in VERBS:
+        print(f"{verb:22}" + "".join(
+            f"{times[s][verb][1]:>8.3f} / {times[s][verb + ' (MLflow)'][1]:>6.3f} "
+            f"({times[s][verb + ' (MLflow)'][1] / times[s][verb][1]:>4.1f}x)" for s in sizes))
+    print(f"{'floor (script)':22}" + "".join(f"{times[s]['floor (script)'][1]:>26.3f}"
+                                             for s in sizes))
+    large = sizes[-1]
+    ratio = times[large]["catalog --check"][1] / times[large]["floor (script)"][1]
+    print(f"p5: catalog --check on {large:,} models / floor = {ratio:.2f}x CPU seconds "
+          f"({'holds' if ratio <= 6 else 'FAILS'}: <= 6x)")
 
 
 def report(times: dict[int, dict[str, tuple[float, float]]]) -> None:

@@ -79,6 +79,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
         # data-parallel processes on this machine (`train --nproc`); batch_size stays the global
         # batch, cut into nproc shards (nf1prov.train.distributed)
         "nproc": 1,
+        # torch CPU threads of the training process (of each rank, each search worker); 0 =
+        # OMP_NUM_THREADS when set, else the CPUs this process may use (affinity, cgroup quota)
+        # shared out (nf1prov.threads). CPU results depend on it: the run records it.
+        "threads": 0,
         "overlay_crops": 3,  # validation crops drawn as PNG overlays each epoch
         "max_batches_per_epoch": 0,  # 0 = all; a cap for quick runs
     },
@@ -352,6 +356,8 @@ RANGES: dict[str, Rule] = {
                              "sqlite:////absolute/path/optuna.db, without a password (the config "
                              "is committed and logged: give a URL with a password in "
                              "NF1PROV_SEARCH_STORAGE instead)"),
+    "train.threads": (_at_least(0), "an integer >= 0 (torch CPU threads of each training "
+                      "process; 0 = OMP_NUM_THREADS, else chosen from the CPUs)"),
     "train.overlay_crops": (_at_least(0), "an integer >= 0 (0 = no overlays)"),
     "train.max_batches_per_epoch": (_at_least(0), "an integer >= 0 (0 = all batches)"),
     "train.device": (lambda v, _: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),

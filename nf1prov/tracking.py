@@ -11,11 +11,10 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from nf1prov import store_read
 from nf1prov.errors import UserError
 
 # --- contract tags (DESIGN 3.3) -------------------------------------------------------------
@@ -47,6 +46,9 @@ REPRODUCES = "nf1prov.reproduces"  # on a reproduction: the original run ID
 REPRODUCED = "nf1prov.reproduced"  # on the original: the latest reproduction's outcome
 # what each split trained on, JSON {split: {"fields": n, "patients": [...]}} (trainer)
 DATA_SPLITS = "nf1prov.data.splits"
+# what the latest logged evaluation scored (segment.evaluate; the catalogue shows the patients)
+EVALUATED_PATIENTS = "nf1prov.evaluation.patients"  # JSON list of the patient folders scored
+EVALUATED_DATA_ROOT = "nf1prov.evaluation.data_root"  # the folder they were read from
 
 KIND_MODEL = "model"  # a committed model: the run a git commit belongs to
 KIND_TRIAL = "trial"  # a nested Optuna trial under a model run
@@ -482,61 +484,54 @@ def gc_paused():
             gc.enable()
 
 
-def model_runs(c, kinds: tuple[str, ...] = (KIND_MODEL,)) -> list:
-    """All runs whose nf1prov.kind is one of ``kinds``, newest first."""
+def model_runs(c, kinds: tuple[str, ...] = (KIND_MODEL,), *,
+               params: tuple[str, ...] | None = None,
+               metrics: tuple[str, ...] | None = None) -> list:
+    """All runs whose nf1prov.kind is one of ``kinds``, newest first. ``c``: an MlflowClient,
+    or a `reader`, which reads of the params and metrics only those in ``params`` and
+    ``metrics`` when given."""
     # MLflow's filter language has no IN for tags: one query per kind, merged.
-    runs = [run for kind in kinds for run in search_runs_all(c, f"tags.`{KIND}` = '{kind}'")]
+    if isinstance(c, store_read.Store):
+        with gc_paused():
+            runs = [run for kind in kinds for run in c.runs_tagged(KIND, kind, params, metrics)]
+    else:
+        runs = [run for kind in kinds
+                for run in search_runs_all(c, f"tags.`{KIND}` = '{kind}'")]
     return sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True)
 
 
 def runs_by_codename(c, codename: str) -> list:
     """Runs named ``codename`` (the codename is the run name), in any experiment."""
+    if isinstance(c, store_read.Store):
+        return c.runs_named(codename)
     return search_runs_all(c, f"attributes.run_name = '{codename}'")
 
 
-# --- reading many runs at once (the catalogue) --------------------------------------------------
+# --- reading without MLflow (the verbs that only read) -------------------------------------------
 
-@dataclass(frozen=True)
-class RunData:
-    """What MLflow's ``Run.data`` holds, as plain dicts: ``tags``, ``params`` and ``metrics``
-    (each metric's latest value)."""
-
-    tags: dict[str, str]
-    params: dict[str, str]
-    metrics: dict[str, float]
+RunData, RunRecord = store_read.RunData, store_read.RunRecord
+# "mlflow": the verbs that only read go through MLflow too (`reader` gives None)
+STORE_READER = "NF1PROV_STORE_READER"
 
 
-@dataclass(frozen=True)
-class RunRecord:
-    """A run as `read_model_runs` reads it from a sqlite store: MLflow's ``RunInfo`` and the
-    ``data`` of the MLflow Run that `model_runs` would give."""
-
-    info: Any
-    data: RunData
-
-
-# The parts of MLflow's sqlite schema (kept by `mlflow db upgrade`) that `read_model_runs`
-# reads; a store lacking any of them is read through MLflow's search instead.
-SQLITE_COLUMNS = {
-    "runs": {"run_uuid", "experiment_id", "name", "user_id", "status", "start_time", "end_time",
-             "lifecycle_stage", "artifact_uri"},
-    "tags": {"run_uuid", "key", "value"},
-    "params": {"run_uuid", "key", "value"},
-    "latest_metrics": {"run_uuid", "key", "value", "is_nan"},
-}
-_RUNS_OF_KIND = """
-    SELECT r.run_uuid, r.experiment_id, r.name, r.user_id, r.status, r.start_time, r.end_time,
-           r.lifecycle_stage, r.artifact_uri
-    FROM runs AS r JOIN tags AS kind ON kind.run_uuid = r.run_uuid
-    WHERE kind.key = ? AND kind.value = ? AND r.lifecycle_stage = 'active'"""
-_VALUES_OF_KIND = """
-    SELECT x.run_uuid, x.key, x.value, {is_nan} FROM {table} AS x
-    JOIN tags AS kind ON kind.run_uuid = x.run_uuid WHERE kind.key = ? AND kind.value = ?"""
-_KEY_IN = " AND x.key IN ({})"
-
-
-class _UnknownSchema(Exception):
-    pass
+def reader(tracking_uri: str) -> store_read.Store | None:
+    """``tracking_uri`` read without importing MLflow (`nf1prov.store_read`): a sqlite store's
+    tables or a server's REST API; None where it must go through MLflow (another kind of store,
+    a schema or setting `store_read` does not know, NF1PROV_STORE_READER=mlflow). The query
+    functions here take it where they take an MlflowClient."""
+    if os.environ.get(STORE_READER, "").strip().lower() == "mlflow":
+        return None
+    tracking_uri = plain_sqlite_uri(tracking_uri)
+    db = sqlite_path(tracking_uri)
+    try:
+        if db is not None:
+            return store_read.SqliteStore(db, tracking_uri)
+        if tracking_uri.startswith(("http://", "https://")):
+            return store_read.RestStore(
+                tracking_uri, float(PROBE_HTTP_SETTINGS["MLFLOW_HTTP_REQUEST_TIMEOUT"]))
+    except store_read.Unreadable:
+        pass
+    return None
 
 
 def read_model_runs(c, kinds: tuple[str, ...] = (KIND_MODEL,), *,
@@ -547,62 +542,37 @@ def read_model_runs(c, kinds: tuple[str, ...] = (KIND_MODEL,), *,
     ``params`` and ``metrics`` when given (at least those: all of them where MLflow searched).
 
     MLflow's search builds an object per tag, param and metric of every run; for a store of a
-    thousand trained models that is seconds, most of `nf1prov catalog`. A sqlite store is
-    therefore read directly, read-only and in one snapshot, into `RunRecord` (experiments still
-    come from MLflow: deleted ones and workspaces count as MLflow counts them). Any other store,
-    or a sqlite store whose tables are not as `SQLITE_COLUMNS` expects, goes through
-    `model_runs`.
+    thousand trained models that is seconds. So a store `reader` reads is read that way even
+    when ``c`` is an MlflowClient; if that read fails, MLflow's search does it.
     """
-    db = sqlite_path(c.tracking_uri)
-    if db is not None and db.is_file():
-        import sqlite3
-
+    direct = c if isinstance(c, store_read.Store) else reader(c.tracking_uri)
+    if direct is not None:
         try:
-            with gc_paused():
-                return _sqlite_model_runs(db, kinds, set(active_experiment_ids(c)), params,
-                                          metrics)
-        except (sqlite3.Error, _UnknownSchema):
-            pass
+            return model_runs(direct, kinds, params=params, metrics=metrics)
+        except store_read.Unreadable:
+            if direct is c:
+                raise
     return model_runs(c, kinds)
 
 
-def _sqlite_model_runs(db: Path, kinds: tuple[str, ...], experiments: set[str],
-                       params: tuple[str, ...] | None, metrics: tuple[str, ...] | None) -> list:
-    import sqlite3
+def get_run(c, run_id: str):
+    """Run ``run_id`` (whatever its state), or None when the store has none (``c``: an
+    MlflowClient or a `reader`)."""
+    if isinstance(c, store_read.Store):
+        return c.run(run_id)
+    from mlflow.exceptions import MlflowException
 
-    from mlflow.entities import RunInfo
-
-    # (table, RunData field, whether the value stands for NaN, the keys to read or None: all)
-    values = (("tags", "tags", "0", None), ("params", "params", "0", params),
-              ("latest_metrics", "metrics", "x.is_nan", metrics))
-    con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     try:
-        for table, needed in SQLITE_COLUMNS.items():
-            if not needed <= {row[1] for row in con.execute(f"PRAGMA table_info({table})")}:
-                raise _UnknownSchema(table)
-        con.execute("BEGIN")  # every read below sees the same state of the store
-        rows, data = {}, {}
-        for kind in kinds:
-            for row in con.execute(_RUNS_OF_KIND, (KIND, kind)):
-                if str(row[1]) in experiments:
-                    rows[row[0]], data[row[0]] = row, RunData({}, {}, {})
-            for table, field, is_nan, keys in values:
-                query = _VALUES_OF_KIND.format(table=table, is_nan=is_nan)
-                if keys is not None:
-                    query += _KEY_IN.format(", ".join("?" * len(keys)))
-                for run_id, key, value, nan in con.execute(query, (KIND, kind, *(keys or ()))):
-                    if run_id in data:  # NaN as MLflow reads it back
-                        getattr(data[run_id], field)[key] = float("nan") if nan else value
-        con.execute("COMMIT")
-    finally:
-        con.close()
-    runs = []
-    for run_id, row in rows.items():
-        experiment_id, name, user, status, start, end, stage, artifacts = row[1:]
-        info = RunInfo(run_id, str(experiment_id), user, status, start, end, stage, artifacts,
-                       name or data[run_id].tags.get(RUN_NAME))  # as MLflow names a run
-        runs.append(RunRecord(info, data[run_id]))
-    return sorted(runs, key=lambda r: (-(r.info.start_time or 0), r.info.run_id))
+        return c.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def experiment_names(c) -> dict[str, str]:
+    """{ID: name} of the experiments not deleted (MLflow's first page of them)."""
+    if isinstance(c, store_read.Store):
+        return c.experiments()
+    return {e.experiment_id: e.name for e in c.search_experiments()}
 
 
 # --- tag values longer than MLflow keeps ------------------------------------------------------

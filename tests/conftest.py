@@ -19,6 +19,20 @@ from tests.lab_servers import make_mlflow_server, mlflow_server, postgres, s3  #
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# The modules whose tests take longest (many trainings in subprocesses), longest first: run
+# before the rest, so that with `--dist worksteal` (Makefile) the other worker takes the short
+# tests meanwhile and no long test starts last (a worker idling while one long test ends).
+LONGEST_FIRST = ("test_lab_store", "test_distributed", "test_provenance_flow", "test_dogfood",
+                 "test_reproduce", "test_search_workers", "test_trainer",
+                 "test_store_concurrency", "test_mlflow_model", "test_code_that_ran",
+                 "test_demo")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).stem, len(rank)))
+
+
 def hermetic_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> None:
     """No git config of the machine's, a fixed test identity, no MLflow run or store inherited:
     what every test runs in (`hermetic_git`), and what a module-scoped fixture that trains must

@@ -156,6 +156,7 @@ BAD_VALUES = [
     ('train.search_storage="sqlite:////:memory:"', "an SQLAlchemy URL"),
     ('train.search_storage=".nf1prov/optuna.db"', "an SQLAlchemy URL"),
     ("train.overlay_crops=-1", "an integer >= 0"),
+    ("train.threads=-1", "an integer >= 0 (torch CPU threads"),
     ("train.max_batches_per_epoch=-1", "an integer >= 0"),
     ("train.device=gpu", "auto, cpu or cuda"),
     ("data.normalisation=minmax", "dtype_max or percentile"),

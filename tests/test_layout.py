@@ -13,8 +13,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nf1prov"
 
 # Lowest first. A room is a subpackage of nf1prov or a module directly in it.
 LAYERS = (
-    ("errors", "resources", "process_spec", "code_origin", "devices", "git", "tracking",
-     "outbox", "atomic"),             # plumbing: errors, git, the MLflow store, atomic writes
+    ("errors", "resources", "process_spec", "code_origin", "devices", "git", "store_read",
+     "tracking", "outbox", "atomic", "threads"),  # plumbing: errors, git, the MLflow store,
+                                      # atomic writes
     ("data",),                        # TIFFs, crops, splits, the upstream layout
     ("config", "description", "weights"),  # configs and their [description]; model files
     ("segment",),                     # prediction, instances, baseline, evaluation (arrays)

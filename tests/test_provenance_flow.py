@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from nf1prov import git, tracking
+from nf1prov import git, threads, tracking
 from nf1prov.cli import cli
 from nf1prov.train.health import warning_lines
 from tests.conftest import run_git, tiny_config
@@ -132,6 +132,11 @@ def test_two_trainings_two_commits_each_holding_its_code(project, tracking_uri):
         assert run.info.status == "FINISHED" and tracking.FAILURE not in run.data.tags
         assert "best_val_dice_inner-cell" in run.data.metrics
         assert run.data.tags["nf1prov.env.torch"] == torch.__version__
+        # the training process started with OMP_NUM_THREADS (`project` sets it) and waits so
+        # as to share the machine (nf1prov.threads)
+        assert run.data.tags["nf1prov.env.torch_threads"] == "1"
+        assert run.data.tags["nf1prov.env.openmp"] == threads.openmp_settings(
+            {"OMP_NUM_THREADS": "1", **threads.WAIT_SETTING})
         freeze = client.download_artifacts(run.info.run_id, "environment/pip-freeze.txt")
         assert "mlflow==" in Path(freeze).read_text().lower()
         assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == [
@@ -145,9 +150,11 @@ def test_two_trainings_two_commits_each_holding_its_code(project, tracking_uri):
 
     # nothing changed since: the next model still gets its own (empty) commit
     os.chdir(project)
-    third = train()
+    third = train("--threads", "2")  # the setting wins over OMP_NUM_THREADS
     sha3 = git.tag_sha(project, f"model/{codename_of(third.output)}")
     assert sha3 != new_sha and git.changed_files(project, new_sha, sha3) == []
+    run3 = tracking.model_runs(client)[0]
+    assert run3.data.tags["nf1prov.env.torch_threads"] == run3.data.params["train.threads"] == "2"
 
 
 def test_detached_head_and_worktree(project, tracking_uri, tmp_path):

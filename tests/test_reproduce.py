@@ -30,6 +30,7 @@ from nf1prov.provenance.reproduce import (
     compare_splits,
     format_comparison,
 )
+from nf1prov.provenance.run_tags import ENV_THREADS
 from tests.conftest import run_git, train_once, use_workspace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,7 +85,7 @@ def runs_in_store(client) -> set[str]:
     return {r.info.run_id for r in tracking.search_runs_all(client)}
 
 
-def test_reproduce_retrains_the_models_own_code_and_matches_exactly(trained):
+def test_reproduce_retrains_the_models_own_code_and_matches_exactly(trained, monkeypatch):
     project, name, run_id = trained.project, trained.name, trained.run_id
     client = tracking.client(trained.tracking_uri)
     sha = client.get_run(run_id).data.tags[tracking.GIT_COMMIT]
@@ -92,6 +93,9 @@ def test_reproduce_retrains_the_models_own_code_and_matches_exactly(trained):
     (project / "models" / "unet.py").write_text("raise RuntimeError('not the model code')\n")
     run_git(project, "commit", "-qam", "break the UNet")
     head = git.head_sha(project)
+    # The original trained with one torch thread; this shell would give two: the reproduction
+    # uses the original's (CPU results depend on it).
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
 
     output = invoke("reproduce", name).output
 
@@ -105,6 +109,7 @@ def test_reproduce_retrains_the_models_own_code_and_matches_exactly(trained):
     assert new.data.tags[tracking.GIT_COMMIT] == sha
     assert new.data.tags[tracking.GIT_DIRTY] == "false"
     assert new.data.tags[RESULT] == "identical"
+    assert new.data.tags[ENV_THREADS] == client.get_run(run_id).data.tags[ENV_THREADS] == "1"
     assert client.get_run(run_id).data.tags[tracking.REPRODUCED].startswith(
         f"identical (run {new.info.run_id}, ")
     original = client.get_run(run_id).data.metrics

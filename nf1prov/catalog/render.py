@@ -20,11 +20,10 @@ import traceback
 from pathlib import Path
 
 from nf1prov import tracking
-from nf1prov.data.semantic import CLASS_NAMES
+from nf1prov.data import CLASS_NAMES
 from nf1prov.description import FIELD_LABELS, decode_value, readable_tags
 from nf1prov.errors import UserError
 from nf1prov.resources import shipped_dir
-from nf1prov.segment.evaluate import EVALUATED_PATIENTS
 from nf1prov.train import health
 
 TEMPLATE_NAME = "catalog.md.j2"
@@ -305,7 +304,7 @@ def holdout_instances(metrics: dict) -> list[dict]:
 def evaluated_patients(tags: dict) -> list[str]:
     """The patient folders the latest logged evaluation scored (`EVALUATED_PATIENTS`)."""
     try:
-        patients = json.loads(tags.get(EVALUATED_PATIENTS) or "[]")
+        patients = json.loads(tags.get(tracking.EVALUATED_PATIENTS) or "[]")
     except ValueError:
         return []
     return [str(p) for p in patients] if isinstance(patients, list) else []

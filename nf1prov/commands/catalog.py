@@ -77,7 +77,7 @@ def command(readme, check, do_commit, force, template_dir, import_history, track
     """
     from nf1prov import catalog
     from nf1prov.catalog import repository
-    from nf1prov.commands.common import open_store
+    from nf1prov.commands.common import open_store, read_store
 
     if check and (do_commit or import_history or force):
         raise UserError("--check only reads: use it without --commit, --force and "
@@ -94,23 +94,24 @@ def command(readme, check, do_commit, force, template_dir, import_history, track
     repository.refuse_unsafe_link(path, root)
     if readme is None and root is not None:
         _point_out_nearer_readme(root, path)
-    # only --import-history writes to the store: the catalogue itself is rebuilt from a store
-    # this user cannot write too
-    _, uri, client = open_store(tracking_uri, path.parent, read_only=not import_history)
-    if import_history:
+    if import_history:  # the only option that writes to the store
         if root is None:
             raise UserError(f"--import-history reads git history: {path} is not in a repository.")
-        report = catalog.import_history(root, client)
+        report = catalog.import_history(root, open_store(tracking_uri, path.parent)[2])
         for line in report.lines():
             click.echo(line)
         click.echo(f"History: {len(report.tagged)} tagged, {len(report.skipped)} already "
                    f"tagged, {len(report.unmatched)} unmatched.")
-    runs = catalog.fetch_runs(client)
     from nf1prov.share import registry
 
+    # the catalogue is rebuilt from a store this user cannot write too, MLflow not imported
+    # where the store is read directly (`read_store`)
+    _, uri, (runs, registered) = read_store(
+        tracking_uri, lambda _root, _uri, store: (catalog.fetch_runs(store),
+                                                  registry.labels_by_run(store)), path.parent)
     result = catalog.rebuild(path, runs, tracking_uri=uri, repo_root=root,
                              template_dir=Path(template_dir) if template_dir else None,
-                             registered=registry.labels_by_run(client))
+                             registered=registered)
     if check:
         if result.changed:
             click.echo(catalog.unified_diff(result.old, result.new, path.name), nl=False)

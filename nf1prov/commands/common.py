@@ -19,9 +19,8 @@ tracking_uri_option = click.option(
 )
 
 
-def open_store(tracking_uri: str | None, start: Path | str = ".", read_only: bool = False):
-    """(repo_root or None, resolved URI, checked MlflowClient) for a verb that uses the store;
-    ``read_only``: the verb only reads it, so a store this user cannot write will do."""
+def locate_store(tracking_uri: str | None, start: Path | str = "."):
+    """(repo_root or None, resolved tracking URI) for a verb that uses the store."""
     from nf1prov import git, tracking
     from nf1prov.errors import UserError
 
@@ -29,8 +28,34 @@ def open_store(tracking_uri: str | None, start: Path | str = ".", read_only: boo
         root = git.repo_root(start)
     except UserError:
         root = None
-    uri = tracking.resolve_tracking_uri(tracking_uri, root)
+    return root, tracking.resolve_tracking_uri(tracking_uri, root)
+
+
+def open_store(tracking_uri: str | None, start: Path | str = ".", read_only: bool = False):
+    """(repo_root or None, resolved URI, checked MlflowClient) for a verb that uses the store;
+    ``read_only``: the verb only reads it, so a store this user cannot write will do."""
+    from nf1prov import tracking
+
+    root, uri = locate_store(tracking_uri, start)
     return root, uri, tracking.client(uri, read_only=read_only)
+
+
+def read_store(tracking_uri: str | None, answer, start: Path | str = "."):
+    """(repo_root or None, resolved URI, ``answer(root, uri, store)``) for a verb that only
+    reads the store: ``store`` is a `tracking.reader` (MLflow not imported) where there is one;
+    else, or when that read cannot go on (`store_read.Unreadable`), a checked read-only
+    MlflowClient. ``answer`` computes everything the verb prints and prints nothing, so that
+    it can start over through MLflow."""
+    from nf1prov import store_read, tracking
+
+    root, uri = locate_store(tracking_uri, start)
+    store = tracking.reader(uri)
+    if store is not None:
+        try:
+            return root, uri, answer(root, uri, store)
+        except store_read.Unreadable:
+            pass
+    return root, uri, answer(root, uri, tracking.client(uri, read_only=True))
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from nf1prov.commands.common import tracking_uri_option
-from nf1prov.commands.predict import postprocess_options, run_id_option
+from nf1prov.commands.predict import postprocess_options, run_id_option, threads_option, use_threads
 
 
 @click.command("evaluate")
@@ -31,10 +31,11 @@ from nf1prov.commands.predict import postprocess_options, run_id_option
               help="Also write the outline overlays (one PNG per field of view, model and "
                    "ground truth on the slice with the most cells) to this folder (created).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@threads_option
 @run_id_option
 @tracking_uri_option
 def command(model_ref, patients, data_root, baseline, seed_threshold, foreground_threshold,
-            min_size, batch_size, device, no_log, overlays_dir, no_progress, run_id,
+            min_size, batch_size, device, no_log, overlays_dir, no_progress, threads, run_id,
             tracking_uri) -> None:
     """Evaluate a model on holdout patients against a classical baseline.
 
@@ -47,6 +48,7 @@ def command(model_ref, patients, data_root, baseline, seed_threshold, foreground
     nf1prov.evaluation.patients, nf1prov.evaluation.data_root).
     Patients that are not holdout patients of the model are refused unless --no-log.
     """
+    use_threads(threads)
     import tempfile
 
     from nf1prov import git

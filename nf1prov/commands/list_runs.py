@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 import click
 
-from nf1prov.commands.common import open_store, tracking_uri_option
+from nf1prov.commands.common import open_store, read_store, tracking_uri_option
 
 BEST_DICE = "best_val_dice_inner-cell"
 COLUMNS = ["codename", "date", "status", "kind", "sha", BEST_DICE, "remote", "run_id",
@@ -147,16 +147,19 @@ def command(fmt, as_json, do_reap, all_kinds, tracking_uri) -> None:
 
     if as_json:
         fmt = "json"
-    root, _, client = open_store(tracking_uri, read_only=not do_reap)
     kinds = (tracking.KIND_MODEL, tracking.KIND_SCRATCH)
     if all_kinds:
         kinds += (tracking.KIND_TRIAL,)
-    runs = tracking.model_runs(client, kinds)
     warn = lambda text: click.echo(text, err=True)  # noqa: E731
-    waiting = waiting_runs(root)
-    if do_reap:
+    if do_reap:  # writes: through MLflow
+        root, _, client = open_store(tracking_uri)
+        runs, waiting = tracking.model_runs(client, kinds), waiting_runs(root)
         if reap(client, runs, warn, waiting):
             runs = tracking.model_runs(client, kinds)
+    else:  # MLflow not imported where the store is read directly (`read_store`)
+        root, _, runs = read_store(tracking_uri,
+                                   lambda _root, _uri, store: tracking.model_runs(store, kinds))
+        waiting = waiting_runs(root)
     runs = [run for run in runs if not never_committed(run)]
     click.echo(render(rows(runs, remote_column(root, runs, warn), waiting), fmt))
     if waiting:

@@ -10,6 +10,18 @@ from nf1prov.commands.common import tracking_uri_option
 
 run_id_option = click.option("--run-id", default=None, metavar="RUN_ID",
                              help="The run to use when a codename names several runs.")
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), default=None, metavar="N",
+    help="Torch CPU threads. Default: OMP_NUM_THREADS when set, else the CPUs this process may "
+         "use (docs/training.md, CPU threads on a shared machine).")
+
+
+def use_threads(threads: int | None) -> None:
+    """This process's torch threads and OpenMP waiting, set before torch is first imported
+    (`nf1prov.threads`): the first thing a verb that predicts does."""
+    from nf1prov.threads import use_in_this_process
+
+    use_in_this_process(threads or 0)
 
 
 def postprocess_options(command):
@@ -77,11 +89,12 @@ def load_for_command(model_ref: str, tracking_uri: str | None, device: str,
               help="Also write <name>_preview.png: the model's cell outlines on the slice "
                    "with the most cells, titled with the model.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@threads_option
 @run_id_option
 @tracking_uri_option
 def command(model_ref, inputs, outdir, seed_threshold, foreground_threshold, min_size,
-            probabilities_dtype, batch_size, overlap, device, preview, no_progress, run_id,
-            tracking_uri) -> None:
+            probabilities_dtype, batch_size, overlap, device, preview, no_progress, threads,
+            run_id, tracking_uri) -> None:
     """Segment z-stacks with a trained model.
 
     MODEL is a codename, a run ID, or a local MLflow model folder (e.g.
@@ -96,6 +109,7 @@ def command(model_ref, inputs, outdir, seed_threshold, foreground_threshold, min
     model named in its OME-XML, then <name>_nf1prov.json (model, input sha256, outputs): its
     presence means the stack is done. napari opens the outputs with nf1prov's reader.
     """
+    use_threads(threads)
     from nf1prov.errors import UserError
     from nf1prov.segment.files import predict_files
 

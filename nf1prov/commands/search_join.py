@@ -115,7 +115,7 @@ def join_search(root: Path, client, tracking_uri: str, ref: str, *, workers: int
         echo(f"{name}'s study {study_name} already holds its {wanted} trials: nothing to join.")
         return []
 
-    threads = sw.threads_per_worker(workers)
+    threads = sw.threads_per_worker(workers, config["train"].get("threads", 0))
     echo(f"Joining {name}'s search (study {study_name} in {sw.masked(url)}): {workers} "
          f"worker(s), {threads} torch thread(s) each.")
     with code_snapshot.snapshot(root, model.sha) as code_root:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import click
 
-from nf1prov.commands.common import open_store, tracking_uri_option
+from nf1prov.commands.common import read_store, tracking_uri_option
 
 
 def previous_model(client, run):
@@ -100,9 +100,11 @@ def command(codename, as_json, tracking_uri) -> None:
     from nf1prov import tracking
     from nf1prov.provenance import train_flow
 
-    root, uri, client = open_store(tracking_uri, read_only=True)
-    run = train_flow.find_run(client, codename)
-    shown = record(root, uri, client, run)
+    def find_and_record(root, uri, store):  # MLflow not imported where the store is read
+        run = train_flow.find_run(store, codename)  # directly (`read_store`)
+        return run, record(root, uri, store, run)
+
+    root, uri, (run, shown) = read_store(tracking_uri, find_and_record)
     if as_json:
         click.echo(json.dumps(shown, indent=2))
         return

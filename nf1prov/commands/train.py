@@ -50,13 +50,17 @@ from nf1prov.errors import Nf1provError, UserError
               help="Data-parallel training in N processes on this machine (one GPU each on "
                    "CUDA; gloo on CPU); the same as --set train.nproc=N. train.batch_size stays "
                    "the global batch. See docs/training.md for several machines (torchrun).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Torch CPU threads of the training process (of each process with --nproc); "
+                   "the same as --set train.threads=N. Default: OMP_NUM_THREADS when set, else "
+                   "the CPUs this process may use (docs/training.md, CPU threads).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the outcome as one JSON object on standard output (codename, run ID, "
                    "commit, best epoch, validation Dice, instance parameters); everything else "
                    "goes to standard error.")
 @tracking_uri_option
 def command(config_path, data_root, experiment, overrides, no_commit, resume_name, max_file_mb,
-            push, remote, nproc, as_json, tracking_uri) -> None:
+            push, remote, nproc, threads, as_json, tracking_uri) -> None:
     """Train a model, commit its code and tag its MLflow run.
 
     Every change git does not ignore is committed as the model's one commit (subject
@@ -79,6 +83,8 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
         nproc = world.size
     if nproc is not None:
         overrides = (*overrides, f"train.nproc={nproc}")
+    if threads is not None:
+        overrides = (*overrides, f"train.threads={threads}")
     if world is not None and world.rank != 0:
         sys.exit(launched.follow(world.rank, data_root))
     if push:  # refused before anything exists, like every other preflight problem

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from nf1prov.data import CLASS_NAMES as CLASS_NAMES
+
 BACKGROUND, INNER_CELL, CELL_BOUNDARY = 0, 1, 2
-CLASS_NAMES = ("background", "inner-cell", "cell-boundary")
 
 
 def _half_disk_offsets(thickness: float) -> list[tuple[int, int]]:

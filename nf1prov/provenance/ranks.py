@@ -74,7 +74,8 @@ def launch(spec, client) -> int:
         spec_file = folder / "spec.json"
         spec_file.write_text(json.dumps(asdict(spec)), encoding="utf-8")
         os.environ[training.RANK_SPEC_ENV] = str(spec_file)
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        # each rank's share of the CPUs (`nf1prov train` has put it here already)
+        os.environ.update(training.training_threads(spec.config, os.environ).environment())
         config = LaunchConfig(
             min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
             rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from nf1prov import git, tracking
+from nf1prov import git, store_read, tracking
 from nf1prov.errors import UserError
 
 MODEL_KINDS = (tracking.KIND_MODEL, tracking.KIND_SCRATCH)
@@ -55,13 +55,11 @@ def resolve_model(client, ref: str, run_id: str | None = None,
 
 
 def _get_run(client, run_id: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(run_id)
-    except MlflowException:
+    run = tracking.get_run(client, run_id)
+    if run is None:
         raise UserError(f"No run with ID {run_id} in the tracking store. Check --tracking-uri "
-                        "and the ID (`nf1prov list --format csv` shows them).") from None
+                        "and the ID (`nf1prov list --format csv` shows them).")
+    return run
 
 
 def _run_by_codename(client, codename: str):
@@ -77,7 +75,7 @@ def _run_by_codename(client, codename: str):
     committed = [r for r in runs if r.data.tags.get(tracking.KIND) == tracking.KIND_MODEL]
     runs = committed or runs
     if len(runs) > 1:
-        names = {e.experiment_id: e.name for e in client.search_experiments()}
+        names = tracking.experiment_names(client)
         lines = "; ".join(f"run {r.info.run_id} in experiment "
                           f"{names.get(r.info.experiment_id, r.info.experiment_id)!r}"
                           for r in runs)
@@ -127,6 +125,8 @@ def quoted(text: str) -> str:
 def registered_run(client, uri: str) -> str:
     """The run ID behind ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or
     ``models:/<model_id>`` (an MLflow logged model, ``m-<hex>``)."""
+    if isinstance(client, store_read.Store):  # the registry's lookups: through MLflow
+        raise store_read.Unreadable(uri)
     from mlflow.exceptions import MlflowException
 
     logged = LOGGED_MODEL_URI_RE.fullmatch(uri)

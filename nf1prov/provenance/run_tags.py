@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import os
 import platform
 import socket
 import sys
 from importlib import metadata
 from pathlib import Path
 
-from nf1prov import git, tracking
+from nf1prov import git, threads, tracking
 from nf1prov.provenance import heartbeat
 
 # Environment tags (nf1prov's own, not contract).
@@ -27,6 +28,7 @@ ENV_CUDA = "nf1prov.env.cuda"
 ENV_GPU = "nf1prov.env.gpu"
 ENV_PLATFORM = "nf1prov.env.platform"
 ENV_THREADS = "nf1prov.env.torch_threads"  # CPU results depend on it: `reproduce` reuses it
+ENV_OPENMP = "nf1prov.env.openmp"  # the OpenMP variables it started with (`nf1prov.threads`)
 
 PIP_FREEZE_ARTIFACT = "environment/pip-freeze.txt"
 UNCOMMITTED_DIFF_ARTIFACT = "git/uncommitted.diff"
@@ -90,6 +92,7 @@ def environment_tags() -> dict[str, str]:
         tags[ENV_CUDA] = torch.version.cuda or "none"
         tags[ENV_GPU] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
         tags[ENV_THREADS] = str(torch.get_num_threads())
+        tags[ENV_OPENMP] = threads.openmp_settings(os.environ)
     except ImportError:  # pragma: no cover - torch is a dependency
         tags[ENV_TORCH] = "not installed"
     return tags

@@ -61,7 +61,20 @@ def child_environment(spec: Spec) -> dict[str, str]:
     for key, value in tracking.TRAINING_HTTP_SETTINGS.items():
         env.setdefault(key, value)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [spec.code_root, env.get("PYTHONPATH")]))
+    env.update(training_threads(spec.config, env).environment())
     return env
+
+
+def training_threads(config: dict, env: dict[str, str]):
+    """The torch threads and OpenMP waiting of the training process (`nf1prov.threads`), read
+    by its OpenMP runtime once, as torch starts: per process where this machine runs several
+    (ranks; under torchrun those of this machine; search workers), which inherit it."""
+    from nf1prov import threads
+
+    t = config["train"]
+    ranks_here = int(env.get("LOCAL_WORLD_SIZE", t.get("nproc", 1)))
+    processes = max(ranks_here, t.get("search_workers", 1) if t.get("trials", 1) > 1 else 1)
+    return threads.choose(t.get("threads", 0), env, processes=processes)
 
 
 def launch(spec: Spec, client) -> int:

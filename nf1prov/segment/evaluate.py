@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nf1prov import tracking
 from nf1prov.data.semantic import CLASS_NAMES
 from nf1prov.errors import UserError
 
@@ -238,8 +239,8 @@ def holdout_fields(data_root: Path, patients: Sequence[str]) -> list:
 
 
 # What each logged evaluation scored (DESIGN 3.7: only holdout patients produce holdout_*).
-EVALUATED_PATIENTS = "nf1prov.evaluation.patients"  # JSON list of the patient folders scored
-EVALUATED_DATA_ROOT = "nf1prov.evaluation.data_root"  # the folder they were read from
+EVALUATED_PATIENTS, EVALUATED_DATA_ROOT = (tracking.EVALUATED_PATIENTS,
+                                           tracking.EVALUATED_DATA_ROOT)
 
 
 def not_held_out(fields: Sequence, holdout_patients: Sequence[str]) -> list[str]:

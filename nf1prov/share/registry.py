@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from nf1prov import tracking
+from nf1prov import store_read, tracking
 from nf1prov.errors import UserError
 from nf1prov.provenance.resolve import every_page, quoted
 
@@ -185,16 +185,26 @@ def ensure_logged_model(client, resolved) -> tuple[str, bool]:
 
 def labels_by_run(client) -> dict[str, list[str]]:
     """``{run_id: ["<name> v<version> @alias ...", ...]}`` for every registered version that
-    names a run."""
+    names a run (``client``: an MlflowClient or a `tracking.reader`)."""
     labels: dict[str, list[str]] = {}
-    for model in every_page(client.search_registered_models):
+    for model in registered_models(client):
         by_version: dict[str, list[str]] = {}
-        for alias, version in (model.aliases or {}).items():
-            by_version.setdefault(str(version), []).append(alias)
-        for version in every_page(client.search_model_versions, f"name = '{quoted(model.name)}'"):
-            if version.run_id:
-                aliases = "".join(f" @{a}" for a in sorted(by_version.get(str(version.version),
-                                                                          [])))
-                labels.setdefault(version.run_id, []).append(
-                    f"{model.name} v{version.version}{aliases}")
+        for alias, version in model.aliases.items():
+            by_version.setdefault(version, []).append(alias)
+        for version, run_id in model.versions:
+            if run_id:
+                aliases = "".join(f" @{a}" for a in sorted(by_version.get(version, [])))
+                labels.setdefault(run_id, []).append(f"{model.name} v{version}{aliases}")
     return labels
+
+
+def registered_models(client) -> list[store_read.RegisteredModel]:
+    """Every registered model (prompts left out) with its aliases and versions, as MLflow's
+    searches give them; a `tracking.reader` reads them without MLflow."""
+    if isinstance(client, store_read.Store):
+        return client.registered_models()
+    return [store_read.RegisteredModel(
+        model.name, {alias: str(v) for alias, v in (model.aliases or {}).items()},
+        [(str(v.version), v.run_id or "") for v in every_page(
+            client.search_model_versions, f"name = '{quoted(model.name)}'")])
+        for model in every_page(client.search_registered_models)]

@@ -152,7 +152,8 @@ def run_search(config: dict, data_root: Path, *, cache_dir: Path,
                 tracking_uri=tracking_uri, storage=url, study_name=study.study_name,
                 parent_run_id=parent_id, config=config, data_root=str(data_root),
                 cache_dir=str(cache_dir), code_root=str(workers.code_root()),
-                threads=workers.threads_per_worker(t["search_workers"]), parent_pid=os.getpid())
+                threads=workers.threads_per_worker(t["search_workers"], t["threads"]),
+                parent_pid=os.getpid())
             processes = workers.launch(spec, t["search_workers"])
         wait_for_trials(study, client, processes)
     finally:

@@ -53,7 +53,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nf1prov import process_spec, tracking
+from nf1prov import process_spec, threads, tracking
 from nf1prov.code_origin import foreign_modules
 from nf1prov.errors import Nf1provError, UserError
 
@@ -146,12 +146,11 @@ def worker_seed(seed: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
 
-def threads_per_worker(workers: int) -> int:
-    """Torch threads of each of ``workers`` processes: the CPUs shared out, at least one; never
-    more than OMP_NUM_THREADS when that is set."""
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    limit = os.environ.get("OMP_NUM_THREADS", "")
-    return min(threads, int(limit)) if limit.isdigit() and int(limit) > 0 else threads
+def threads_per_worker(workers: int, setting: int = 0) -> int:
+    """Torch threads of each of ``workers`` processes (`nf1prov.threads.choose`): the setting
+    ``train.threads`` when > 0, else OMP_NUM_THREADS when set (the training process has it
+    per worker already), else the CPUs this process may use shared out, at least one."""
+    return threads.choose(setting, processes=workers).threads
 
 
 def trial_count(study) -> int:
@@ -356,7 +355,7 @@ class WorkerSpec:
 def worker_environment(spec: WorkerSpec) -> dict[str, str]:
     env = tracking.child_environment(spec.tracking_uri)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [spec.code_root, env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = str(spec.threads)
+    env.update(threads.choose(spec.threads, env).environment())  # and how OpenMP waits
     env["TQDM_DISABLE"] = "1"  # several processes' progress bars garble one terminal
     return env
 
