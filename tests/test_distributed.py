@@ -324,6 +324,23 @@ def test_the_first_cause_survives_a_failure_record_cut_short(tmp_path):
         "rank 1 of 2 was killed by SIGKILL")
 
 
+def test_a_rank_the_launcher_stopped_before_it_said_so_is_not_the_cause(tmp_path):
+    """Rank 1 is killed; rank 0, stopped by the launcher's SIGTERM before writing its record,
+    dies of it in the same second (failure times are whole seconds, ranks break the tie): the
+    run still fails with rank 1's cause (seen in CI under load: the run ended KILLED)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from nf1prov.provenance.ranks import first_cause
+
+    killed = ProcessFailure(local_rank=1, pid=101, exitcode=-signal.SIGKILL, error_file="")
+    stopped = ProcessFailure(local_rank=0, pid=100, exitcode=-signal.SIGTERM, error_file="")
+    stopped.timestamp = killed.timestamp
+    assert first_cause({0: stopped, 1: killed}, tmp_path, 2) == (
+        "FAILED", "rank 1 of 2 was killed by SIGKILL")
+    # stopped alone (the training was stopped from outside): KILLED, naming the signal
+    assert first_cause({0: stopped}, tmp_path, 2) == ("KILLED", "rank 0 of 2 was killed by SIGTERM")
+
+
 def test_a_collective_broken_by_a_vanished_peer_is_a_consequence_not_a_cause():
     from nf1prov.provenance.ranks import describe_failure
 

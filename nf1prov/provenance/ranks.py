@@ -116,13 +116,16 @@ def first_cause(failures: dict, folder: Path, nproc: int) -> tuple[str, str]:
             causes.append((written["secondary"], written["time"], rank, written["reason"],
                            written["status"]))
             continue
+        # SIGTERM is how the launcher stops the others once one failed: a rank that died of
+        # it (or of Ctrl-C) before it could say so is a consequence, as when it says so.
+        # Failure times are whole seconds, so this, not the time, keeps it from being named.
+        stopped = failure.signal_name() in ("SIGINT", "SIGTERM")
         if failure.signal_name() != "<N/A>":
-            reason, status = f"was killed by {failure.signal_name()}", "FAILED"
-            if failure.signal_name() in ("SIGINT", "SIGTERM"):
-                status = "KILLED"
+            reason = f"was killed by {failure.signal_name()}"
         else:
-            reason, status = f"exited with code {failure.exitcode}", "FAILED"
-        causes.append((False, float(failure.timestamp), rank, reason, status))
+            reason = f"exited with code {failure.exitcode}"
+        causes.append((stopped, float(failure.timestamp), rank, reason,
+                       "KILLED" if stopped else "FAILED"))
     _, _, rank, reason, status = min(causes)
     return status, f"rank {rank} of {nproc} {reason}"
 
@@ -221,6 +224,9 @@ def rank_main(spec=None) -> int:
             finally:
                 distributed.shutdown()
     except BaseException as exc:  # noqa: BLE001 - recorded, then an exit code
+        # The launcher's SIGTERM (it stops every rank once one failed) may not end this rank
+        # before it has said why it stopped.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if folder is not None:
             with contextlib.suppress(OSError):  # gone when the launcher was killed
                 record_failure(folder, rank, exc)
