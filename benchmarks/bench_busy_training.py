@@ -6,7 +6,8 @@ The training: `nf1prov train --config configs/demo.toml --set train.epochs=8` on
 demo-data` output, in throwaway demo workspaces (`nf1prov.demo.prepare_workspace`, one per
 training that may run at once, sharing one data folder), as a user runs it. Its seconds per
 epoch come from the run's own `val_loss` timestamps (the median gap between epochs, read from
-the workspace's store). Two variants, measured in the same run:
+the workspace's store). Two variants by default (`--variants` names others: "1 thread",
+"PASSIVE"), measured in the same run:
 
 - "torch's default": what nf1prov did before issue 27, one thread per usable CPU and OpenMP's
   default waiting, given as the user's own variables (OMP_NUM_THREADS=<CPUs>,
@@ -19,6 +20,7 @@ measurement, then per variant the three figures, their ratio to the lone trainin
 each is within 2.5x, and nf1prov's figures over torch's default.
 
     python benchmarks/bench_busy_training.py [--rounds 2] [--epochs 8] [--hogs 2]
+        [--variants "torch's default,nf1prov,1 thread"]
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ OPENMP = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def variant_environments() -> dict[str, dict[str, str]]:
+    """The variants measured by default (the first two) and on request (``--variants``)."""
     cpus = len(os.sched_getaffinity(0))
     return {"torch's default": {"OMP_NUM_THREADS": str(cpus), "GOMP_SPINCOUNT": "300000"},
-            "nf1prov": {}}
+            "nf1prov": {},
+            "1 thread": {"OMP_NUM_THREADS": "1"},
+            "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 class Workspace:
@@ -72,7 +77,9 @@ class Workspace:
             sys.exit(f"training failed (exit {process.returncode}):\n"
                      + log.read_text(errors="replace")[-3000:])
         client = tracking.client(self.env["MLFLOW_TRACKING_URI"], read_only=True)
-        return epoch_seconds(client, json.loads(out)["run_id"])
+        run_id = json.loads(out)["run_id"]
+        self.threads = client.get_run(run_id).data.tags.get("nf1prov.env.torch_threads", "?")
+        return epoch_seconds(client, run_id)
 
 
 def measure(case: str, variables: dict[str, str], spaces: list[Workspace], args,
@@ -82,8 +89,11 @@ def measure(case: str, variables: dict[str, str], spaces: list[Workspace], args,
     with BusyLoops(args.hogs if case == "busy" else 0):
         started = [(space, space.start(args.epochs, variables, logs / f"{n}.log"))
                    for n, space in enumerate(spaces[:count])]
-        return [space.epoch_seconds(process, logs / f"{n}.log")
-                for n, (space, process) in enumerate(started)]
+        seconds = [space.epoch_seconds(process, logs / f"{n}.log")
+                   for n, (space, process) in enumerate(started)]
+        print(f"    ({case}: torch threads "
+              + ", ".join(space.threads for space, _ in started) + ")", flush=True)
+        return seconds
 
 
 def main() -> None:
@@ -92,6 +102,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--hogs", type=int, default=2, help="CPU-bound loops beside 'busy'")
     parser.add_argument("--keep", type=Path, default=None, help="keep the workspaces here")
+    parser.add_argument("--variants", default="torch's default,nf1prov",
+                        help=f"comma-separated, from {list(variant_environments())}")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     print(machine_line())
@@ -99,7 +111,11 @@ def main() -> None:
     print(f"configs/demo.toml, {args.epochs} epochs; busy: beside {args.hogs} CPU-bound loops; "
           f"best of {args.rounds} rounds, variants alternated", flush=True)
     base = args.keep or Path(tempfile.mkdtemp(prefix="nf1prov-bench-busy-"))
-    variants = variant_environments()
+    known = variant_environments()
+    names = list(dict.fromkeys(args.variants.split(",")))
+    if set(names) - set(known):
+        parser.error(f"--variants from {list(known)}")
+    variants = {name: known[name] for name in names}
     best: dict[tuple[str, str], float] = {}
     try:
         data = base / "data"
@@ -130,8 +146,9 @@ def main() -> None:
                          f"{'within' if ratio <= LIMIT else 'OVER'} {LIMIT}x)")
         print(f"  {name:16s} " + "; ".join(cells))
     default = "torch's default"
-    print("nf1prov over torch's default: " + "; ".join(
-        f"{case} {best[('nf1prov', case)] / best[(default, case)]:.2f}x" for case in CASES))
+    if {default, "nf1prov"} <= set(variants):
+        print("nf1prov over torch's default: " + "; ".join(
+            f"{case} {best[('nf1prov', case)] / best[(default, case)]:.2f}x" for case in CASES))
 
 if __name__ == "__main__":
     main()

@@ -123,9 +123,10 @@ def cpu_jiffies(cpus: set[int], stat: Path = PROC_STAT) -> int | None:
 
 
 def own_cpu_seconds() -> float:
-    """CPU seconds this process (all its threads) has used."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """CPU seconds this process (all its threads) and the children it waited for (git) have
+    used."""
+    return sum(usage.ru_utime + usage.ru_stime for usage in (
+        resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 class OthersLoad:
@@ -154,6 +155,32 @@ class OthersLoad:
         least one; all of them where the load cannot be read)."""
         busy = self.since_last()
         return usable if busy is None else max(1, min(usable, round(usable - busy)))
+
+
+# Other processes' load, measured from `watch_from_now` until `choose` asks (then kept: every
+# process started after that gets the same answer).
+_watched: OthersLoad | None = None
+_watched_load: float | None = None
+MIN_WINDOW_S = 0.5  # a shorter window says too little about the load to act on
+
+
+def watch_from_now(stat: Path = PROC_STAT) -> None:
+    """Start measuring the work other processes do on this process's CPUs: `choose` then gives
+    threads only to the CPUs they left idle meanwhile. `nf1prov train` calls it as it starts, so
+    its preflight (seconds of git, data checks and imports) is the window: a training started
+    beside two busy processes, or beside another training starting, takes one thread, where
+    two threads would wait on each other's descheduled turns."""
+    global _watched, _watched_load
+    _watched, _watched_load = OthersLoad(stat=stat), None
+
+
+def watched_load() -> float | None:
+    """CPUs' worth of other processes' work from `watch_from_now` to the first call (None: not
+    watched, or the window too short or unreadable)."""
+    global _watched, _watched_load
+    if _watched is not None and time.monotonic() - _watched.last[0] >= MIN_WINDOW_S:
+        _watched, _watched_load = None, _watched.since_last()
+    return _watched_load
 
 
 def idle_cpus(usable: int, interval_s: float = 0.25, stat: Path = PROC_STAT) -> int:
@@ -197,11 +224,16 @@ def omp_threads(value: str | None) -> int | None:
 
 
 def choose(setting: int = 0, env: Mapping[str, str] | None = None, *, processes: int = 1,
-           setting_name: str = "train.threads", cpus: int | None = None) -> Choice:
+           setting_name: str = "train.threads", cpus: int | None = None,
+           busy: float | None = None) -> Choice:
     """The threads of each of ``processes`` torch processes sharing this machine: ``setting``
     when > 0, else ``OMP_NUM_THREADS`` from ``env`` (default: this process's environment), else
-    the usable CPUs (``cpus``, default `usable_cpus`) shared out, at least one each. The wait
-    variables are `WAIT_SETTING` unless ``env`` sets one of `WAIT_VARIABLES` itself."""
+    the usable CPUs (``cpus``, default `usable_cpus`) that other processes leave idle (``busy``
+    CPUs' worth of their work, default `watched_load`, rounded) shared out, at least one each.
+    The wait variables are `WAIT_SETTING` unless ``env`` sets one of `WAIT_VARIABLES` itself.
+
+    The count is fixed for the process (CPU results depend on it: a run records it and
+    `reproduce` reuses it), never changed while it trains."""
     env = os.environ if env is None else env
     wait = {} if any(env.get(name) for name in WAIT_VARIABLES) else dict(WAIT_SETTING)
     from_env = omp_threads(env.get("OMP_NUM_THREADS"))
@@ -210,9 +242,13 @@ def choose(setting: int = 0, env: Mapping[str, str] | None = None, *, processes:
     if from_env is not None:
         return Choice(from_env, "OMP_NUM_THREADS", wait)
     usable = usable_cpus() if cpus is None else cpus
-    share = max(1, usable // max(1, processes))
-    return Choice(share, f"{usable} usable CPU(s)" + (f" / {processes} processes"
-                                                      if processes > 1 else ""), wait)
+    busy = watched_load() if busy is None and cpus is None else busy
+    free = usable if busy is None else max(1, min(usable, round(usable - busy)))
+    share = max(1, free // max(1, processes))
+    source = f"{usable} usable CPU(s)"
+    if busy is not None:
+        source += f", {busy:.1f} kept busy by other processes"
+    return Choice(share, source + (f" / {processes} processes" if processes > 1 else ""), wait)
 
 
 def use_in_this_process(setting: int = 0, setting_name: str = "--threads") -> Choice:

@@ -108,6 +108,37 @@ def test_idle_cpus_from_what_other_processes_did(tmp_path):
     assert load.idle(2) == 2  # cannot tell: all of them
 
 
+def test_threads_for_the_cpus_other_processes_left_idle_during_the_preflight(tmp_path):
+    """`nf1prov train` watches the load from its start (`watch_from_now`) and the training
+    process gets the CPUs other processes left idle meanwhile, once, for the whole training."""
+    assert threads.choose(0, {}, cpus=2, busy=1.6).threads == 1  # two busy loops, or a peer
+    assert threads.choose(0, {}, cpus=2, busy=0.3).threads == 2  # a browser
+    assert threads.choose(0, {}, cpus=2, busy=5.0).threads == 1  # never none
+    assert threads.choose(0, {}, cpus=8, busy=3.2, processes=2).threads == 2  # 5 idle, shared
+    assert threads.choose(0, {"OMP_NUM_THREADS": "2"}, cpus=2, busy=1.9).threads == 2  # user's
+    assert threads.choose(3, {}, cpus=2, busy=1.9).threads == 3
+
+    stat = tmp_path / "stat"
+    cpus = threads.affinity_cpus()
+    clock = os.sysconf("SC_CLK_TCK")
+    (stat).write_text("".join(f"cpu{c} 100 0 0 50 0 0 0 0\n" for c in sorted(cpus)))
+    start = time.monotonic()
+    threads.watch_from_now(stat)
+    assert threads.watched_load() is None  # too short a window to say
+    time.sleep(threads.MIN_WINDOW_S + 0.1)
+    # two CPUs' worth of other work over the window so far (a hair more: never less)
+    ticks = round(2 * (time.monotonic() - start + 0.02) * clock / len(cpus))
+    stat.write_text("".join(f"cpu{c} {100 + ticks} 0 0 50 0 0 0 0\n" for c in sorted(cpus)))
+    chosen = threads.choose(0, {})
+    assert chosen.threads == max(1, threads.usable_cpus() - 2), chosen
+    assert "kept busy by other processes" in chosen.source
+    stat.write_text("")  # the answer is kept: every process of the training gets the same
+    assert threads.choose(0, {}).threads == chosen.threads
+    threads.watch_from_now(tmp_path / "missing")  # unreadable: all usable CPUs
+    time.sleep(threads.MIN_WINDOW_S + 0.1)
+    assert threads.choose(0, {}).threads == threads.usable_cpus()
+
+
 # --- who wins -------------------------------------------------------------------------------------
 
 

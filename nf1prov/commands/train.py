@@ -71,8 +71,10 @@ def command(config_path, data_root, experiment, overrides, no_commit, resume_nam
     experiment = experiment or None
     if remote and not push:
         raise UserError("--remote names where --push sends the model: add --push.")
+    from nf1prov import threads as cpu_threads
     from nf1prov.provenance import launched
 
+    cpu_threads.watch_from_now()  # the preflight is the window: what else keeps the CPUs busy
     world = launched.world()
     if world is not None:  # started by torchrun: one of world.size ranks
         if nproc is not None or resume_name or no_commit:
@@ -265,10 +267,8 @@ def outcome_record(outcome, client) -> dict:
     """What `train` reports about the model it made, as plain data (``--json``): its identity,
     and the best epoch's validation Dice and the instance parameters chosen for it, read back
     from its run (None when the store cannot say: the run holds them all the same)."""
-    from dataclasses import asdict
-
     from nf1prov import tracking
-    from nf1prov.segment.instances import PARAM_PREFIX, PostProcess
+    from nf1prov.segment.instances import PARAM_PREFIX, PARAM_PREFIX_3D, PostProcess
 
     model = outcome.kind == "model"
     record = {"codename": outcome.codename, "run_id": outcome.run_id,
@@ -281,7 +281,8 @@ def outcome_record(outcome, client) -> dict:
               "run_url": tracking.run_url(outcome.tracking_uri, outcome.experiment_id,
                                           outcome.run_id),
               "best_epoch": None, "epochs_run": None, "best_val_dice": {}, "instances": None,
-              "val_instance_f1": None, "health": None}
+              "val_instance_f1": None, "instances3d": None, "val_instance3d_f1": None,
+              "health": None}
     try:
         run = client.get_run(outcome.run_id)
     except Exception:
@@ -294,8 +295,11 @@ def outcome_record(outcome, client) -> dict:
                                for key, value in sorted(metrics.items())
                                if key.startswith("best_val_dice_")}
     chosen = PostProcess.from_mapping(params, prefix=PARAM_PREFIX)
-    record["instances"] = asdict(chosen) if chosen is not None else None
+    record["instances"] = chosen.values() if chosen is not None else None
     record["val_instance_f1"] = metrics.get("val_instance_f1")
+    cells = PostProcess.from_mapping(params, prefix=PARAM_PREFIX_3D)
+    record["instances3d"] = cells.values() if cells is not None else None
+    record["val_instance3d_f1"] = metrics.get("val_instance3d_f1")
     record["health"] = run.data.tags.get(tracking.HEALTH)
     return record
 
@@ -327,6 +331,12 @@ def print_outcome(record: dict) -> None:
         scored = (f" (val instance F1 {record['val_instance_f1']:.3f})"
                   if record["val_instance_f1"] is not None else "")
         click.echo(f"instances:  {PostProcess(**record['instances']).describe()}{scored}")
+    if record.get("instances3d") is not None:
+        from nf1prov.segment.instances import PostProcess
+
+        scored = (f" (val 3-D instance F1 {record['val_instance3d_f1']:.3f})"
+                  if record["val_instance3d_f1"] is not None else "")
+        click.echo(f"3-D cells:  {PostProcess(**record['instances3d']).describe()}{scored}")
     if record["health"] is not None:
         click.echo(f"health:     {'warning (below)' if record['health'] != 'ok' else 'ok'}")
 
