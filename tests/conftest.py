@@ -60,6 +60,30 @@ def hermetic_git(monkeypatch, tmp_path_factory):
     hermetic_environment(monkeypatch, tmp_path_factory)
 
 
+@pytest.fixture(autouse=True)
+def signals_as_in_a_terminal():
+    """Each test starts with Python's own Ctrl-C handler, as a process started from a terminal
+    has: pytest-xdist's workers ignore SIGINT, and their subprocesses would inherit that (a
+    Ctrl-C test then passed or hung depending on whether an earlier test in the same worker
+    happened to reinstall the handler). A test must leave SIGINT and SIGTERM as it found them
+    (a leak would reach later tests' subprocesses): the culprit fails here, by name."""
+    import signal
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    found = {signum: signal.getsignal(signum) for signum in handled}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    before = {signum: signal.getsignal(signum) for signum in handled}
+    yield
+    after = {signum: signal.getsignal(signum) for signum in handled}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, []) & set(handled)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+    for signum, handler in found.items():
+        signal.signal(signum, handler)
+    if after != before or blocked:
+        pytest.fail(f"the test left signal handlers {after} (found {before}), blocked "
+                    f"{sorted(blocked)}")
+
+
 def run_git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
                           text=True).stdout.strip()
