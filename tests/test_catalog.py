@@ -274,7 +274,8 @@ def test_holdout_instance_scores_beside_the_baselines(tmp_path, client):
                        "holdout_instance_f1": 0.85, "holdout_instance_ap": 0.61,
                        "holdout_baseline_instance_f1": 0.35,
                        "holdout_baseline_instance_ap": 0.2,
-                       "holdout_instance_precision": 0.9},
+                       "holdout_instance_precision": 0.9, "holdout_instance3d_f1": 0.82,
+                       "holdout_baseline_instance3d_f1": 0.54},
               extra_tags={"nf1prov.evaluation.patients": '["NF0014_T1", "NF0014_T2"]'})
     model_run(client, exp, "solo-seal-2", start_time=2_000,  # evaluated without --baseline
               metrics={"holdout_instance_f1": 0.7, "holdout_instance_ap": float("nan")})
@@ -283,9 +284,9 @@ def test_holdout_instance_scores_beside_the_baselines(tmp_path, client):
     both, solo, never = (entry.splitlines() for entry in entries_of(first.new))
     assert both[-3:] == [
         "- **Holdout Dice:** inner-cell 0.800", "- **Holdout IoU:** inner-cell 0.700",
-        "- **Holdout instances:** F1 0.850 (baseline 0.350), AP 0.610 (baseline 0.200) "
-        "on NF0014_T1, NF0014_T2"]
-    assert solo[-1] == "- **Holdout instances:** F1 0.700, AP n/a"
+        "- **Holdout instances:** F1 0.850 (baseline 0.350), AP 0.610 (baseline 0.200), "
+        "3-D F1 0.820 (baseline 0.540) on NF0014_T1, NF0014_T2"]
+    assert solo[-1] == "- **Holdout instances:** F1 0.700, AP n/a"  # no 3-D F1 logged
     assert not [line for line in never if "Holdout" in line]
     catalog.write_atomic(first.readme, first.new)
     assert build(tmp_path, client).new == first.new

@@ -71,3 +71,23 @@ def test_cli_refuses_a_non_empty_folder_and_bad_values(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo-data", str(tmp_path / "e"), "--patients", "0"])
     assert exit_info.value.code == 2 and "--patients 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cells_are_3d_objects_consistent_through_the_stack(seed):
+    """Each label of a synthesized field is one cell: one 3-D connected object (6-connected),
+    on consecutive slices, with the same outline on every slice it spans; and cells span
+    several slices, so the fields exercise 3-D instances."""
+    from scipy import ndimage
+
+    _, labels = synthesize_field(np.random.default_rng(seed), 7, 64, 64)
+    spans = []
+    for label in np.unique(labels[labels > 0]):
+        cell = labels == label
+        _, pieces = ndimage.label(cell)
+        assert pieces == 1, f"cell {label} is {pieces} separate objects"
+        zs = np.flatnonzero(cell.any(axis=(1, 2)))
+        assert np.array_equal(zs, np.arange(zs[0], zs[-1] + 1)), f"cell {label} skips a slice"
+        assert all(np.array_equal(cell[z], cell[zs[0]]) for z in zs)
+        spans.append(len(zs))
+    assert min(spans) >= 2 and np.mean(spans) >= 3

@@ -268,7 +268,8 @@ def test_evaluate_cli_logs_holdout_metrics_to_the_finished_run(tracking_uri, dat
     metrics = run.data.metrics
     for name in ("holdout_dice_inner-cell", "holdout_iou_cell-boundary", "holdout_dice_total",
                  "holdout_instance_f1", "holdout_instance_ap", "holdout_baseline_dice_total",
-                 "holdout_baseline_instance_f1"):
+                 "holdout_baseline_instance_f1", "holdout_instance3d_f1", "holdout_instance3d_ap",
+                 "holdout_instance3d_ap50", "holdout_baseline_instance3d_f1"):
         assert 0 <= metrics[name] <= 1, name
     # The baseline finds the dark discs: well above chance on this easy data.
     assert metrics["holdout_baseline_instance_f1"] > 0.8
@@ -283,6 +284,12 @@ def test_evaluate_cli_logs_holdout_metrics_to_the_finished_run(tracking_uri, dat
         ("baseline", "all")}
     assert metrics["holdout_instance_f1"] == pytest.approx(
         table.set_index(["method", "patient"]).loc[("model", "all"), "instance_f1"])
+    assert metrics["holdout_baseline_instance3d_f1"] == pytest.approx(
+        table.set_index(["method", "patient"]).loc[("baseline", "all"), "instance3d_f1"])
+    # each disc is one cell through the 3 slices: as 3-D objects the baseline's 3-D variant
+    # finds them too, and the report has the 3-D rows
+    assert metrics["holdout_baseline_instance3d_f1"] > 0.8
+    assert "instance3d_f1" in result.output
 
 
 def test_evaluate_cli_patients_option_and_errors(tracking_uri, dataset, tmp_path):

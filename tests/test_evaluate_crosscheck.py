@@ -95,9 +95,14 @@ def random_labels(rng, shape=(3, 40, 48)) -> tuple[np.ndarray, np.ndarray]:
             pred[z, y:y + rng.integers(2, 6), x:x + rng.integers(2, 6)] = next_pred
             next_pred += 1
     # labels need not be consecutive, and a label may be reused in another slice
+    return true, scrambled(rng, pred)
+
+
+def scrambled(rng, pred: np.ndarray) -> np.ndarray:
+    """``pred`` with its labels replaced by random distinct ones below 1001."""
     relabel = rng.permutation(1000)[: pred.max() + 1] + 1
     relabel[0] = 0
-    return true, relabel[pred]
+    return relabel[pred]
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -140,3 +145,74 @@ def test_many_cells_match_the_counts_derived_from_pixels():
     n_pred = (kept > 0).sum()
     expected = np.stack([tp, n_pred - tp, 40000 - tp], axis=1)
     np.testing.assert_array_equal(instance_counts(true, pred), expected)
+
+
+def reference_counts_3d(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """int64 (len(THRESHOLDS), 3) TP, FP, FN of (Z, H, W) labels as 3-D objects: IoU of whole
+    boolean volumes (`reference_iou` takes any shape)."""
+    iou = reference_iou(true, pred)
+    counts = np.zeros((len(THRESHOLDS), 3), np.int64)
+    for k, threshold in enumerate(THRESHOLDS):
+        tp = largest_matching(iou >= threshold)
+        counts[k] = (tp, iou.shape[1] - tp, iou.shape[0] - tp)
+    return counts
+
+
+def random_cells_3d(rng, shape=(8, 28, 32)) -> tuple[np.ndarray, np.ndarray]:
+    """True cells as boxes through several slices (later ones paint over earlier ones) and a
+    prediction of copies shifted in z and x-y, cut in two along z (a cell split at a slice, as
+    unlinked slices make it), cut in exact halves, merged with the previous one, missed, and
+    extras."""
+    true = np.zeros(shape, np.int32)
+    pred = np.zeros(shape, np.int32)
+    depth, height, width = shape
+    next_pred = 1
+    for label in range(1, rng.integers(4, 12)):
+        z, y, x = rng.integers(0, [depth - 1, height - 4, width - 4])
+        d, h, w = rng.integers(1, 6), rng.integers(3, 12), rng.integers(3, 12)
+        true[z:z + d, y:y + h, x:x + w] = label
+        kind = rng.random()
+        if kind < 0.1:
+            continue  # missed
+        if kind < 0.25 and d >= 2:  # cut in two along z (exact halves when d is even)
+            pred[z:z + d // 2, y:y + h, x:x + w] = next_pred
+            pred[z + d // 2:z + d, y:y + h, x:x + w] = next_pred + 1
+            next_pred += 2
+            continue
+        dz, dy, dx = rng.integers(-1, 2), rng.integers(-2, 3), rng.integers(-2, 3)
+        z0, y0, x0 = max(0, z + dz), max(0, y + dy), max(0, x + dx)
+        z1 = max(z0 + 1, z + dz + d + rng.integers(-1, 2))
+        y1, x1 = max(y0 + 1, y + dy + h), max(x0 + 1, x + dx + w)
+        if kind < 0.35 and next_pred > 1:  # merged into the previous prediction
+            pred[z0:z1, y0:y1, x0:x1] = next_pred - 1
+        else:
+            pred[z0:z1, y0:y1, x0:x1] = next_pred
+            next_pred += 1
+    for _ in range(rng.integers(0, 3)):  # false detections
+        z, y, x = rng.integers(0, [depth, height - 4, width - 4])
+        d, h, w = rng.integers([1, 2, 2], [3, 6, 6])
+        pred[z:z + d, y:y + h, x:x + w] = next_pred
+        next_pred += 1
+    return true, scrambled(rng, pred)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_3d_counts_equal_an_independent_matching_on_random_cells(seed):
+    true, pred = random_cells_3d(np.random.default_rng(seed))
+    np.testing.assert_array_equal(instance_counts(true, pred, per_slice=False),
+                                  reference_counts_3d(true, pred))
+
+
+def test_random_cells_exercise_3d_matching():
+    """The random cells are not all easy: per slice and in 3-D the counts differ (a label
+    through several slices is one object, not one per slice), some objects have two
+    candidates at IoU >= 0.5, and the counts differ across the thresholds."""
+    ambiguous = spread = differ = 0
+    for seed in range(30):
+        true, pred = random_cells_3d(np.random.default_rng(seed))
+        edges = reference_iou(true, pred) >= 0.5
+        ambiguous += int((edges.sum(axis=0) > 1).any() or (edges.sum(axis=1) > 1).any())
+        counts = reference_counts_3d(true, pred)
+        spread += int(counts[0, 0] > counts[-1, 0])
+        differ += int(not np.array_equal(counts, instance_counts(true, pred)))
+    assert ambiguous >= 3 and spread >= 20 and differ >= 25

@@ -390,9 +390,11 @@ def test_predict_cli_writes_ome_tiffs(tmp_path):
                                  input_slices=3, tile_size=32)
         np.testing.assert_allclose(prob, expected, atol=1e-3)
         assert (classes == np.argmax(prob, axis=0)).mean() > 0.99
-        # the config's [postprocess] values (the file has no chosen ones), --min-size overriding
-        expected_labels = probabilities_to_instances(expected, 0,
-                                                     seed_threshold=0.5, foreground_threshold=0.5)
+        # the config's [postprocess] values (the file has no chosen ones), --min-size overriding;
+        # cells through the stack, at z ratio 1 (the file states no sizes)
+        expected_labels = probabilities_to_instances(expected, 0, seed_threshold=0.5,
+                                                     foreground_threshold=0.5, dims=3,
+                                                     link_iou=0.5, z_ratio=1.0)
         np.testing.assert_array_equal(labels, expected_labels)
         check_preview(d / "C4-2_TRANS_preview.png", labels)
 

@@ -83,12 +83,21 @@ def test_training_chooses_logs_and_predict_reads_them_back(tracking_uri, data_ro
     assert 0 <= run.data.metrics["val_instance_f1"] <= 1
     artifact = Path(client.download_artifacts(run_id, "config/instances.json", str(tmp_path)))
     assert PostProcess.from_mapping(json.loads(artifact.read_text())) == chosen
+    # and those of cells as 3-D objects, scored by 3-D IoU on whole validation stacks
+    cells = PostProcess.from_mapping(run.data.params, prefix="instances3d.")
+    assert cells is not None and cells.dims == 3 and 0 < cells.link_iou <= 1
+    assert 0 <= run.data.metrics["val_instance3d_f1"] <= 1
+    assert 0 <= run.data.metrics["val_instance3d_ap"] <= 1
+    artifact = Path(client.download_artifacts(run_id, "config/instances3d.json", str(tmp_path)))
+    assert PostProcess.from_mapping(json.loads(artifact.read_text())) == cells
 
-    # a local model folder in checkout's layout reads config/instances.json
+    # a local model folder in checkout's layout reads config/instances.json and instances3d.json
     local = tmp_path / "checkout"
     for folder in ("model", "config"):
         client.download_artifacts(run_id, folder, str(local))
-    assert load_model(str(local / "model"), device="cpu").postprocess == chosen
+    loaded = load_model(str(local / "model"), device="cpu")
+    assert loaded.postprocess == chosen and loaded.instance_params(3) == cells
+    assert load_model(run_id, tracking_uri=tracking_uri, device="cpu").instance_params(3) == cells
 
 
 def test_predict_and_evaluate_use_the_models_parameters(tracking_uri, tmp_path):
@@ -107,7 +116,22 @@ def test_predict_and_evaluate_use_the_models_parameters(tracking_uri, tmp_path):
     assert "seed threshold 0.45, foreground threshold 0.35, min size 3 px" in result.output
     prob = tifffile.imread(out / "C4-2_TRANS_probabilities.ome.tif")
     labels = tifffile.imread(out / "C4-2_TRANS_labels.ome.tif")
-    np.testing.assert_array_equal(labels, chosen.segment(prob))
+    # a model without 3-D parameters (trained before) makes 3-D cells with its per-slice ones
+    np.testing.assert_array_equal(labels, chosen.replace(dims=3).segment(prob, 1.0))
+    result = CliRunner().invoke(cli, ["predict", "tiny-eel-1", str(stack), "-o", str(out),
+                                      "--instances", "2d", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(tifffile.imread(out / "C4-2_TRANS_labels.ome.tif"),
+                                  chosen.segment(prob))
+    # once the model has 3-D parameters, predict makes its cells with them
+    cells = PostProcess(0.55, 0.35, 3, dims=3, link_iou=0.3)
+    mlflow.MlflowClient().log_batch(run_id, params=[
+        mlflow.entities.Param(k, v) for k, v in cells.params().items()])
+    result = CliRunner().invoke(cli, ["predict", "tiny-eel-1", str(stack), "-o", str(out),
+                                      "--z-ratio", "2", "--no-progress"])
+    assert "slices linked at IoU >= 0.3" in result.output, result.output
+    np.testing.assert_array_equal(tifffile.imread(out / "C4-2_TRANS_labels.ome.tif"),
+                                  cells.segment(prob, 2.0))
 
     # an option overrides one value and keeps the others
     result = CliRunner().invoke(cli, ["predict", "tiny-eel-1", str(stack), "-o", str(out),

@@ -138,6 +138,8 @@ def test_mlflow_loads_the_model_by_every_uri_and_predicts_what_nf1prov_predict_w
     linked = {m.key: m for m in logged.metrics}
     run = client.get_run(trained.run_id)
     assert linked["best_val_dice_total"].value == run.data.metrics["best_val_dice_total"]
+    # the parameters of 3-D cells ride with the model too (tiny.toml: the config's, untuned)
+    assert logged.params["instances3d.link_iou"] == run.data.params["instances3d.link_iou"]
     manifest = next(d.dataset for d in run.inputs.dataset_inputs
                     if d.dataset.name == "split_manifest")
     assert linked["best_val_dice_total"].dataset_digest == manifest.digest

@@ -61,6 +61,9 @@ def test_ome_input_sizes_reach_every_output_and_probabilities_are_float32_ome(tm
         np.testing.assert_allclose(page.resolution, (1e4 / 0.65, 1e4 / 0.65), rtol=1e-6)
     assert not (out / "scan_probabilities.tif").exists()
     assert sidecar(out)["physical_sizes"] == OME_SIZES
+    # cells in 3-D, at the z ratio the sizes give (z step 2 um over 0.65 um pixels)
+    made = sidecar(out)["instances"]
+    assert made["dims"] == 3 and made["z_ratio"] == pytest.approx(2.0 / 0.65)
 
     # float16 on request: a shaped TIFF (OME-XML has no half float) whose metadata holds them
     half = tmp_path / "half"
@@ -82,6 +85,7 @@ def test_imagej_hyperstack_spacing_and_resolution_are_kept(tmp_path):
                 "PhysicalSizeYUnit": "µm", "PhysicalSizeZ": 1.5, "PhysicalSizeZUnit": "µm"}
     for ending in OUTPUTS:
         assert sizes_of(out / f"scan_{ending}") == expected, ending
+    assert sidecar(out)["instances"]["z_ratio"] == pytest.approx(3.0)  # 1.5 um over 0.5 um
 
 
 def test_an_input_without_sizes_gets_none_invented(tmp_path):
@@ -95,6 +99,12 @@ def test_an_input_without_sizes_gets_none_invented(tmp_path):
         with tifffile.TiffFile(out / f"scan_{ending}") as tif:
             assert tif.pages[0].resolutionunit != tifffile.RESUNIT.CENTIMETER
     assert sidecar(out)["physical_sizes"] == {}
+    assert sidecar(out)["instances"]["z_ratio"] == 1.0  # the model's postprocess.z_ratio
+    # --z-ratio says what the file does not; --instances 2d labels each slice on its own
+    assert predict(model_dir, scan, "-o", out, "--z-ratio", "2.5").exit_code == 0
+    assert sidecar(out)["instances"]["z_ratio"] == 2.5
+    assert predict(model_dir, scan, "-o", out, "--instances", "2d").exit_code == 0
+    assert sidecar(out)["instances"]["dims"] == 2 and "z_ratio" not in sidecar(out)["instances"]
 
 
 def test_outputs_and_sidecar_name_the_model(tracking_uri, tmp_path):
@@ -107,7 +117,7 @@ def test_outputs_and_sidecar_name_the_model(tracking_uri, tmp_path):
     result = predict("tiny-eel-1", scan, "-o", out, "--min-size", "7")
     assert result.exit_code == 0, result.output
     expected = {"codename": "tiny-eel-1", "commit": "0" * 40, "run_id": run_id,
-                "instances.min_size": "7"}
+                "instances3d.min_size": "7", "instances3d.z_ratio": "1"}  # cells in 3-D
     for ending in OUTPUTS:
         with tifffile.TiffFile(out / f"scan_{ending}") as tif:
             ome = ElementTree.fromstring(tif.ome_metadata)
@@ -121,7 +131,7 @@ def test_outputs_and_sidecar_name_the_model(tracking_uri, tmp_path):
     record = sidecar(out)
     assert (record["codename"], record["commit"], record["run_id"]) == ("tiny-eel-1", "0" * 40,
                                                                          run_id)
-    assert record["instances"]["min_size"] == 7
+    assert record["instances"]["min_size"] == 7 and record["instances"]["dims"] == 3
     assert record["input"] == str(scan.resolve())
     assert record["input_sha256"] == hashlib.sha256(scan.read_bytes()).hexdigest()
     assert record["outputs"] == {"probabilities": "scan_probabilities.ome.tif",

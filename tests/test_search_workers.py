@@ -49,7 +49,8 @@ def run_model(client, run_id: str):
 
 
 def per_epoch(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    once = ("epochs_run", "val_instance_f1", "val_instance_ap")
+    once = ("epochs_run", "val_instance_f1", "val_instance_ap", "val_instance3d_f1",
+            "val_instance3d_ap")
     names = [k for k in client.get_run(run_id).data.metrics
              if not k.startswith("best_") and k not in once]
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))

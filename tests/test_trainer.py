@@ -57,7 +57,8 @@ def train_in_run(config: dict, data_root: Path, cache_dir: Path, **kwargs
 
 def metric_history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} for every per-epoch metric of a run."""
-    once = ("epochs_run", "val_instance_f1", "val_instance_ap")  # once per training
+    once = ("epochs_run", "val_instance_f1", "val_instance_ap", "val_instance3d_f1",
+            "val_instance3d_ap")  # once per training
     names = [k for k in client.get_run(run_id).data.metrics
              if not k.startswith("best_") and k not in once]
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
@@ -143,7 +144,7 @@ def test_training_logs_everything_into_the_active_run(tracking_uri, data_root, t
     # artifacts
     paths = artifact_paths(client, run_id)
     expected = {"config/config.toml", "manifest/split_manifest.csv", "checkpoints/last.pt",
-                "config/instances.json", "plots/learning_curve.png"}
+                "config/instances.json", "config/instances3d.json", "plots/learning_curve.png"}
     assert expected <= set(paths)
     check_learning_curve(client, run_id)
     for epoch in (1, 2):

@@ -42,7 +42,7 @@ BEST_EPOCH_METRIC = "best_epoch"
 # score of every epoch). tests/test_catalog_store.py checks that `entry` keeps to them.
 PARAMS_READ = (DATA_ROOT_PARAM, HOLDOUT_PARAM, *(f"dataset.{split}_fields" for split in SPLITS))
 # instance scores of `nf1prov evaluate` (DESIGN 3.7), shown beside the baseline's: (label, name)
-INSTANCE_SCORES = (("F1", "instance_f1"), ("AP", "instance_ap"))
+INSTANCE_SCORES = (("F1", "instance_f1"), ("AP", "instance_ap"), ("3-D F1", "instance3d_f1"))
 METRICS_READ = (EPOCHS_RUN_METRIC, BEST_EPOCH_METRIC,
                 *(f"{score}_{c}" for score in ("best_val_dice", "holdout_dice", "holdout_iou")
                   for c in CLASSES),

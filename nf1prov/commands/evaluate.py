@@ -7,7 +7,13 @@ from pathlib import Path
 import click
 
 from nf1prov.commands.common import tracking_uri_option
-from nf1prov.commands.predict import postprocess_options, run_id_option, threads_option, use_threads
+from nf1prov.commands.predict import (
+    postprocess_options,
+    run_id_option,
+    threads_option,
+    use_threads,
+    z_ratio_option,
+)
 
 
 @click.command("evaluate")
@@ -22,6 +28,7 @@ from nf1prov.commands.predict import postprocess_options, run_id_option, threads
               help="Also score the classical baseline (Gaussian, Otsu, distance watershed) on "
                    "the same stacks and show the difference.")
 @postprocess_options
+@z_ratio_option
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
@@ -35,13 +42,14 @@ from nf1prov.commands.predict import postprocess_options, run_id_option, threads
 @run_id_option
 @tracking_uri_option
 def command(model_ref, patients, data_root, baseline, seed_threshold, foreground_threshold,
-            min_size, batch_size, device, no_log, overlays_dir, no_progress, threads, run_id,
-            tracking_uri) -> None:
+            min_size, z_ratio, batch_size, device, no_log, overlays_dir, no_progress, threads,
+            run_id, tracking_uri) -> None:
     """Evaluate a model on holdout patients against a classical baseline.
 
     Prints per-class Dice/IoU and instance precision/recall/F1 (IoU 0.5) and average precision
-    (IoU 0.5:0.95), per patient and overall, and logs the overall values to the model's run as
-    holdout_<metric>_<class>, holdout_instance_* (holdout_baseline_* with --baseline), with the
+    (IoU 0.5:0.95), per slice and of cells as 3-D objects (3-D IoU), per patient and overall,
+    and logs the overall values to the model's run as holdout_<metric>_<class>,
+    holdout_instance_*, holdout_instance3d_* (holdout_baseline_* with --baseline), with the
     per-patient table as the artifact evaluation/holdout_metrics.csv, an outline overlay per
     field of view (model against ground truth, and the baseline with --baseline) under
     evaluation/overlays/, and which patients and data root were scored (tags
@@ -78,9 +86,12 @@ def command(model_ref, patients, data_root, baseline, seed_threshold, foreground
     check_patients(loaded, client, fields, logs=not no_log)
     if overlays_dir is not None:
         make_folder(overlays_dir)
-    postprocess = chosen_postprocess(loaded, seed_threshold, foreground_threshold, min_size)
+    overrides = (seed_threshold, foreground_threshold, min_size)
+    postprocess = chosen_postprocess(loaded, *overrides)
+    cells = chosen_postprocess(loaded, *overrides, dims=3)
     click.echo(f"Evaluating {loaded.label} on {len(fields)} stack(s) of "
-               f"{', '.join(patients)} under {data_root}; instances: {postprocess.describe()}.")
+               f"{', '.join(patients)} under {data_root}; instances: {postprocess.describe()}; "
+               f"3-D: {cells.describe()}.")
     logs = not no_log and client is not None and loaded.run_id is not None
     with tempfile.TemporaryDirectory(prefix="nf1prov-overlays-") as tmp:
         # drawn only where they go: --overlays, or the run (through a temporary folder)
@@ -88,7 +99,7 @@ def command(model_ref, patients, data_root, baseline, seed_threshold, foreground
         evaluation = evaluate(loaded, fields, baseline=baseline, postprocess=postprocess,
                               baseline_min_size=10 if min_size is None else min_size,
                               batch_size=batch_size, progress=not no_progress,
-                              overlays=overlays)
+                              overlays=overlays, postprocess3d=cells, z_ratio=z_ratio)
         click.echo(format_report(evaluation, loaded.label))
         if overlays_dir is not None:
             click.echo(f"Wrote {len(evaluation.overlays)} overlay(s) to {overlays_dir}.")

@@ -43,11 +43,18 @@ def postprocess_options(command):
     return command
 
 
-def chosen_postprocess(loaded, seed_threshold, foreground_threshold, min_size):
-    """The model's instance parameters with the command line's overrides."""
-    return loaded.postprocess.replace(seed_threshold=seed_threshold,
-                                      foreground_threshold=foreground_threshold,
-                                      min_size=min_size)
+def chosen_postprocess(loaded, seed_threshold, foreground_threshold, min_size, dims: int = 2):
+    """The model's instance parameters (per slice, or with ``dims=3`` of 3-D cells) with the
+    command line's overrides."""
+    return loaded.instance_params(dims).replace(seed_threshold=seed_threshold,
+                                                foreground_threshold=foreground_threshold,
+                                                min_size=min_size)
+
+
+z_ratio_option = click.option(
+    "--z-ratio", type=click.FloatRange(min=0, min_open=True), default=None, metavar="R",
+    help="The z step over the xy pixel size, for cells in 3-D. Default: each stack's physical "
+         "sizes (OME or ImageJ metadata), else the model's postprocess.z_ratio (1).")
 
 
 def load_for_command(model_ref: str, tracking_uri: str | None, device: str,
@@ -75,6 +82,11 @@ def load_for_command(model_ref: str, tracking_uri: str | None, device: str,
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=Path),
               help="Folder for the outputs (created; mirrors the inputs' sub-folders).")
 @postprocess_options
+@click.option("--instances", type=click.Choice(["2d", "3d"]), default="3d", show_default=True,
+              help="3d: each cell one label through the slices it spans (stacks of several "
+                   "slices; a 2-D image is labelled as with 2d); 2d: each slice labelled on "
+                   "its own.")
+@z_ratio_option
 @click.option("--probabilities-dtype", type=click.Choice(["float16", "float32"]),
               default="float32", show_default=True,
               help="float32: an OME-TIFF every reader opens; float16: half the size, a plain "
@@ -93,8 +105,8 @@ def load_for_command(model_ref: str, tracking_uri: str | None, device: str,
 @run_id_option
 @tracking_uri_option
 def command(model_ref, inputs, outdir, seed_threshold, foreground_threshold, min_size,
-            probabilities_dtype, batch_size, overlap, device, preview, no_progress, threads,
-            run_id, tracking_uri) -> None:
+            instances, z_ratio, probabilities_dtype, batch_size, overlap, device, preview,
+            no_progress, threads, run_id, tracking_uri) -> None:
     """Segment z-stacks with a trained model.
 
     MODEL is a codename, a run ID, or a local MLflow model folder (e.g.
@@ -105,8 +117,9 @@ def command(model_ref, inputs, outdir, seed_threshold, foreground_threshold, min
     For each stack writes <name>_probabilities.ome.tif (class probabilities, C,Z,Y,X, float32;
     <name>_probabilities.tif with --probabilities-dtype float16),
     <name>_classes.ome.tif (uint8 class map) and <name>_labels.ome.tif (instance labels,
-    uint16, uint32 above 65535 cells), each with the input's physical pixel sizes and the
-    model named in its OME-XML, then <name>_nf1prov.json (model, input sha256, outputs): its
+    uint16, uint32 above 65535 cells; by default each cell one label through the stack, see
+    --instances), each with the input's physical pixel sizes and the model named in its
+    OME-XML, then <name>_nf1prov.json (model, input sha256, outputs, which instances): its
     presence means the stack is done. napari opens the outputs with nf1prov's reader.
     """
     use_threads(threads)
@@ -117,15 +130,20 @@ def command(model_ref, inputs, outdir, seed_threshold, foreground_threshold, min
     if overlap is not None and overlap >= loaded.tile_size:
         raise UserError(f"--overlap {overlap} must be smaller than the model's tile size "
                         f"{loaded.tile_size} (its training crop size).")
-    postprocess = chosen_postprocess(loaded, seed_threshold, foreground_threshold, min_size)
+    overrides = (seed_threshold, foreground_threshold, min_size)
+    postprocess = chosen_postprocess(loaded, *overrides)
+    cells = chosen_postprocess(loaded, *overrides, dims=3) if instances == "3d" else None
     click.echo(f"Model {loaded.label}: {loaded.input_slices} input slices, tiles of "
                f"{loaded.tile_size} px, {loaded.normalisation} normalisation, device "
-               f"{loaded.device}; instances: {postprocess.describe()}.")
+               f"{loaded.device}; instances: {(cells or postprocess).describe()}"
+               + ("; 2-D images per slice: " + postprocess.describe() if cells else "") + ".")
     n = 0
     for path, files in predict_files(loaded, inputs, outdir, postprocess=postprocess,
                                      batch_size=batch_size, overlap=overlap,
                                      probabilities_dtype=probabilities_dtype,
-                                     progress=not no_progress, preview=preview):
+                                     progress=not no_progress, preview=preview,
+                                     postprocess3d=cells, instances=instances,
+                                     z_ratio=z_ratio):
         n += 1
         click.echo(f"{path}: {files.n_cells} cells -> {files.labels}")
     click.echo(f"Wrote predictions of {n} stack(s) to {outdir}.")

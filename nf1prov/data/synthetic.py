@@ -55,6 +55,23 @@ def _cells(rng: np.random.Generator, outline: np.ndarray, cell_size: float) -> n
     return np.where(outline, seed_labels[iy, ix], 0)
 
 
+def _separate_pieces(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, parent): a Voronoi cell that a bend of the outline cuts in two is two cells, so
+    each 4-connected piece after a cell's first gets a new label (n + 1, n + 2, ...); ``parent``
+    maps every label to the cell it was cut from (so pieces share its depth and brightness)."""
+    from skimage.measure import label as connected_pieces
+
+    pieces = connected_pieces(labels, background=0, connectivity=1)
+    cell_of_piece = np.zeros(pieces.max() + 1, np.intp)
+    cell_of_piece[pieces] = labels
+    first_piece = np.full(int(labels.max()) + 1, len(cell_of_piece))
+    np.minimum.at(first_piece, cell_of_piece, np.arange(len(cell_of_piece)))
+    extra = first_piece[cell_of_piece] != np.arange(len(cell_of_piece))
+    new_label = np.where(extra, len(first_piece) - 1 + np.cumsum(extra), cell_of_piece)
+    parent = np.concatenate([np.arange(len(first_piece)), cell_of_piece[extra]])
+    return new_label[pieces].astype(labels.dtype), parent
+
+
 # Gaussian blur (pixels) of a cell seen `d` slices away from its own focal depth is
 # BLUR_SIGMAS[min(round(d / FOCUS_STEP), last)]: sharp in its own plane, softer away from it.
 BLUR_SIGMAS = (0.5, 0.8, 1.1, 1.5, 2.2)
@@ -65,17 +82,19 @@ def synthesize_field(rng: np.random.Generator, slices: int, height: int,
                      width: int) -> tuple[np.ndarray, np.ndarray]:
     """One field of view: (Z, H, W) uint16 brightfield stack and (Z, H, W) uint16 labels.
 
-    Every cell is a column of one 2-D Voronoi cell through the slices within ``extent`` of its
-    own focal depth (so labels change with z). In slice k a cell is drawn with texture and a
-    dark membrane, blurred by its distance |k - depth| from focus; a cell just above or below
+    Every cell is a column of one 2-D Voronoi cell (a connected piece of it, where the outline
+    cuts one in two) through the consecutive slices within ``extent`` of its own focal depth (so
+    labels change with z; each label is one 3-D object). In slice k a cell is drawn with texture
+    and a dark membrane, blurred by its distance |k - depth| from focus; a cell just above or below
     slice k shows as a faint, strongly blurred ghost without membrane (label 0 there), as
     out-of-focus cells do in brightfield.
     """
     cell_size = max(6.0, min(height, width) / 10)
     labels_2d = _cells(rng, _organoid_outline(rng, height, width), cell_size)
     n_cells = int(labels_2d.max())
-    depth = rng.uniform(0, slices - 1, size=n_cells + 1)
-    extent = rng.uniform(1.5, 3.5, size=n_cells + 1)
+    labels_2d, parent = _separate_pieces(labels_2d)
+    depth = rng.uniform(0, slices - 1, size=n_cells + 1)[parent]
+    extent = rng.uniform(1.5, 3.5, size=n_cells + 1)[parent]
     z = np.arange(slices, dtype=np.float64)[:, None, None]
     defocus = np.abs(z - depth[labels_2d][None])  # (Z, H, W) slices from the cell's own focus
     in_cell = (labels_2d > 0)[None]
@@ -86,7 +105,7 @@ def synthesize_field(rng: np.random.Generator, slices: int, height: int,
     membrane = boundary_mask(labels, thickness=1)
     texture = _smooth_noise(rng, (height, width), sigma=1.0)[None]
     background = 0.55 + 0.03 * _smooth_noise(rng, (height, width), sigma=height / 8)[None]
-    brightness = rng.uniform(0.62, 0.72, size=n_cells + 1)[labels_2d][None]
+    brightness = rng.uniform(0.62, 0.72, size=n_cells + 1)[parent][labels_2d][None]
     image = np.broadcast_to(background, labels.shape).copy()
     image = np.where(ghost, background + 0.4 * (brightness - background), image)
     image = np.where(present, brightness + 0.04 * texture, image)

@@ -14,7 +14,13 @@ import numpy as np
 
 from nf1prov.devices import pick_device
 from nf1prov.errors import UserError
-from nf1prov.segment.instances import PARAM_PREFIX, POSTPROCESS_ARTIFACT, PostProcess
+from nf1prov.segment.instances import (
+    PARAM_PREFIX,
+    PARAM_PREFIX_3D,
+    POSTPROCESS_ARTIFACT,
+    POSTPROCESS_ARTIFACT_3D,
+    PostProcess,
+)
 from nf1prov.segment.predict import predict_stack
 from nf1prov.weights import load as load_weights
 from nf1prov.weights import read_architecture
@@ -28,7 +34,8 @@ class LoadedModel:
     ``run_id``/``codename``/``sha`` are None for a local folder that is not tied to a run (one
     `nf1prov checkout` wrote is: its `RUN_RECORD`).
     ``postprocess``: the instance parameters the model was given at the end of training
-    (`nf1prov.segment.instances`), what `predict` and `evaluate` use unless told otherwise.
+    (`nf1prov.segment.instances`), what `predict` and `evaluate` use unless told otherwise;
+    ``postprocess3d`` those of cells as 3-D objects (`instance_params`).
     """
 
     model: object
@@ -40,6 +47,20 @@ class LoadedModel:
     sha: str | None = None
     postprocess: PostProcess = field(default_factory=PostProcess)
     extra: dict = field(default_factory=dict)
+    postprocess3d: PostProcess | None = None
+
+    def instance_params(self, dims: int) -> PostProcess:
+        """The instance parameters for per-slice labels (``dims`` 2) or 3-D cells (3); a model
+        without 3-D ones (trained before) uses its per-slice ones with ``dims=3``."""
+        if dims == 2:
+            return self.postprocess
+        return self.postprocess3d or self.postprocess.replace(dims=3)
+
+    @property
+    def z_ratio(self) -> float:
+        """The z step over the xy pixel size of stacks that do not say (``postprocess.z_ratio``
+        of the model's config; 1 in configs from before)."""
+        return float(self.config.get("postprocess", {}).get("z_ratio", 1.0))
 
     @property
     def input_slices(self) -> int:
@@ -153,9 +174,12 @@ def load_model(ref: str, *, client=None, tracking_uri: str | None = None,
         model = load_weights(path, ref=ref, device=torch_device, repo=repo,
                              codename=run.get("codename"))
         chosen = config_path.parent / Path(POSTPROCESS_ARTIFACT).name
+        chosen3d = config_path.parent / Path(POSTPROCESS_ARTIFACT_3D).name
         loaded = LoadedModel(model, config, str(path), torch_device, run_id=run.get("run_id"),
                              codename=run.get("codename"), sha=run.get("commit"),
-                             postprocess=model_postprocess(config, chosen_file=chosen))
+                             postprocess=model_postprocess(config, chosen_file=chosen),
+                             postprocess3d=model_postprocess(config, chosen_file=chosen3d,
+                                                             dims=3))
     else:
         client = client or _store_client(ref, tracking_uri)
         import tempfile
@@ -180,9 +204,11 @@ def load_model(ref: str, *, client=None, tracking_uri: str | None = None,
             config = read_config_file(downloaded["config/config.toml"])
             model = load_weights(downloaded["model"], ref=ref, device=torch_device, repo=repo,
                                  codename=resolved.codename)
+        params = resolved.run.data.params
         loaded = LoadedModel(model, config, ref, torch_device, run_id=run_id,
                              codename=resolved.codename, sha=resolved.sha,
-                             postprocess=model_postprocess(config, params=resolved.run.data.params))
+                             postprocess=model_postprocess(config, params=params),
+                             postprocess3d=model_postprocess(config, params=params, dims=3))
     in_channels = getattr(loaded.model, "in_channels", None)
     if in_channels is not None and in_channels != loaded.input_slices:
         raise UserError(f"Model {ref!r} takes {in_channels} input channels but its config says "
@@ -217,19 +243,34 @@ def enclosing_repo() -> Path | None:
 
 
 def model_postprocess(config: dict, *, params: dict | None = None,
-                      chosen_file: Path | None = None) -> PostProcess:
+                      chosen_file: Path | None = None, dims: int = 2) -> PostProcess:
     """The instance parameters a model uses: those chosen at the end of its training (run params
     ``instances.*``, or the ``config/instances.json`` artifact beside a local model folder), else
-    its config's ``[postprocess]`` values, else the argmax rule of models trained before."""
+    its config's ``[postprocess]`` values, else the argmax rule of models trained before.
+    ``dims=3``: those of 3-D cells (``instances3d.*``, ``config/instances3d.json``), else, for a
+    model trained before they were chosen, its per-slice ones with ``dims=3``."""
+    if dims == 3:
+        chosen = PostProcess.from_mapping(params or {}, prefix=PARAM_PREFIX_3D)
+        if chosen is None and chosen_file is not None and chosen_file.is_file():
+            chosen = _read_chosen(chosen_file)
+        if chosen is not None:
+            return chosen.replace(dims=3)
+        flat_file = chosen_file.with_name(Path(POSTPROCESS_ARTIFACT).name) if chosen_file else None
+        return model_postprocess(config, params=params, chosen_file=flat_file).replace(dims=3)
     chosen = PostProcess.from_mapping(params or {}, prefix=PARAM_PREFIX)
     if chosen is None and chosen_file is not None and chosen_file.is_file():
-        try:
-            chosen = PostProcess.from_mapping(json.loads(chosen_file.read_text("utf-8")))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"Cannot read the model's instance parameters {chosen_file}: {exc}. "
-                            "Delete the file to use the config's [postprocess] values.") from None
+        chosen = _read_chosen(chosen_file)
     if chosen is None:
         chosen = PostProcess.from_mapping(config.get("postprocess", {}))
-    return chosen or PostProcess()
+    return (chosen or PostProcess()).replace(dims=2)
+
+
+def _read_chosen(path: Path) -> PostProcess | None:
+    """The instance parameters of a ``config/instances*.json`` file."""
+    try:
+        return PostProcess.from_mapping(json.loads(path.read_text("utf-8")))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Cannot read the model's instance parameters {path}: {exc}. "
+                        "Delete the file to use the config's [postprocess] values.") from None
 
 

@@ -23,6 +23,10 @@ one-to-one pairing with IoU >= t:
   `scipy.optimize.linear_sum_assignment`, run only on the objects that have more than one
   candidate (those with exactly one are matched directly).
 
+With ``per_slice=False`` objects are whole labels through the stack, IoU is 3-D (voxels) and
+the same matching applies: ``instance3d_*`` scores cells as 3-D objects (the model's labels
+made with `PostProcess(dims=3)`, the baseline's by `segment_baseline_3d`).
+
 TP = matches, FP = unmatched predictions, FN = unmatched true objects, pooled like the pixel
 counts. ``instance_precision``, ``instance_recall`` and ``instance_f1`` are at IoU 0.5 (a ratio
 whose denominator is 0 is 1.0 here too).
@@ -187,29 +191,41 @@ def semantic_scores(counts: np.ndarray) -> dict:
 # Whole evaluation
 # ---------------------------------------------------------------------------------------------
 
+def _no_counts() -> np.ndarray:
+    return np.zeros((len(THRESHOLDS), 3), np.int64)
+
+
 @dataclass
 class _Tally:
     semantic: np.ndarray = field(default_factory=lambda: np.zeros((3, 3), np.int64))
-    instance: np.ndarray = field(default_factory=lambda: np.zeros((len(THRESHOLDS), 3), np.int64))
+    instance: np.ndarray = field(default_factory=_no_counts)
     stacks: int = 0
+    instance3d: np.ndarray = field(default_factory=_no_counts)
 
     def add(self, other: _Tally) -> None:
         self.semantic += other.semantic
         self.instance += other.instance
+        self.instance3d += other.instance3d
         self.stacks += other.stacks
 
     def scores(self) -> dict:
+        cells = {name.replace("instance_", "instance3d_"): value
+                 for name, value in instance_scores(self.instance3d).items()}
         return {"stacks": self.stacks, **semantic_scores(self.semantic),
-                **instance_scores(self.instance)}
+                **instance_scores(self.instance), **cells}
 
 
 def score_stack(mask: np.ndarray, prob: np.ndarray, labels: np.ndarray,
-                boundary_thickness: int) -> _Tally:
-    """Pixel and instance counts of one prediction against its (Z, H, W) instance mask."""
+                boundary_thickness: int, cells: np.ndarray | None = None) -> _Tally:
+    """Pixel and instance counts of one prediction against its (Z, H, W) instance mask:
+    ``labels`` matched slice by slice, ``cells`` (3-D labels; default ``labels``) as 3-D
+    objects."""
     from nf1prov.data.semantic import instance_to_semantic
 
     target = instance_to_semantic(mask, boundary_thickness)
-    return _Tally(semantic_counts(target, prob), instance_counts(mask, labels), 1)
+    cells = labels if cells is None else cells
+    return _Tally(semantic_counts(target, prob), instance_counts(mask, labels), 1,
+                  instance_counts(mask, cells, per_slice=False))
 
 
 def holdout_fields(data_root: Path, patients: Sequence[str]) -> list:
@@ -325,40 +341,52 @@ class Evaluation:
 
 def evaluate(loaded, fields: Sequence, *, baseline: bool = False, postprocess=None,
              baseline_min_size: int = 10, batch_size: int = 8,
-             progress: bool = True, overlays: Path | None = None) -> Evaluation:
+             progress: bool = True, overlays: Path | None = None, postprocess3d=None,
+             z_ratio: float | None = None) -> Evaluation:
     """Predict every field of view with ``loaded`` (a `nf1prov.provenance.models.LoadedModel`) and
     score it; with ``baseline`` the classical pipeline is scored on the same stacks.
 
     ``postprocess``: the model's instance parameters (`nf1prov.segment.instances.PostProcess`;
-    default ``loaded.postprocess``); ``baseline_min_size``: the baseline's smallest object;
+    default ``loaded.postprocess``), scored per slice; ``postprocess3d``: those of 3-D cells
+    (default ``loaded.instance_params(3)``), scored as 3-D objects; ``z_ratio``: z step / xy
+    pixel size (default each stack's physical sizes, else the model's setting);
+    ``baseline_min_size``: the baseline's smallest object (pixels per slice, voxels in 3-D);
     ``overlays``: a folder to draw each field's outline overlay in (`save_overlay`)."""
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from nf1prov.segment.baseline import labels_to_probabilities, segment_baseline
-    from nf1prov.segment.files import read_stack
+    from nf1prov.segment.baseline import (
+        labels_to_probabilities,
+        segment_baseline,
+        segment_baseline_3d,
+    )
+    from nf1prov.segment.files import read_stack_and_sizes, stack_z_ratio
 
     postprocess = postprocess or loaded.postprocess
+    postprocess3d = postprocess3d or loaded.instance_params(3)
     methods = ("model", "baseline") if baseline else ("model",)
     tallies: dict[tuple[str, str], _Tally] = {}
     drawn: list[Path] = []
     thickness = loaded.boundary_thickness
     for fov in tqdm(fields, desc="evaluate", unit="stack", disable=not progress):
-        stack = read_stack(Path(fov.image_path), loaded.normalisation)
+        stack, sizes = read_stack_and_sizes(Path(fov.image_path), loaded.normalisation)
         mask = _read_mask(Path(fov.mask_path), stack.shape)
+        ratio = stack_z_ratio(sizes, z_ratio, loaded.z_ratio)
         prob = loaded.predict(stack, batch_size=batch_size)
-        results = {"model": (prob, postprocess.segment(prob))}
+        results = {"model": (prob, postprocess.segment(prob), postprocess3d.segment(prob, ratio))}
         if baseline:
             labels = segment_baseline(stack, min_size=baseline_min_size)
-            results["baseline"] = (labels_to_probabilities(labels, thickness), labels)
+            results["baseline"] = (labels_to_probabilities(labels, thickness), labels,
+                                   segment_baseline_3d(stack, z_ratio=ratio,
+                                                       min_size=baseline_min_size))
         f1 = {}
-        for method, (p, labels) in results.items():
-            tally = score_stack(mask, p, labels, thickness)
+        for method, (p, labels, cells) in results.items():
+            tally = score_stack(mask, p, labels, thickness, cells)
             for key in ((method, fov.patient), (method, "all")):
                 tallies.setdefault(key, _Tally()).add(tally)
             f1[method] = tally.scores()["instance_f1"]
         if overlays is not None:
-            found = {method: labels for method, (_, labels) in results.items()}
+            found = {method: labels for method, (_, labels, _) in results.items()}
             drawn.append(save_overlay(overlays, fov, stack, mask, found, f1, loaded.label))
     rows = {key: tally.scores() for key, tally in tallies.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
@@ -390,6 +418,8 @@ SUMMARY_METRICS = (
     [f"dice_{c}" for c in CLASS_NAMES] + ["dice_total"]
     + [f"iou_{c}" for c in CLASS_NAMES] + ["iou_total"]
     + ["instance_precision", "instance_recall", "instance_f1", "instance_ap50", "instance_ap"]
+    + ["instance3d_precision", "instance3d_recall", "instance3d_f1", "instance3d_ap50",
+       "instance3d_ap"]
 )
 
 
@@ -420,8 +450,8 @@ def format_report(evaluation: Evaluation, title: str) -> str:
 
 def metrics_to_log(evaluation: Evaluation) -> dict[str, float]:
     """MLflow metric names (DESIGN 3.7) of the overall scores: ``holdout_<metric>_<class>``,
-    ``holdout_<metric>_total``, ``holdout_instance_*``; the baseline's as
-    ``holdout_baseline_*``. NaN values are left out."""
+    ``holdout_<metric>_total``, ``holdout_instance_*`` (per slice), ``holdout_instance3d_*``
+    (3-D cells); the baseline's as ``holdout_baseline_*``. NaN values are left out."""
     logged = {}
     for method in evaluation.methods:
         prefix = "holdout_" if method == "model" else "holdout_baseline_"

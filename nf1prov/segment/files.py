@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from nf1prov.data.cache import sha256_file
 from nf1prov.data.semantic import CLASS_NAMES
 from nf1prov.errors import UserError
 from nf1prov.segment.ome import Sizes, output_metadata, physical_sizes, resolution_tags
+from nf1prov.segment.ome import z_ratio as sizes_z_ratio
 from nf1prov.segment.predict import class_map
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -194,16 +195,19 @@ def write_outputs(outdir: Path, stem: str, prob: np.ndarray, labels: np.ndarray,
     return files
 
 
-def model_record(loaded, postprocess) -> dict[str, str]:
+def model_record(loaded, postprocess, z_ratio: float | None = None) -> dict[str, str]:
     """What the outputs say of the model that made them: its codename, commit, run ID, where it
-    was loaded from (a folder as an absolute path) and the instance parameters, as text; what
-    is unknown (a local folder not from `nf1prov checkout`) is left out."""
+    was loaded from (a folder as an absolute path) and the instance parameters, as text
+    (``instances.*``, or ``instances3d.*`` with the ``z_ratio`` used for 3-D cells); what is
+    unknown (a local folder not from `nf1prov checkout`) is left out."""
     source = str(getattr(loaded, "source", "") or "")
     if source and Path(source).expanduser().exists():
         source = str(Path(source).expanduser().resolve())
     known = {"codename": getattr(loaded, "codename", None), "commit": getattr(loaded, "sha", None),
              "run_id": getattr(loaded, "run_id", None), "model": source}
-    return {key: str(value) for key, value in known.items() if value} | postprocess.params()
+    made = {"instances3d.z_ratio": f"{z_ratio:g}"} if postprocess.dims == 3 else {}
+    return {key: str(value) for key, value in known.items() if value} | postprocess.params() \
+        | made
 
 
 def sidecar_path(outdir: Path, stem: str) -> Path:
@@ -211,10 +215,11 @@ def sidecar_path(outdir: Path, stem: str) -> Path:
 
 
 def write_sidecar(path: Path, files: PredictionFiles, input_path: Path, sizes: Sizes,
-                  model: dict[str, str], postprocess, others: dict[str, Path] | None = None
-                  ) -> None:
+                  model: dict[str, str], postprocess, others: dict[str, Path] | None = None,
+                  z_ratio: float | None = None) -> None:
     """Write ``path`` (`sidecar_path`) atomically: the model (codename, commit, run ID, its
-    source; null when unknown), the instance parameters, nf1prov's version, the input's absolute
+    source; null when unknown), the instance parameters (``dims`` 2: per slice; 3: cells through
+    the stack, with the ``z_ratio`` used), nf1prov's version, the input's absolute
     path and sha256, the file names of the outputs (and ``others``, e.g. the preview), the
     physical sizes, the number of cells and the time (UTC). Written last: its presence means
     the stack is done."""
@@ -222,7 +227,8 @@ def write_sidecar(path: Path, files: PredictionFiles, input_path: Path, sizes: S
                if isinstance(getattr(files, f.name), Path)}
     outputs |= {kind: Path(other).name for kind, other in (others or {}).items()}
     record = {key: model.get(key) for key in ("codename", "commit", "run_id", "model")} | {
-        "instances": asdict(postprocess),
+        "instances": {"dims": postprocess.dims, **postprocess.values()}
+        | ({"z_ratio": z_ratio} if postprocess.dims == 3 else {}),
         "nf1prov_version": __version__,
         "input": str(Path(input_path).resolve()),
         "input_sha256": sha256_file(input_path),
@@ -237,11 +243,17 @@ def write_sidecar(path: Path, files: PredictionFiles, input_path: Path, sizes: S
 def predict_files(loaded, inputs: Iterable[str], outdir: Path, *,
                   postprocess=None, batch_size: int = 8,
                   overlap: int | None = None, probabilities_dtype: str = "float32",
-                  progress: bool = True,
-                  preview: bool = False) -> Iterator[tuple[Path, PredictionFiles]]:
+                  progress: bool = True, preview: bool = False, postprocess3d=None,
+                  instances: str = "3d", z_ratio: float | None = None,
+                  ) -> Iterator[tuple[Path, PredictionFiles]]:
     """Predict every input file and write its outputs; yields (input, PredictionFiles).
 
-    ``postprocess``: instance parameters (default: the model's, ``loaded.postprocess``).
+    ``postprocess``: instance parameters per slice (default: the model's,
+    ``loaded.postprocess``); ``postprocess3d``: those of cells as 3-D objects (default the
+    model's, `LoadedModel.instance_params`). ``instances``: ``"3d"`` labels the cells of a stack
+    of several slices through the stack (a single slice or 2-D image gets per-slice labels),
+    ``"2d"`` labels each slice on its own. ``z_ratio``: z step / xy pixel size for 3-D cells
+    (`stack_z_ratio`; None: each stack's own).
     ``preview``: also write ``<stem>_preview.png`` (`nf1prov.segment.pictures.write_preview`).
     Outputs mirror each input's location relative to the folder it was found in, so
     same-named stacks of different patients do not overwrite each other.
@@ -250,6 +262,10 @@ def predict_files(loaded, inputs: Iterable[str], outdir: Path, *,
         raise UserError(f"--probabilities-dtype must be float16 or float32, "
                         f"not {probabilities_dtype!r}.")
     postprocess = postprocess or loaded.postprocess
+    if instances == "3d":
+        postprocess3d = postprocess3d or loaded.instance_params(3)
+    elif instances != "2d":
+        raise UserError(f"--instances must be 2d or 3d, not {instances!r}.")
     pairs = expand_inputs(inputs)
     for path, _ in pairs:  # check every header before predicting any: a bad file fails fast
         check_stack(path, *_open_series(path, read=False)[:3], loaded.normalisation)
@@ -258,12 +274,21 @@ def predict_files(loaded, inputs: Iterable[str], outdir: Path, *,
         yield path, predict_file(loaded, path, outdir / path.parent.relative_to(base),
                                  postprocess=postprocess, batch_size=batch_size,
                                  overlap=overlap, probabilities_dtype=probabilities_dtype,
-                                 progress=progress, preview=preview)
+                                 progress=progress, preview=preview,
+                                 postprocess3d=postprocess3d if instances == "3d" else None,
+                                 z_ratio=z_ratio)
+
+
+def stack_z_ratio(sizes: Sizes, given: float | None, default: float) -> float:
+    """The z step over the xy pixel size 3-D cells are made with: ``given`` (``--z-ratio``),
+    else the stack's physical sizes, else ``default`` (the model's ``postprocess.z_ratio``)."""
+    return given or sizes_z_ratio(sizes) or default
 
 
 def predict_file(loaded, path: Path, outdir: Path, *, postprocess, batch_size: int,
                  overlap: int | None, probabilities_dtype: str,
-                 progress: bool, preview: bool = False) -> PredictionFiles:
+                 progress: bool, preview: bool = False, postprocess3d=None,
+                 z_ratio: float | None = None) -> PredictionFiles:
     """One stack's prediction, instance labels and output files, then its sidecar. The stack as
     read is dropped once predicted (with ``preview``, once its preview is drawn), and nothing of
     one file outlives its call (memory: one stack at a time).
@@ -277,8 +302,11 @@ def predict_file(loaded, path: Path, outdir: Path, *, postprocess, batch_size: i
     prob = loaded.predict(stack, overlap=overlap,
                           batch_size=batch_size, progress=progress, description=path.name)
     image = stack if preview else None
+    if postprocess3d is not None and len(stack) > 1:  # one slice has no depth: per slice
+        postprocess = postprocess3d
+        z_ratio = stack_z_ratio(sizes, z_ratio, getattr(loaded, "z_ratio", 1.0))
     del stack
-    labels = postprocess.segment(prob)
+    labels = postprocess.segment(prob, z_ratio or 1.0)
     others = {}
     if image is not None:  # before the sidecar that says "done"
         from nf1prov.segment.pictures import write_preview
@@ -286,8 +314,8 @@ def predict_file(loaded, path: Path, outdir: Path, *, postprocess, batch_size: i
         others["preview"] = outdir / f"{stem}_preview.png"
         write_preview(others["preview"], image, labels, name=path.name, model=loaded.label)
         del image
-    model = model_record(loaded, postprocess)
+    model = model_record(loaded, postprocess, z_ratio)
     files = write_outputs(outdir, stem, prob, labels, probabilities_dtype, sizes=sizes,
                           model=model)
-    write_sidecar(done, files, path, sizes, model, postprocess, others=others)
+    write_sidecar(done, files, path, sizes, model, postprocess, others=others, z_ratio=z_ratio)
     return files

@@ -16,6 +16,24 @@ Parameters (all per slice; the model is 2-D):
 
 ``None`` thresholds mean the argmax of the three channels (inner-cell seeds, non-background
 foreground): the rule of models trained before parameters were chosen.
+
+Cells in 3-D (``dims=3``). The model is 2-D and its boundary class is drawn per slice, so the
+probabilities say nothing of where one cell ends in z and the next begins above it; what does
+say so is the footprint: a cell's outline changes little from one slice to the next, another
+cell's outline at the same place is another shape. So the slices are labelled as above and the
+2-D objects of neighbouring slices are **linked** into one 3-D object when their IoU is at least
+``link_iou ** z_ratio`` and each is the other's best match (one-to-one: a 3-D object has at
+most one 2-D object per slice, and two cells never merge through a slice). ``z_ratio`` is the
+z step over the xy pixel size: for a convex cell the IoU lost between slices grows with the
+distance between them, about geometrically, so ``link_iou`` is the IoU asked of a step of one
+xy pixel and a stack with steps of ``z_ratio`` pixels asks ``link_iou ** z_ratio`` (coarse
+steps, looser links). A 2-D object left without a link forward is linked to one without a link
+backward two slices on (IoU at least ``link_iou ** (2 z_ratio)``, counted only where the slice
+between is labelled): a cell merged with its neighbour in one slice stays one cell, while a
+cell that ends before an empty slice is not joined to one that starts after it. Before that,
+objects of neighbouring slices still unlinked are linked when `CAP_INSIDE` of the smaller lies
+inside the larger: the tapering top and bottom of a cell, whose IoU with the next slice is low
+however fine the z steps.
 """
 
 from __future__ import annotations
@@ -33,47 +51,74 @@ from nf1prov.data.semantic import BACKGROUND, CELL_BOUNDARY, INNER_CELL
 SEED_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FOREGROUND_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 MIN_SIZES = (0, 5, 10, 20, 40, 80)
+LINK_IOUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # 3-D only
+# A cell's end slices taper (a ball's last slice has a third of the next one's area, IoU ~0.35)
+# but lie inside the next; another cell's first slice is rarely so much inside this one's last.
+CAP_INSIDE = 0.8
 PARAM_PREFIX = "instances."  # MLflow params of the parameters a model uses
 POSTPROCESS_ARTIFACT = "config/instances.json"  # the same, as a run artifact (checkout gets it)
+PARAM_PREFIX_3D = "instances3d."  # the same for cells as 3-D objects (dims = 3)
+POSTPROCESS_ARTIFACT_3D = "config/instances3d.json"
 
 
 @dataclass(frozen=True)
 class PostProcess:
-    """The parameters of `probabilities_to_instances` (see the module docstring)."""
+    """The parameters of `probabilities_to_instances` (see the module docstring); ``dims`` 2
+    labels each slice on its own, 3 links them into cells through the stack (``link_iou``)."""
 
     seed_threshold: float | None = None
     foreground_threshold: float | None = None
     min_size: int = 10
+    dims: int = 2
+    link_iou: float = 0.5  # dims = 3 only
 
-    def segment(self, prob: np.ndarray) -> np.ndarray:
+    def segment(self, prob: np.ndarray, z_ratio: float = 1.0) -> np.ndarray:
+        """Labels of (3, [Z,] H, W) probabilities; ``z_ratio``: the stack's z step over its xy
+        pixel size (used with ``dims=3``)."""
         return probabilities_to_instances(prob, self.min_size, seed_threshold=self.seed_threshold,
-                                          foreground_threshold=self.foreground_threshold)
+                                          foreground_threshold=self.foreground_threshold,
+                                          dims=self.dims, z_ratio=z_ratio, link_iou=self.link_iou)
 
     def replace(self, **changes) -> PostProcess:
         """A copy with the given fields changed; ``None`` values leave a field as it is."""
         return PostProcess(**(asdict(self) | {k: v for k, v in changes.items() if v is not None}))
 
+    def values(self) -> dict:
+        """The fields that apply: the three of per-slice labels, and ``dims`` and ``link_iou``
+        for 3-D ones (what sidecars, run records and JSON artifacts hold)."""
+        values = asdict(self)
+        if self.dims == 2:
+            del values["dims"], values["link_iou"]
+        return values
+
     def params(self) -> dict[str, str]:
-        """As MLflow params ``instances.<name>`` (``argmax`` for a None threshold)."""
-        return {PARAM_PREFIX + k: ("argmax" if v is None else str(v))
-                for k, v in asdict(self).items()}
+        """As MLflow params ``instances.<name>`` (``instances3d.<name>`` for dims 3; ``argmax``
+        for a None threshold)."""
+        prefix = PARAM_PREFIX if self.dims == 2 else PARAM_PREFIX_3D
+        return {prefix + k: ("argmax" if v is None else str(v))
+                for k, v in self.values().items() if k != "dims"}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        return json.dumps(self.values(), indent=2) + "\n"
 
     @classmethod
     def from_mapping(cls, values: dict, prefix: str = "") -> PostProcess | None:
         """From ``{prefix + name: value}`` (params as text, or a config section / JSON as
-        numbers); None when none of the names is there."""
+        numbers); None when none of the thresholds and size is there. The prefix
+        ``instances3d.`` means dims 3."""
         found = {name: values[prefix + name] for name in ("seed_threshold", "foreground_threshold",
                                                           "min_size") if prefix + name in values}
         if not found:
             return None
+        found |= {name: values[prefix + name] for name in ("dims", "link_iou")
+                  if prefix + name in values}
+        if prefix == PARAM_PREFIX_3D:
+            found["dims"] = 3
 
         def number(name, value):
             if value is None or value == "argmax":
                 return None
-            return int(float(value)) if name == "min_size" else float(value)
+            return int(float(value)) if name in ("min_size", "dims") else float(value)
 
         return cls().replace(**{k: number(k, v) for k, v in found.items()})
 
@@ -81,13 +126,17 @@ class PostProcess:
         def threshold(v):
             return "argmax" if v is None else f"{v:g}"
 
-        return (f"seed threshold {threshold(self.seed_threshold)}, foreground threshold "
+        text = (f"seed threshold {threshold(self.seed_threshold)}, foreground threshold "
                 f"{threshold(self.foreground_threshold)}, min size {self.min_size} px")
+        if self.dims == 3:
+            text += f", cells in 3-D (slices linked at IoU >= {self.link_iou:g}^z-ratio)"
+        return text
 
 
 def probabilities_to_instances(prob: np.ndarray, min_size: int = 0, *,
                                seed_threshold: float | None = None,
-                               foreground_threshold: float | None = None) -> np.ndarray:
+                               foreground_threshold: float | None = None, dims: int = 2,
+                               z_ratio: float = 1.0, link_iou: float = 0.5) -> np.ndarray:
     """Instance labels from 3-class probabilities (or a one-hot class map).
 
     ``prob``: float (3, H, W) or (3, Z, H, W), channels background / inner-cell / cell-boundary.
@@ -101,16 +150,22 @@ def probabilities_to_instances(prob: np.ndarray, min_size: int = 0, *,
     watershed is run again, so its pixels are **merged** into the neighbouring cell that floods
     them, or **removed** (background) when it touches no other cell.
 
-    Slices are labelled independently: a label never spans two slices, and labels are unique
-    across the whole stack (numbered slice after slice). Returns (H, W) or (Z, H, W) labels
-    numbered 1..N, uint16, or uint32 when N > 65535.
+    ``dims=2``: slices are labelled independently: a label never spans two slices, and labels
+    are unique across the whole stack (numbered slice after slice). ``dims=3``: the same
+    objects, linked through the stack (`link_slices` with ``link_iou`` and ``z_ratio``, the z
+    step over the xy pixel size), numbered in the order they first appear; a 2-D image is
+    labelled as with ``dims=2``. Returns (H, W) or (Z, H, W) labels numbered 1..N, uint16, or
+    uint32 when N > 65535.
 
     Memory: one slice is segmented at a time (the watershed makes float64 and padded copies of
-    what it is given), so a stack needs about its labels' size beyond the probabilities.
+    what it is given), so a stack needs about its labels' size beyond the probabilities
+    (linking adds a few arrays of one slice pair's size).
     """
     prob = np.asarray(prob)
     if prob.ndim not in (3, 4) or prob.shape[0] != 3:
         raise ValueError(f"prob must be (3, H, W) or (3, Z, H, W), not shape {prob.shape}")
+    if dims not in (2, 3):
+        raise ValueError(f"dims must be 2 or 3, not {dims!r}")
     squeeze = prob.ndim == 3
     if squeeze:
         prob = prob[:, None]
@@ -119,6 +174,9 @@ def probabilities_to_instances(prob: np.ndarray, min_size: int = 0, *,
     for z in range(prob.shape[1]):
         count = _label_slice(prob[:, z], labels[z], count, min_size, seed_threshold,
                              foreground_threshold)
+    if dims == 3:
+        labels = link_slices(labels, link_iou, z_ratio)
+        count = int(labels.max(initial=0))
     if count <= np.iinfo(np.uint16).max:
         labels = labels.astype(np.uint16)
     return labels[0] if squeeze else labels
@@ -154,32 +212,131 @@ def _label_slice(prob: np.ndarray, out: np.ndarray, count: int, min_size: int,
     return int(labels.max())
 
 
-def score(params: PostProcess, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict:
+def link_slices(labels: np.ndarray, link_iou: float = 0.5, z_ratio: float = 1.0) -> np.ndarray:
+    """3-D objects from per-slice labels (see the module docstring): (Z, H, W) labels, each
+    label within one slice (as `probabilities_to_instances` makes with ``dims=2``), to uint32
+    labels of the same partition of each slice, objects linked through the stack numbered
+    1..M in the order of their smallest input label.
+
+    Links: between slices z and z + 1, pairs with IoU >= ``link_iou ** z_ratio`` that are each
+    other's best match; then, among objects still without a link forward in slice z and
+    without one backward in slice z + 1, best pairs with `CAP_INSIDE` of the smaller inside the
+    larger; then, between those in slice z and those in slice z + 2, best pairs with IoU >=
+    ``link_iou ** (2 z_ratio)``, the overlap counted where slice z + 1 is labelled.
+    Vectorised per pair of slices (one count of label pairs each); the objects are the
+    connected components of the links.
+    """
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+
+    if not 0 < link_iou <= 1:
+        raise ValueError(f"link_iou must be in (0, 1], not {link_iou!r}")
+    if not z_ratio > 0:
+        raise ValueError(f"z_ratio must be > 0, not {z_ratio!r}")
+    labels = np.asarray(labels)
+    n = int(labels.max(initial=0))
+    if labels.ndim != 3 or len(labels) < 2 or n == 0:
+        return labels.astype(np.uint32, copy=False)
+    area = np.bincount(labels.ravel(), minlength=n + 1)
+    linked_forward, linked_back = np.zeros(n + 1, bool), np.zeros(n + 1, bool)
+    linked_forward[0] = linked_back[0] = True  # background is never an end or a start
+    links = []
+
+    def link(gap: int, threshold: float, inside: bool = False) -> None:
+        """Link free ends in slice z to free starts in slice z + gap (see the docstring)."""
+        for z in range(len(labels) - gap):
+            ends = np.where(linked_forward[labels[z]], 0, labels[z])
+            starts = np.where(linked_back[labels[z + gap]], 0, labels[z + gap])
+            a, b = _mutual_best(*_overlaps(ends, starts, labels[z + 1] if gap == 2 else None),
+                                area, threshold, inside)
+            linked_forward[a], linked_back[b] = True, True
+            links.append((a, b))
+
+    link(1, link_iou ** z_ratio)
+    link(1, CAP_INSIDE, inside=True)  # the tapering ends of a cell: one lies in the other
+    link(2, link_iou ** (2 * z_ratio))
+    a, b = (np.concatenate([pair[i] for pair in links]) for i in (0, 1))
+    graph = sparse.coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n + 1, n + 1))
+    _, component = connected_components(graph, directed=False)
+    first = np.full(component.max() + 1, n + 1)
+    np.minimum.at(first, component, np.arange(n + 1))  # each object's smallest input label
+    rank = np.argsort(np.argsort(first)).astype(np.uint32)  # background's component ranks 0
+    return rank[component][labels]
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray, between: np.ndarray | None = None):
+    """(label in a, label in b, pixels in common) of every overlapping pair of two label
+    images, counted only where ``between`` is labelled when given."""
+    both = (a > 0) & (b > 0)
+    if between is not None:
+        both &= between > 0
+    width = np.int64(max(int(b.max(initial=0)), 0) + 1)
+    pairs, counts = np.unique(a[both].astype(np.int64) * width + b[both], return_counts=True)
+    return pairs // width, pairs % width, counts
+
+
+def _mutual_best(a: np.ndarray, b: np.ndarray, common: np.ndarray, area: np.ndarray,
+                 threshold: float, inside: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one pairs (a, b) with IoU >= ``threshold`` (``area``: pixels of each label; with
+    ``inside``, the share of the smaller of the two that lies in the other), best first: pairs
+    where each is the other's best match (ties: the lower label) are taken, the labels they
+    use set aside, and so on while any is left (the greedy matching by IoU, a round at once)."""
+    smaller = np.minimum(area[a], area[b])
+    iou = common / (smaller if inside else area[a] + area[b] - common)
+    keep = iou >= threshold
+    a, b, iou = a[keep], b[keep], iou[keep]
+    taken_a, taken_b = [a[:0]], [b[:0]]
+    while len(a):  # the best remaining pair is always mutual: each round takes one at least
+        mutual = _is_best(a, b, iou) & _is_best(b, a, iou)
+        taken_a.append(a[mutual])
+        taken_b.append(b[mutual])
+        free = ~np.isin(a, a[mutual]) & ~np.isin(b, b[mutual])
+        a, b, iou = a[free], b[free], iou[free]
+    return np.concatenate(taken_a), np.concatenate(taken_b)
+
+
+def _is_best(owner: np.ndarray, other: np.ndarray, iou: np.ndarray) -> np.ndarray:
+    """bool per pair: it is its owner's highest-IoU pair (ties: the lowest other)."""
+    order = np.lexsort((other, -iou, owner))
+    first = np.ones(len(order), bool)
+    first[1:] = owner[order][1:] != owner[order][:-1]
+    best = np.zeros(len(order), bool)
+    best[order[first]] = True
+    return best
+
+
+def score(params: PostProcess, pairs: Sequence[tuple]) -> dict:
     """Instance scores (`nf1prov.segment.evaluate.instance_scores`) of ``params`` on (prob,
-    mask) pairs, counts pooled over the pairs."""
+    mask) or (prob, mask, z_ratio) pairs, counts pooled over the pairs: objects per slice for
+    dims 2, 3-D objects by 3-D IoU for dims 3 (z_ratio 1 when a pair does not give it)."""
     from nf1prov.segment.evaluate import THRESHOLDS, instance_counts, instance_scores
 
     counts = np.zeros((len(THRESHOLDS), 3), np.int64)
-    for prob, mask in pairs:
-        counts += instance_counts(mask, params.segment(prob))
+    for prob, mask, *z_ratio in pairs:
+        labels = params.segment(prob, *z_ratio)
+        counts += instance_counts(mask, labels, per_slice=params.dims == 2)
     return instance_scores(counts)
 
 
-def tune(pairs: Sequence[tuple[np.ndarray, np.ndarray]], start: PostProcess = PostProcess(),
+def tune(pairs: Sequence[tuple], start: PostProcess = PostProcess(),
          ) -> tuple[PostProcess, dict]:
     """The parameters that match the true cells best: highest instance F1 at IoU 0.5, ties
     broken by average precision (IoU 0.5:0.95), then by closeness to ``start``.
 
-    ``pairs``: (prob (3, Z, H, W) float, mask (Z, H, W) instance labels) of validation stacks.
-    The thresholds are searched together on a grid (`SEED_THRESHOLDS` x
-    `FOREGROUND_THRESHOLDS`) at ``start.min_size``, then ``min_size`` over `MIN_SIZES` at the
-    best thresholds: at most 41 segmentations of the validation data. Returns the parameters
-    and their scores.
+    ``pairs``: (prob (3, Z, H, W) float, mask (Z, H, W) instance labels) of validation stacks,
+    or (prob, mask, z_ratio) with each stack's z step over its xy pixel size. The thresholds
+    are searched together on a grid (`SEED_THRESHOLDS` x `FOREGROUND_THRESHOLDS`) at
+    ``start.min_size``, then ``min_size`` over `MIN_SIZES` at the best thresholds: at most 41
+    segmentations of the validation data. With ``start.dims == 3`` the parameters are those of
+    3-D objects, scored by 3-D IoU (`score`), and ``start`` is the per-slice choice: first
+    ``link_iou`` over `LINK_IOUS`, then the thresholds within 0.1 of the start's, then
+    ``min_size``: at most 22 segmentations. Returns the parameters and their scores.
     """
     def objective(params: PostProcess, scores: dict) -> tuple:
         distance = sum(abs((a or 0.5) - (b or 0.5)) for a, b in (
             (params.seed_threshold, start.seed_threshold),
-            (params.foreground_threshold, start.foreground_threshold)))
+            (params.foreground_threshold, start.foreground_threshold),
+            (params.link_iou, start.link_iou)))
         return (scores["instance_f1"], scores["instance_ap"], -distance,
                 -abs(params.min_size - start.min_size))
 
@@ -192,7 +349,18 @@ def tune(pairs: Sequence[tuple[np.ndarray, np.ndarray]], start: PostProcess = Po
                 scored[params] = score(params, pairs)
         return max(options, key=lambda p: objective(p, scored[p]))
 
-    best = pick(start, [start.replace(seed_threshold=s, foreground_threshold=f)
-                        for s, f in itertools.product(SEED_THRESHOLDS, FOREGROUND_THRESHOLDS)])
+    seeds, foregrounds = SEED_THRESHOLDS, FOREGROUND_THRESHOLDS
+    best = start
+    if start.dims == 3:  # near the per-slice choice: the cells' outlines are those objects
+        best = pick(best, [best.replace(link_iou=v) for v in LINK_IOUS])
+        seeds, foregrounds = (_near(seeds, start.seed_threshold),
+                              _near(foregrounds, start.foreground_threshold))
+    best = pick(best, [best.replace(seed_threshold=s, foreground_threshold=f)
+                       for s, f in itertools.product(seeds, foregrounds)])
     best = pick(best, [best.replace(min_size=m) for m in MIN_SIZES])
     return best, scored[best]
+
+
+def _near(grid: Sequence[float], value: float | None) -> list[float]:
+    """The values of ``grid`` within 0.1 of ``value`` (0.5 for the argmax rule's None)."""
+    return [v for v in grid if abs(v - (0.5 if value is None else value)) < 0.1 + 1e-9]

@@ -30,15 +30,18 @@ PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 def settings(config: dict, postprocess, *, input_dtype: np.dtype, codename: str | None = None,
-             commit: str | None = None, run_id: str | None = None) -> dict:
+             commit: str | None = None, run_id: str | None = None,
+             postprocess3d=None) -> dict:
     """What the pyfunc model needs besides its weights to predict as ``nf1prov predict`` does
     (``config``: the resolved training config; ``postprocess``: the model's
-    `nf1prov.segment.instances.PostProcess`), and which model it is."""
+    `nf1prov.segment.instances.PostProcess`, ``postprocess3d`` its 3-D one when it has one),
+    and which model it is."""
     data = config["data"]
+    cells = {"instances3d": json.loads(postprocess3d.to_json())} if postprocess3d else {}
     return {"input_slices": int(data["input_slices"]), "tile_size": int(data["crop_size"]),
             "normalisation": str(data.get("normalisation", "dtype_max")),
             "input_dtype": np.dtype(input_dtype).name,
-            "instances": json.loads(postprocess.to_json()),
+            "instances": json.loads(postprocess.to_json()), **cells,
             "codename": codename, "commit": commit, "run_id": run_id}
 
 
@@ -47,7 +50,9 @@ def params(model_settings: dict) -> dict[str, str]:
     slices, tile size, normalisation, input dtype and the instance parameters."""
     shown = {k: model_settings[k] for k in ("input_slices", "tile_size", "normalisation",
                                             "input_dtype")}
-    shown |= {f"instances.{k}": v for k, v in model_settings["instances"].items()}
+    for kind in ("instances", "instances3d"):
+        shown |= {f"{kind}.{k}": v for k, v in model_settings.get(kind, {}).items()
+                  if k != "dims"}
     return {k: "" if v is None else str(v) for k, v in shown.items()}
 
 

@@ -112,6 +112,14 @@ def in_micrometres(sizes: Sizes, axis: str) -> float | None:
     return None if value is None or factor is None else float(value) * factor
 
 
+def z_ratio(sizes: Sizes) -> float | None:
+    """The z step over the xy pixel size (the mean of X and Y) that the sizes give, or None
+    when they lack Z, or X and Y, or a unit converts to no length."""
+    z = in_micrometres(sizes, "Z")
+    xy = [size for size in (in_micrometres(sizes, axis) for axis in "XY") if size]
+    return z / (sum(xy) / len(xy)) if z and xy else None
+
+
 def resolution_tags(sizes: Sizes) -> dict:
     """``tifffile.imwrite`` arguments writing X/Y sizes as pixels per centimetre too, for
     readers of plain TIFF tags (ImageJ's own opener); none when X or Y is unknown."""

@@ -33,7 +33,7 @@ import datetime as dt
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -489,7 +489,7 @@ def export_model(root: Path, client, tracking_uri: str, model: ResolvedModel, ou
             "data_manifest_sha256": sha256_file(artifacts / MANIFEST_ARTIFACT),
             "test_field": fov_id, "input_slices": loaded.input_slices,
             "normalisation": loaded.normalisation, "tile_size": loaded.tile_size,
-            "instances": asdict(model_postprocess(config, params=model.run.data.params)),
+            "instances": model_postprocess(config, params=model.run.data.params).values(),
         }
         files["readme"].write_text(documentation(entry_md, provenance, data, settings),
                                    encoding="utf-8")

@@ -160,10 +160,11 @@ def ensure_logged_model(client, resolved) -> tuple[str, bool]:
             run_id=run_id, artifact_path=artifact, dst_path=tmp,
             tracking_uri=client.tracking_uri)) for artifact in ("model", "config/config.toml")}
         config = read_config_file(fetched["config/config.toml"])
+        params = resolved.run.data.params
         settings = mlflow_model.settings(
-            config, model_postprocess(config, params=resolved.run.data.params),
+            config, model_postprocess(config, params=params),
             input_dtype=np.dtype(UPGRADE_INPUT_DTYPE), codename=name, commit=resolved.sha,
-            run_id=run_id)
+            run_id=run_id, postprocess3d=model_postprocess(config, params=params, dims=3))
         example = np.zeros((settings["input_slices"], mlflow_model.EXAMPLE_SIZE,
                             mlflow_model.EXAMPLE_SIZE), UPGRADE_INPUT_DTYPE)
         saved = mlflow_model.save(fetched["model"], settings, Path(tmp) / "mlflow-model",
@@ -172,7 +173,7 @@ def ensure_logged_model(client, resolved) -> tuple[str, bool]:
         linked = [(key, value, resolved.run.info.end_time or 0,
                    int(metrics.get("best_epoch", 0)))
                   for key, value in sorted(metrics.items())
-                  if key.startswith("best_val_") or key.startswith("val_instance_")]
+                  if key.startswith("best_val_") or key.startswith("val_instance")]
         manifest = next((d.dataset for d in (resolved.run.inputs.dataset_inputs or [])
                          if d.dataset.name == "split_manifest"), None)
         model_id = tracking.log_logged_model(

@@ -41,7 +41,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -685,16 +685,18 @@ def log_mlflow_model(config: dict, data: PreparedData, result: TrainResult, post
     split = data.val if data.val.fields else data.train
     stack = split.cache.image(split.fields[0].image_path)
     settings = mlflow_model.settings(
-        config, postprocess, input_dtype=stack.dtype, codename=run.info.run_name,
-        commit=run.data.tags.get(tracking.GIT_COMMIT), run_id=run.info.run_id)
+        config, postprocess.flat, input_dtype=stack.dtype, codename=run.info.run_name,
+        commit=run.data.tags.get(tracking.GIT_COMMIT), run_id=run.info.run_id,
+        postprocess3d=postprocess.cells)
     with warnings.catch_warnings():  # as in log_run_inputs: the same dataset, its digest
         warnings.simplefilter("ignore", UserWarning)
         digest = mlflow.data.from_pandas(data.manifest, source=data.source,
                                          name="split_manifest").digest
     linked = {f"best_{k}": v for k, v in result.best_metrics.items()
               if k.startswith("val_dice_")} | {"best_val_loss": result.best_val_loss}
-    linked |= {f"val_{k}": (instance_scores or {})[k] for k in ("instance_f1", "instance_ap")
-               if k in (instance_scores or {})}  # those log_postprocess logs
+    linked |= {f"val_{k}": (instance_scores or {})[k] for k in (
+        "instance_f1", "instance_ap", "instance3d_f1", "instance3d_ap")
+        if k in (instance_scores or {})}  # those log_postprocess logs
     with tempfile.TemporaryDirectory(prefix="nf1prov-mlflow-model-") as tmp:
         weights.save(result.model.to("cpu").eval(), Path(tmp) / "weights")
         saved = mlflow_model.save(Path(tmp) / "weights", settings, Path(tmp) / "model",
@@ -747,48 +749,55 @@ def val_class_fractions(dataset, t: dict, margin: int) -> dict[str, float]:
 MAX_TUNE_PIXELS = 16_000_000  # validation pixels segmented per candidate when choosing
 
 
+class ChosenInstances(NamedTuple):
+    """A model's instance parameters: per slice (``flat``, dims 2) and of cells as 3-D objects
+    (``cells``, dims 3)."""
+
+    flat: Any  # nf1prov.segment.instances.PostProcess
+    cells: Any
+
+
 def log_postprocess(config: dict, data: PreparedData, model: nn.Module):
     """Choose the instance parameters of ``model`` (`nf1prov.segment.instances.tune`) on the
-    validation split, or take the config's when ``postprocess.tune`` is false, and log them to
-    the active run: params ``instances.*``, the artifact ``config/instances.json`` and, when
-    chosen, the metrics ``val_instance_f1`` and ``val_instance_ap`` they reach. Returns the
-    parameters (a `PostProcess`) and the scores (``instance_f1`` and ``instance_ap``; None when
-    not chosen).
+    validation split, per slice and for cells as 3-D objects, or take the config's when
+    ``postprocess.tune`` is false, and log them to the active run: params ``instances.*`` and
+    ``instances3d.*``, the artifacts ``config/instances.json`` and ``config/instances3d.json``
+    and, when chosen, the metrics ``val_instance_f1``, ``val_instance_ap``,
+    ``val_instance3d_f1`` and ``val_instance3d_ap`` they reach. Returns the parameters (a
+    `ChosenInstances`) and the scores (``instance_f1``, ``instance_ap``, ``instance3d_f1``,
+    ``instance3d_ap``; None when not chosen).
 
     Validation stacks are predicted whole, as `predict` does; past `MAX_TUNE_PIXELS` the centre
-    slices are an evenly spaced subset, so that the search stays seconds on a large split."""
+    slices of the per-slice search are an evenly spaced subset, and the 3-D search takes whole
+    stacks (cut to their centre when one alone is larger), so that the search stays seconds on
+    a large split. A stack's z ratio comes from its physical sizes, else ``postprocess.z_ratio``.
+    """
     import mlflow
 
-    from nf1prov.data.cache import read_tiff
-    from nf1prov.segment.instances import POSTPROCESS_ARTIFACT, PostProcess, tune
-    from nf1prov.segment.predict import predict_stack
+    from nf1prov.segment.instances import (
+        POSTPROCESS_ARTIFACT,
+        POSTPROCESS_ARTIFACT_3D,
+        PostProcess,
+        tune,
+    )
 
-    d, p = config["data"], config["postprocess"]
+    p = config["postprocess"]
     start = PostProcess(p["seed_threshold"], p["foreground_threshold"], p["min_size"])
     chosen, scores = start, None
+    chosen3d = start.replace(dims=3, link_iou=p["link_iou"])
     if p["tune"]:
-        cache, fields = data.val.cache, data.val.fields
-        slices = [(i, z) for i, f in enumerate(fields)
-                  for z in range(cache.image(f.image_path).shape[0])]
-        height, width = cache.image(fields[0].image_path).shape[1:]
-        budget = max(1, MAX_TUNE_PIXELS // (height * width))
-        if len(slices) > budget:
-            slices = [slices[int(k)] for k in np.linspace(0, len(slices) - 1, budget).round()]
         device = resolve_device(config["train"]["device"])
         model = model.to(device)
-        pairs = []
-        for i, field in enumerate(fields):
-            zs = [z for j, z in slices if j == i]
-            if not zs:
-                continue
-            prob = predict_stack(model, np.asarray(cache.image(field.image_path)),
-                                 input_slices=d["input_slices"], tile_size=d["crop_size"],
-                                 device=device, normalisation=d["normalisation"], slices=zs)
-            pairs.append((prob, read_tiff(field.mask_path)[zs]))
-        model.to("cpu")
-        chosen, scores = tune(pairs, start)
+        flat_pairs, whole = _tune_slices(config, data, model, device)
+        chosen, scores = tune(flat_pairs, start)
         log.info("instance parameters chosen on validation data: %s (F1 %.3f, AP %.3f)",
                  chosen.describe(), scores["instance_f1"], scores["instance_ap"])
+        cell_pairs = _tune_stacks(config, data, model, device, flat_pairs if whole else None)
+        model.to("cpu")
+        chosen3d, scores3d = tune(cell_pairs, chosen.replace(dims=3, link_iou=p["link_iou"]))
+        log.info("3-D instance parameters chosen on validation data: %s (F1 %.3f, AP %.3f)",
+                 chosen3d.describe(), scores3d["instance_f1"], scores3d["instance_ap"])
+        scores |= {k.replace("instance_", "instance3d_"): v for k, v in scores3d.items()}
     try:  # a resumed run may hold them already
         already_logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     except Exception as exc:
@@ -797,11 +806,83 @@ def log_postprocess(config: dict, data: PreparedData, model: nn.Module):
         already_logged = {}  # the same values again are harmless once the store is back
     box = outbox.current()
     if scores is not None:
-        box.log_metrics({"val_instance_f1": scores["instance_f1"],
-                         "val_instance_ap": scores["instance_ap"]})
-    box.log_params({k: v for k, v in chosen.params().items() if k not in already_logged})
+        box.log_metrics({f"val_{k}": scores[k] for k in ("instance_f1", "instance_ap",
+                                                         "instance3d_f1", "instance3d_ap")})
+    params = chosen.params() | chosen3d.params()
+    box.log_params({k: v for k, v in params.items() if k not in already_logged})
     box.log_text(chosen.to_json(), POSTPROCESS_ARTIFACT)
-    return chosen, scores
+    box.log_text(chosen3d.to_json(), POSTPROCESS_ARTIFACT_3D)
+    return ChosenInstances(chosen, chosen3d), scores
+
+
+def _tune_slices(config: dict, data: PreparedData, model: nn.Module, device):
+    """(prob, mask) of the validation stacks for the per-slice search (at most
+    `MAX_TUNE_PIXELS`: evenly spaced centre slices past it), and whether they are whole."""
+    from nf1prov.data.cache import read_tiff
+    from nf1prov.segment.predict import predict_stack
+
+    d = config["data"]
+    cache, fields = data.val.cache, data.val.fields
+    slices = [(i, z) for i, f in enumerate(fields)
+              for z in range(cache.image(f.image_path).shape[0])]
+    height, width = cache.image(fields[0].image_path).shape[1:]
+    budget = max(1, MAX_TUNE_PIXELS // (height * width))
+    whole = len(slices) <= budget
+    if not whole:
+        slices = [slices[int(k)] for k in np.linspace(0, len(slices) - 1, budget).round()]
+    pairs = []
+    for i, fov in enumerate(fields):
+        zs = [z for j, z in slices if j == i]
+        if not zs:
+            continue
+        prob = predict_stack(model, np.asarray(cache.image(fov.image_path)),
+                             input_slices=d["input_slices"], tile_size=d["crop_size"],
+                             device=device, normalisation=d["normalisation"], slices=zs)
+        pairs.append((prob, read_tiff(fov.mask_path)[zs]))
+    return pairs, whole
+
+
+def _tune_stacks(config: dict, data: PreparedData, model: nn.Module, device,
+                 predicted: list | None) -> list:
+    """(prob, mask, z_ratio) of whole validation stacks for the 3-D search: ``predicted`` (the
+    per-slice search's, when whole) or predicted here, stacks in order up to
+    `MAX_TUNE_PIXELS` (at least one, cut to its centre in x-y when larger)."""
+    from nf1prov.data.cache import read_tiff
+    from nf1prov.segment.predict import predict_stack
+
+    d, fields = config["data"], data.val.fields
+    ratios = [_z_ratio(f.image_path, config["postprocess"]["z_ratio"]) for f in fields]
+    if predicted is not None:
+        return [(prob, mask, ratio) for (prob, mask), ratio in zip(predicted, ratios,
+                                                                  strict=True)]
+    pairs, left = [], MAX_TUNE_PIXELS
+    for fov, ratio in zip(fields, ratios, strict=True):
+        stack = np.asarray(data.val.cache.image(fov.image_path))
+        depth, height, width = stack.shape
+        side = int(math.sqrt(left / depth))
+        if pairs and depth * height * width > left:
+            break
+        y0, x0 = max(0, (height - side) // 2), max(0, (width - side) // 2)
+        crop = (slice(None), slice(y0, y0 + side), slice(x0, x0 + side))
+        prob = predict_stack(model, stack[crop], input_slices=d["input_slices"],
+                             tile_size=d["crop_size"], device=device,
+                             normalisation=d["normalisation"])
+        pairs.append((prob, read_tiff(fov.mask_path)[crop], ratio))
+        left -= prob[0].size
+    return pairs
+
+
+def _z_ratio(image_path, default: float) -> float:
+    """A stack's z step over its xy pixel size from its physical sizes, else ``default``."""
+    import tifffile
+
+    from nf1prov.segment.ome import physical_sizes, z_ratio
+
+    try:
+        with tifffile.TiffFile(image_path) as tif:
+            return z_ratio(physical_sizes(tif)) or default
+    except Exception:  # the stack was read for training: its metadata only may be unreadable
+        return default
 
 
 def pick_overlay_crops(n: int, count: int) -> list[int]:
