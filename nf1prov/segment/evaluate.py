@@ -373,7 +373,8 @@ def evaluate(loaded, fields: Sequence, *, baseline: bool = False, postprocess=No
         mask = _read_mask(Path(fov.mask_path), stack.shape)
         ratio = stack_z_ratio(sizes, z_ratio, loaded.z_ratio)
         prob = loaded.predict(stack, batch_size=batch_size)
-        results = {"model": (prob, postprocess.segment(prob), postprocess3d.segment(prob, ratio))}
+        flat = postprocess.segment(prob)
+        results = {"model": (prob, flat, postprocess3d.cells(prob, ratio, postprocess, flat))}
         if baseline:
             labels = segment_baseline(stack, min_size=baseline_min_size)
             results["baseline"] = (labels_to_probabilities(labels, thickness), labels,

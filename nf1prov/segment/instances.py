@@ -79,6 +79,14 @@ class PostProcess:
                                           foreground_threshold=self.foreground_threshold,
                                           dims=self.dims, z_ratio=z_ratio, link_iou=self.link_iou)
 
+    def cells(self, prob: np.ndarray, z_ratio: float, flat: PostProcess,
+              flat_labels: np.ndarray) -> np.ndarray:
+        """`segment` with ``dims=3``, reusing ``flat_labels`` (``flat.segment(prob)``) when
+        ``flat`` labels the slices as this does: only the linking is left to do."""
+        if flat_labels.ndim == 3 and flat.replace(dims=3, link_iou=self.link_iou) == self:
+            return link_slices(flat_labels, self.link_iou, z_ratio)
+        return self.segment(prob, z_ratio)
+
     def replace(self, **changes) -> PostProcess:
         """A copy with the given fields changed; ``None`` values leave a field as it is."""
         return PostProcess(**(asdict(self) | {k: v for k, v in changes.items() if v is not None}))
