@@ -4,6 +4,7 @@ stores (copied from one store migrated once per session, since creating one cost
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -98,21 +99,46 @@ def git_repo(tmp_path) -> Path:
     return repo
 
 
-@pytest.fixture(scope="session")
-def _migrated_store(tmp_path_factory) -> Path:
+def shared_once(tmp_path_factory, name: str, make) -> tuple[Path, object]:
+    """``make(folder)`` run once per test session in a fresh ``folder``, shared by every
+    pytest-xdist worker: the first to ask makes it under a file lock, the others wait and reuse
+    it, and so does a module-scoped fixture that pytest sets up a second time (`--dist
+    worksteal` can interleave modules on one worker). Returns (folder, what ``make`` returned,
+    which must be JSON). Whoever uses the folder must not change it: copy it first."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder = root / f"shared-{name}"
+    made = root / f"shared-{name}.json"
+    with FileLock(f"{folder}.lock"):
+        if not made.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # left by a worker whose make failed
+            folder.mkdir()
+            made.write_text(json.dumps(make(folder)))
+    return folder, json.loads(made.read_text())
+
+
+def _migrate_store(folder: Path) -> None:
     import mlflow
 
-    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
     # The Default experiment's artifact location is ./mlruns of the directory the store is
     # created in: create it in the temp dir, not in the repository the tests run from.
     before = os.getcwd()
-    os.chdir(path.parent)
+    os.chdir(folder)
     try:
-        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}")
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
         client.search_experiments()  # creates and migrates the schema
     finally:
         os.chdir(before)
-    return path
+
+
+@pytest.fixture(scope="session")
+def _migrated_store(tmp_path_factory) -> Path:
+    """An empty sqlite store at MLflow's newest schema: tests copy it (`tracking_uri`)."""
+    folder, _ = shared_once(tmp_path_factory, "store-template", _migrate_store)
+    return folder / "mlflow.db"
 
 
 @pytest.fixture
@@ -149,9 +175,10 @@ def data_root(tmp_path_factory) -> Path:
     """A tiny synthetic dataset (3 patients x 2 sites, 5x48x48), shared read-only by tests."""
     from nf1prov.data.synthetic import write_demo_dataset
 
-    root = tmp_path_factory.mktemp("demo-data")
-    write_demo_dataset(root, patients=3, sites=2, slices=5, height=48, width=48, seed=0)
-    return root
+    def write(folder: Path) -> None:
+        write_demo_dataset(folder, patients=3, sites=2, slices=5, height=48, width=48, seed=0)
+
+    return shared_once(tmp_path_factory, "demo-data", write)[0]
 
 
 def tiny_config(data_root: Path, epochs: int = 1, patience: int = 5) -> str:
@@ -244,24 +271,27 @@ def train_once(tmp_path_factory, migrated_store: Path, data_root: Path, name: st
     """For a module-scoped fixture: a fresh folder laid out as the `project` and `tracking_uri`
     fixtures lay out a test's tmp_path (repo/ with `project_files`, mlflow.db, mlartifacts/),
     and ``train(repo)`` called there in the hermetic environment (one torch thread, the store
-    as MLFLOW_TRACKING_URI). Returns (the folder, what ``train`` returned); `use_workspace` gives
-    each test its own copy."""
+    as MLFLOW_TRACKING_URI), once for all xdist workers (`shared_once`: ``train`` returns JSON).
+    Returns (the folder, what ``train`` returned); `use_workspace` gives each test its own
+    copy."""
     import mlflow
 
-    base = tmp_path_factory.mktemp(name)
-    repo = base / "repo"
-    repo.mkdir()
-    shutil.copyfile(migrated_store, base / "mlflow.db")
-    uri = f"sqlite:///{base / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        hermetic_environment(mp, tmp_path_factory)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("OMP_NUM_THREADS", "1")
-        mp.chdir(repo)
-        mlflow.set_tracking_uri(uri)
-        run_git(repo, "init", "--quiet", "--initial-branch=main")
-        project_files(repo, data_root)
-        return base, train(repo)
+    def make(base: Path):
+        repo = base / "repo"
+        repo.mkdir()
+        shutil.copyfile(migrated_store, base / "mlflow.db")
+        uri = f"sqlite:///{base / 'mlflow.db'}"
+        with pytest.MonkeyPatch.context() as mp:
+            hermetic_environment(mp, tmp_path_factory)
+            mp.setenv("MLFLOW_TRACKING_URI", uri)
+            mp.setenv("OMP_NUM_THREADS", "1")
+            mp.chdir(repo)
+            mlflow.set_tracking_uri(uri)
+            run_git(repo, "init", "--quiet", "--initial-branch=main")
+            project_files(repo, data_root)
+            return train(repo)
+
+    return shared_once(tmp_path_factory, name, make)
 
 
 def use_workspace(base: Path, tmp_path: Path, monkeypatch) -> str:

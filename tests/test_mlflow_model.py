@@ -62,9 +62,12 @@ def _workspace(tmp_path_factory, _migrated_store, data_root):
     data copied beside it, and its experiment's name."""
     import mlflow
 
+    def train_with_a_stack_beside(repo: Path) -> dict:
+        shutil.copyfile(next(Path(data_root).rglob("*.tif*")), repo.parent / "stack.tif")
+        return train_model(repo)
+
     base, record = train_once(tmp_path_factory, _migrated_store, data_root, "mlflow-model",
-                              train_model)
-    shutil.copyfile(next(Path(data_root).rglob("*.tif*")), base / "stack.tif")
+                              train_with_a_stack_beside)
     client = mlflow.MlflowClient(f"sqlite:///{base / 'mlflow.db'}")
     experiment = client.get_experiment(client.get_run(record["run_id"]).info.experiment_id).name
     return base, record["codename"], record["run_id"], experiment

@@ -337,7 +337,7 @@ class Exported:
     sha: str
     run_id: str
     test: TestData
-    status: str | None  # bioimage.io's test_model verdict ("passed"), None when not run
+    status: str | None  # bioimage.io's test_model verdict (`check_package`), None when not run
 
 
 def validation_image(manifest_path: Path, root: Path, data_root: Path | None) -> tuple[str, Path]:
@@ -629,7 +629,8 @@ def write_package(descr, output: Path, *, test: bool = True) -> str | None:
 
 def check_package(path: Path, name: Path) -> str:
     """bioimage.io's `test_model` on the zip at ``path`` (to be written as ``name``): its
-    status, or CheckFailed with its report."""
+    status and the weight formats whose outputs it reproduced ("passed for pytorch_state_dict
+    and torchscript weights"), or CheckFailed with its report."""
     from bioimageio.core import test_model
 
     summary = test_model(path, devices=["cpu"])
@@ -637,4 +638,6 @@ def check_package(path: Path, name: Path) -> str:
         raise CheckFailed(f"bioimage.io's test_model did not pass the package for {name} "
                           f"(status {summary.status}); nothing was written. Its report:\n"
                           f"{summary.format()}")
-    return summary.status
+    tested = [weights for weights in ("pytorch_state_dict", "torchscript")
+              if any(weights in detail.name for detail in summary.details)]
+    return f"{summary.status} for {' and '.join(tested)} weights" if tested else summary.status
