@@ -100,6 +100,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "foreground_threshold": 0.5,
         "min_size": 10,
         "link_iou": 0.5,  # 3-D cells: IoU that links a cell's outlines on neighbouring slices
+        "min_volume": 0,  # 3-D cells: those of fewer voxels are removed (0 = none)
         "z_ratio": 1.0,  # z step / xy pixel size of stacks whose physical sizes are unknown
     },
     "description": {
@@ -373,6 +374,7 @@ RANGES: dict[str, Rule] = {
     "postprocess.foreground_threshold": (lambda v, _: 0 < v < 1, "a probability in (0, 1)"),
     "postprocess.min_size": (_at_least(0), "an integer >= 0 (pixels)"),
     "postprocess.link_iou": (lambda v, _: 0 < v <= 1, "an IoU in (0, 1]"),
+    "postprocess.min_volume": (_at_least(0), "an integer >= 0 (voxels; 0 = off)"),
     "postprocess.z_ratio": (lambda v, _: 0 < v < float("inf"),
                             "a number > 0 (the z step over the xy pixel size)"),
     "data.fields": (lambda v, _: all(FIELD_ID_RE.match(f) for f in v) and len(set(v)) == len(v),

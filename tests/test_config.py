@@ -168,6 +168,7 @@ BAD_VALUES = [
     ("postprocess.foreground_threshold=0", "a probability in (0, 1)"),
     ("postprocess.min_size=-1", "an integer >= 0"),
     ("postprocess.link_iou=0", "an IoU in (0, 1]"),
+    ("postprocess.min_volume=-1", "an integer >= 0 (voxels"),
     ("postprocess.z_ratio=0", "a number > 0"),
     ('experiment.name=""', "a non-empty MLflow experiment name"),
     ('experiment.name=" nf1 "', "without leading or trailing spaces"),

@@ -232,3 +232,72 @@ def test_models_without_3d_parameters_use_their_per_slice_ones_in_3d():
     # a model trained before any were chosen: its config's, link_iou included
     assert model_postprocess(config, params={}, dims=3) == PostProcess(0.5, 0.5, 10, dims=3,
                                                                        link_iou=0.4)
+
+
+def cells_and_a_speck() -> tuple[np.ndarray, np.ndarray]:
+    """(whole cells, the same with a speck): two cells through 6 slices (196 px a slice), and
+    a 100-px object on slice 0 only, first in the stack (it takes label 1 when kept)."""
+    cells = np.zeros((6, 30, 48), np.uint16)
+    cells[:, 14:28, 3:17] = 1
+    cells[:, 14:28, 25:39] = 2
+    specked = cells.copy()
+    specked[0, 0:10, 1:11] = 3  # 10 x 10 px, 100 > the largest per-slice min_size (80)
+    return cells, specked
+
+
+def test_min_volume_removes_a_cell_seen_on_one_slice_and_keeps_whole_cells():
+    cells, specked = cells_and_a_speck()
+    prob = probabilities(specked)
+    kept = CELLS_3D.segment(prob)
+    assert kept.max() == 3 and slices_of(kept, 1) == [0]  # the speck, numbered first
+    assert CELLS_3D.replace(min_size=80).segment(prob).max() == 3  # min_size cannot remove it
+    labels = CELLS_3D.replace(min_volume=150).segment(prob)
+    assert not labels[0, 0:10, 1:11].any()
+    np.testing.assert_array_equal(np.unique(labels), [0, 1, 2])  # renumbered 1..N
+    assert f1_3d(cells, labels) == 1.0
+    np.testing.assert_array_equal(labels > 0, (kept > 0) & (kept != 1))
+    # 2-D images and one-slice stacks are per-slice labels: no volume to speak of
+    flat = CELLS_3D.replace(dims=2)
+    for image in (prob[:, 0], prob[:, :1]):
+        np.testing.assert_array_equal(CELLS_3D.replace(min_volume=10**6).segment(image),
+                                      flat.segment(image))
+
+
+def test_tune_chooses_a_min_volume_when_validation_has_specks():
+    """Validation stacks whose probabilities hold a speck the truth does not: no threshold,
+    link or per-slice size removes it, a minimum volume does (and keeps the cells)."""
+    cells, specked = cells_and_a_speck()
+    pairs = [(probabilities(specked, seed=s), cells, 1.0) for s in range(2)]
+    start = PostProcess(0.5, 0.5, 0, dims=3)
+    assert score(start, pairs)["instance_f1"] < 1
+    chosen, scores = tune(pairs, start)
+    assert chosen.min_volume > 0 and scores["instance_f1"] == 1.0
+    assert scores == score(chosen, pairs)  # the shortcut scores what segment makes
+    # whole validation cells alone: nothing to remove, the start's 0 stays
+    clean = [(probabilities(cells, seed=s), cells, 1.0) for s in range(2)]
+    assert tune(clean, start)[0].min_volume == 0
+
+
+def test_recorded_3d_parameters_without_min_volume_segment_as_before():
+    """A model's instances3d.* params from before min_volume: read with it off, written back
+    unchanged, labels those of the per-slice objects linked (what dims 3 made before)."""
+    from nf1prov.provenance.models import model_postprocess
+
+    recorded = {"instances3d.seed_threshold": "0.5", "instances3d.foreground_threshold": "0.5",
+                "instances3d.min_size": "0", "instances3d.link_iou": "0.4"}
+    cells = PostProcess.from_mapping(recorded, prefix="instances3d.")
+    assert cells.min_volume == 0 and cells.params() == recorded
+    assert "min_volume" not in cells.values() and "voxels" not in cells.describe()
+    assert model_postprocess({"postprocess": {}}, params=recorded, dims=3) == cells
+    prob = probabilities(cells_and_a_speck()[1])
+    flat = cells.replace(dims=2)
+    before = link_slices(flat.segment(prob), 0.4)
+    np.testing.assert_array_equal(cells.segment(prob), before)
+    np.testing.assert_array_equal(cells.cells(prob, 1.0, flat, flat.segment(prob)), before)
+    # with it: recorded, read back, described
+    chosen = cells.replace(min_volume=300)
+    assert chosen.params()["instances3d.min_volume"] == "300"
+    assert PostProcess.from_mapping(chosen.params(), prefix="instances3d.") == chosen
+    assert PostProcess.from_mapping(json.loads(chosen.to_json())) == chosen
+    assert "300 voxels" in chosen.describe()
+    assert chosen.replace(dims=2).values() == flat.values()

@@ -34,6 +34,14 @@ cell that ends before an empty slice is not joined to one that starts after it. 
 objects of neighbouring slices still unlinked are linked when `CAP_INSIDE` of the smaller lies
 inside the larger: the tapering top and bottom of a cell, whose IoU with the next slice is low
 however fine the z steps.
+
+``min_volume`` (voxels, 0 = off): after linking, a 3-D object with fewer voxels is **removed**
+(its voxels become background; labels are renumbered 1..N in the same order). What it removes
+is an object seen on about one slice where whole cells run through many: a speck above the
+per-slice ``min_size`` that no cell continues. Removed, not merged: one that touches a cell in
+its slice was already merged by ``min_size`` or is a cell of its own there, and merging it
+into a cell of another slice would give that cell two objects in a slice. 2-D images and
+one-slice stacks are per-slice labels and keep every object.
 """
 
 from __future__ import annotations
@@ -52,6 +60,10 @@ SEED_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FOREGROUND_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 MIN_SIZES = (0, 5, 10, 20, 40, 80)
 LINK_IOUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # 3-D only
+# 3-D only: min_volume in cross-sections of a typical true cell (the median area of the cells'
+# per-slice objects on validation): an object seen on one slice has about one section at most,
+# a whole cell many; in sections the grid fits any cell size and z step (see `volume_grid`).
+MIN_VOLUME_SECTIONS = (0.5, 1, 2, 4)
 # A cell's end slices taper (a ball's last slice has a third of the next one's area, IoU ~0.35)
 # but lie inside the next; another cell's first slice is rarely so much inside this one's last.
 CAP_INSIDE = 0.8
@@ -71,20 +83,24 @@ class PostProcess:
     min_size: int = 10
     dims: int = 2
     link_iou: float = 0.5  # dims = 3 only
+    min_volume: int = 0  # dims = 3 only: 3-D objects with fewer voxels are removed; 0 = off
 
     def segment(self, prob: np.ndarray, z_ratio: float = 1.0) -> np.ndarray:
         """Labels of (3, [Z,] H, W) probabilities; ``z_ratio``: the stack's z step over its xy
         pixel size (used with ``dims=3``)."""
         return probabilities_to_instances(prob, self.min_size, seed_threshold=self.seed_threshold,
                                           foreground_threshold=self.foreground_threshold,
-                                          dims=self.dims, z_ratio=z_ratio, link_iou=self.link_iou)
+                                          dims=self.dims, z_ratio=z_ratio, link_iou=self.link_iou,
+                                          min_volume=self.min_volume)
 
     def cells(self, prob: np.ndarray, z_ratio: float, flat: PostProcess,
               flat_labels: np.ndarray) -> np.ndarray:
         """`segment` with ``dims=3``, reusing ``flat_labels`` (``flat.segment(prob)``) when
         ``flat`` labels the slices as this does: only the linking is left to do."""
-        if flat_labels.ndim == 3 and flat.replace(dims=3, link_iou=self.link_iou) == self:
-            return link_slices(flat_labels, self.link_iou, z_ratio)
+        if flat_labels.ndim == 3 and flat.replace(dims=3, link_iou=self.link_iou,
+                                                  min_volume=self.min_volume) == self:
+            return drop_small_cells(link_slices(flat_labels, self.link_iou, z_ratio),
+                                    self.min_volume)
         return self.segment(prob, z_ratio)
 
     def replace(self, **changes) -> PostProcess:
@@ -93,10 +109,13 @@ class PostProcess:
 
     def values(self) -> dict:
         """The fields that apply: the three of per-slice labels, and ``dims`` and ``link_iou``
-        for 3-D ones (what sidecars, run records and JSON artifacts hold)."""
+        for 3-D ones, with ``min_volume`` when it is on (what sidecars, run records and JSON
+        artifacts hold: those of models from before it are unchanged)."""
         values = asdict(self)
         if self.dims == 2:
             del values["dims"], values["link_iou"]
+        if self.dims == 2 or not self.min_volume:
+            del values["min_volume"]
         return values
 
     def params(self) -> dict[str, str]:
@@ -118,7 +137,7 @@ class PostProcess:
                                                           "min_size") if prefix + name in values}
         if not found:
             return None
-        found |= {name: values[prefix + name] for name in ("dims", "link_iou")
+        found |= {name: values[prefix + name] for name in ("dims", "link_iou", "min_volume")
                   if prefix + name in values}
         if prefix == PARAM_PREFIX_3D:
             found["dims"] = 3
@@ -126,7 +145,8 @@ class PostProcess:
         def number(name, value):
             if value is None or value == "argmax":
                 return None
-            return int(float(value)) if name in ("min_size", "dims") else float(value)
+            return (int(float(value)) if name in ("min_size", "dims", "min_volume")
+                    else float(value))
 
         return cls().replace(**{k: number(k, v) for k, v in found.items()})
 
@@ -137,14 +157,17 @@ class PostProcess:
         text = (f"seed threshold {threshold(self.seed_threshold)}, foreground threshold "
                 f"{threshold(self.foreground_threshold)}, min size {self.min_size} px")
         if self.dims == 3:
-            text += f", cells in 3-D (slices linked at IoU >= {self.link_iou:g}^z-ratio)"
+            text += f", cells in 3-D (slices linked at IoU >= {self.link_iou:g}^z-ratio"
+            text += (f", cells under {self.min_volume} voxels removed)" if self.min_volume
+                     else ")")
         return text
 
 
 def probabilities_to_instances(prob: np.ndarray, min_size: int = 0, *,
                                seed_threshold: float | None = None,
                                foreground_threshold: float | None = None, dims: int = 2,
-                               z_ratio: float = 1.0, link_iou: float = 0.5) -> np.ndarray:
+                               z_ratio: float = 1.0, link_iou: float = 0.5,
+                               min_volume: int = 0) -> np.ndarray:
     """Instance labels from 3-class probabilities (or a one-hot class map).
 
     ``prob``: float (3, H, W) or (3, Z, H, W), channels background / inner-cell / cell-boundary.
@@ -161,8 +184,9 @@ def probabilities_to_instances(prob: np.ndarray, min_size: int = 0, *,
     ``dims=2``: slices are labelled independently: a label never spans two slices, and labels
     are unique across the whole stack (numbered slice after slice). ``dims=3``: the same
     objects, linked through the stack (`link_slices` with ``link_iou`` and ``z_ratio``, the z
-    step over the xy pixel size), numbered in the order they first appear; a 2-D image is
-    labelled as with ``dims=2``. Returns (H, W) or (Z, H, W) labels numbered 1..N, uint16, or
+    step over the xy pixel size), those under ``min_volume`` voxels removed
+    (`drop_small_cells`), numbered in the order they first appear; a 2-D image is labelled as
+    with ``dims=2``. Returns (H, W) or (Z, H, W) labels numbered 1..N, uint16, or
     uint32 when N > 65535.
 
     Memory: one slice is segmented at a time (the watershed makes float64 and padded copies of
@@ -183,7 +207,7 @@ def probabilities_to_instances(prob: np.ndarray, min_size: int = 0, *,
         count = _label_slice(prob[:, z], labels[z], count, min_size, seed_threshold,
                              foreground_threshold)
     if dims == 3:
-        labels = link_slices(labels, link_iou, z_ratio)
+        labels = drop_small_cells(link_slices(labels, link_iou, z_ratio), min_volume)
         count = int(labels.max(initial=0))
     if count <= np.iinfo(np.uint16).max:
         labels = labels.astype(np.uint16)
@@ -272,6 +296,21 @@ def link_slices(labels: np.ndarray, link_iou: float = 0.5, z_ratio: float = 1.0)
     return rank[component][labels]
 
 
+def drop_small_cells(labels: np.ndarray, min_volume: int) -> np.ndarray:
+    """(Z, H, W) labels of 3-D objects without those of fewer than ``min_volume`` voxels
+    (background there), the rest renumbered 1..N in their order; 2-D labels, one-slice stacks
+    and ``min_volume`` <= 1 are returned as they are (see the module docstring)."""
+    labels = np.asarray(labels)
+    if min_volume <= 1 or labels.ndim != 3 or len(labels) < 2:
+        return labels
+    volume = np.bincount(labels.ravel())
+    keep = volume >= min_volume
+    keep[0] = False
+    if keep.sum() == np.count_nonzero(volume[1:]):
+        return labels  # nothing to remove
+    return (np.cumsum(keep) * keep).astype(labels.dtype)[labels]
+
+
 def _overlaps(a: np.ndarray, b: np.ndarray, between: np.ndarray | None = None):
     """(label in a, label in b, pixels in common) of every overlapping pair of two label
     images, counted only where ``between`` is labelled when given."""
@@ -326,6 +365,40 @@ def score(params: PostProcess, pairs: Sequence[tuple]) -> dict:
     return instance_scores(counts)
 
 
+def volume_grid(masks: Sequence[np.ndarray]) -> list[int]:
+    """The ``min_volume`` values `tune` tries on validation stacks whose true labels are
+    ``masks``: 0 and `MIN_VOLUME_SECTIONS` times the median area (pixels) of the true cells'
+    per-slice objects; [0] when the masks hold no cell."""
+    areas = np.concatenate([_section_areas(mask) for mask in masks] or [np.zeros(0, np.int64)])
+    if not len(areas):
+        return [0]
+    section = float(np.median(areas))
+    return [0, *sorted({max(1, round(k * section)) for k in MIN_VOLUME_SECTIONS})]
+
+
+def _section_areas(mask: np.ndarray) -> np.ndarray:
+    """Pixels of each labelled object of each slice of a ([Z,] H, W) label image."""
+    mask = np.asarray(mask)
+    slices = mask.reshape(-1, *mask.shape[-2:])
+    areas = np.concatenate([np.bincount(s.ravel())[1:] for s in slices])
+    return areas[areas > 0]
+
+
+def _score_volumes(params: PostProcess, pairs: Sequence[tuple],
+                   volumes: Sequence[int]) -> list[dict]:
+    """`score` of ``params`` with each ``min_volume`` in ``volumes``, from one segmentation of
+    each pair: a minimum volume only removes objects from what ``min_volume`` 0 makes."""
+    from nf1prov.segment.evaluate import THRESHOLDS, instance_counts, instance_scores
+
+    counts = np.zeros((len(volumes), len(THRESHOLDS), 3), np.int64)
+    for prob, mask, *z_ratio in pairs:
+        labels = params.replace(min_volume=0).segment(prob, *z_ratio)
+        for i, volume in enumerate(volumes):
+            counts[i] += instance_counts(mask, drop_small_cells(labels, volume),
+                                         per_slice=False)
+    return [instance_scores(c) for c in counts]
+
+
 def tune(pairs: Sequence[tuple], start: PostProcess = PostProcess(),
          ) -> tuple[PostProcess, dict]:
     """The parameters that match the true cells best: highest instance F1 at IoU 0.5, ties
@@ -338,7 +411,9 @@ def tune(pairs: Sequence[tuple], start: PostProcess = PostProcess(),
     segmentations of the validation data. With ``start.dims == 3`` the parameters are those of
     3-D objects, scored by 3-D IoU (`score`), and ``start`` is the per-slice choice: first
     ``link_iou`` over `LINK_IOUS`, then the thresholds within 0.1 of the start's, then
-    ``min_size``: at most 22 segmentations. Returns the parameters and their scores.
+    ``min_size``, then ``min_volume`` over `volume_grid` (0 and 0.5 to 4 cross-sections of a
+    typical true cell), scored from one segmentation (`_score_volumes`): at most 23
+    segmentations. Returns the parameters and their scores.
     """
     def objective(params: PostProcess, scores: dict) -> tuple:
         distance = sum(abs((a or 0.5) - (b or 0.5)) for a, b in (
@@ -346,7 +421,8 @@ def tune(pairs: Sequence[tuple], start: PostProcess = PostProcess(),
             (params.foreground_threshold, start.foreground_threshold),
             (params.link_iou, start.link_iou)))
         return (scores["instance_f1"], scores["instance_ap"], -distance,
-                -abs(params.min_size - start.min_size))
+                -abs(params.min_size - start.min_size),
+                -abs(params.min_volume - start.min_volume))
 
     scored: dict[PostProcess, dict] = {}  # each setting segmented once
 
@@ -366,6 +442,12 @@ def tune(pairs: Sequence[tuple], start: PostProcess = PostProcess(),
     best = pick(best, [best.replace(seed_threshold=s, foreground_threshold=f)
                        for s, f in itertools.product(seeds, foregrounds)])
     best = pick(best, [best.replace(min_size=m) for m in MIN_SIZES])
+    if start.dims == 3:
+        volumes = volume_grid([mask for _, mask, *_ in pairs])
+        candidates = [best.replace(min_volume=v) for v in volumes]
+        scored |= {p: s for p, s in zip(candidates, _score_volumes(best, pairs, volumes),
+                                        strict=True) if p not in scored}
+        best = pick(best, candidates)
     return best, scored[best]
 
 

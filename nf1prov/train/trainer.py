@@ -784,7 +784,9 @@ def log_postprocess(config: dict, data: PreparedData, model: nn.Module):
     p = config["postprocess"]
     start = PostProcess(p["seed_threshold"], p["foreground_threshold"], p["min_size"])
     chosen, scores = start, None
-    chosen3d = start.replace(dims=3, link_iou=p["link_iou"])
+    # configs from before min_volume lack it: 0, off
+    start3d = dict(dims=3, link_iou=p["link_iou"], min_volume=p.get("min_volume", 0))
+    chosen3d = start.replace(**start3d)
     if p["tune"]:
         device = resolve_device(config["train"]["device"])
         model = model.to(device)
@@ -794,7 +796,7 @@ def log_postprocess(config: dict, data: PreparedData, model: nn.Module):
                  chosen.describe(), scores["instance_f1"], scores["instance_ap"])
         cell_pairs = _tune_stacks(config, data, model, device, flat_pairs if whole else None)
         model.to("cpu")
-        chosen3d, scores3d = tune(cell_pairs, chosen.replace(dims=3, link_iou=p["link_iou"]))
+        chosen3d, scores3d = tune(cell_pairs, chosen.replace(**start3d))
         log.info("3-D instance parameters chosen on validation data: %s (F1 %.3f, AP %.3f)",
                  chosen3d.describe(), scores3d["instance_f1"], scores3d["instance_ap"])
         scores |= {k.replace("instance_", "instance3d_"): v for k, v in scores3d.items()}
