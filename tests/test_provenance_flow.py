@@ -311,11 +311,13 @@ def test_a_refusing_pre_commit_hook_leaves_no_commit_and_no_model(project, track
     assert "No models recorded yet" in (project / "README.md").read_text()
 
 
-def test_no_commit_makes_a_scratch_run(project, tracking_uri, tmp_path):
+def test_no_commit_makes_a_scratch_run(project, tracking_uri, tmp_path, data_root):
     base = git.commit(project, "base\n")  # an empty commit: every project file is untracked
     (project / "experiment.py").write_text("TRY = 1\n")
     (project / "lookup.bin").write_bytes(b"\0\1\2 not text")
-    result = train("--no-commit")
+    # --data-root (relative) wins over the config's data.root and is recorded absolute
+    relative = os.path.relpath(data_root, project)
+    result = train("--no-commit", "--set", 'data.root="not-here"', "--data-root", relative)
     assert "scratch" in result.output
     assert f"at commit {base} plus its uncommitted changes (logged as" in result.output
     client = tracking.client(tracking_uri)
@@ -340,13 +342,6 @@ def test_no_commit_makes_a_scratch_run(project, tracking_uri, tmp_path):
     assert (tree / "lookup.bin").read_bytes() == b"\0\1\2 not text"
     assert (tree / "configs" / "tiny.toml").read_bytes() == \
         (project / "configs" / "tiny.toml").read_bytes()
-
-
-def test_data_root_option_is_recorded_as_the_absolute_path(project, tracking_uri, data_root):
-    relative = os.path.relpath(data_root, project)
-    train("--no-commit", "--set", 'data.root="not-here"', "--data-root", relative)
-    client = tracking.client(tracking_uri)
-    (run,) = tracking.model_runs(client, (tracking.KIND_SCRATCH,))
     assert run.data.params["data.root"] == str(data_root.resolve())
     logged = Path(client.download_artifacts(run.info.run_id, "config/config.toml")).read_text()
     assert f'root = "{data_root.resolve()}"' in logged
