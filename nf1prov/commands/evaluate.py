@@ -8,10 +8,13 @@ import click
 
 from nf1prov.commands.common import tracking_uri_option
 from nf1prov.commands.predict import (
+    cluster_threads,
     postprocess_options,
     run_id_option,
+    scheduler_option,
     threads_option,
     use_threads,
+    workers_option,
     z_ratio_option,
 )
 
@@ -38,12 +41,14 @@ from nf1prov.commands.predict import (
               help="Also write the outline overlays (one PNG per field of view, model and "
                    "ground truth on the slice with the most cells) to this folder (created).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@scheduler_option
+@workers_option
 @threads_option
 @run_id_option
 @tracking_uri_option
 def command(model_ref, patients, data_root, baseline, seed_threshold, foreground_threshold,
-            min_size, z_ratio, batch_size, device, no_log, overlays_dir, no_progress, threads,
-            run_id, tracking_uri) -> None:
+            min_size, z_ratio, batch_size, device, no_log, overlays_dir, no_progress, scheduler,
+            workers, threads, run_id, tracking_uri) -> None:
     """Evaluate a model on holdout patients against a classical baseline.
 
     Prints per-class Dice/IoU and instance precision/recall/F1 (IoU 0.5) and average precision
@@ -55,7 +60,12 @@ def command(model_ref, patients, data_root, baseline, seed_threshold, foreground
     evaluation/overlays/, and which patients and data root were scored (tags
     nf1prov.evaluation.patients, nf1prov.evaluation.data_root).
     Patients that are not holdout patients of the model are refused unless --no-log.
+
+    With --scheduler or --workers each field of view is one task on a Dask cluster (the same
+    scores as one after another); a field that fails there stops the evaluation, by name, and
+    nothing is logged.
     """
+    per_worker = cluster_threads(scheduler, workers, threads)
     use_threads(threads)
     import tempfile
 
@@ -70,8 +80,9 @@ def command(model_ref, patients, data_root, baseline, seed_threshold, foreground
         log_to_run,
     )
 
-    loaded, client = load_for_command(model_ref, tracking_uri, device, run_id,
-                                      read_only=no_log)
+    # On a cluster the workers load the model on --device themselves: here only its settings.
+    loaded, client = load_for_command(model_ref, tracking_uri, "cpu" if per_worker is not None
+                                      else device, run_id, read_only=no_log)
     data = loaded.config.get("data", {})
     patients = list(patients) or list(data.get("holdout_patients", []))
     if data_root is None:
@@ -96,10 +107,22 @@ def command(model_ref, patients, data_root, baseline, seed_threshold, foreground
     with tempfile.TemporaryDirectory(prefix="nf1prov-overlays-") as tmp:
         # drawn only where they go: --overlays, or the run (through a temporary folder)
         overlays = overlays_dir or (Path(tmp) if logs else None)
-        evaluation = evaluate(loaded, fields, baseline=baseline, postprocess=postprocess,
-                              baseline_min_size=10 if min_size is None else min_size,
-                              batch_size=batch_size, progress=not no_progress,
-                              overlays=overlays, postprocess3d=cells, z_ratio=z_ratio)
+        options = dict(baseline=baseline, postprocess=postprocess,
+                       baseline_min_size=10 if min_size is None else min_size,
+                       batch_size=batch_size, overlays=overlays, postprocess3d=cells,
+                       z_ratio=z_ratio)
+        if per_worker is None:
+            evaluation = evaluate(loaded, fields, progress=not no_progress, **options)
+        else:
+            from nf1prov.commands.predict import model_reference
+            from nf1prov.segment.cluster import evaluate_on_cluster
+            from nf1prov.segment.evaluate import summarise
+
+            reference = model_reference(model_ref, tracking_uri, loaded.run_id, device)
+            scored = evaluate_on_cluster(reference, fields, options, scheduler=scheduler,
+                                         workers=workers, threads=per_worker,
+                                         progress=not no_progress, echo=click.echo)
+            evaluation = summarise(fields, scored, baseline)
         click.echo(format_report(evaluation, loaded.label))
         if overlays_dir is not None:
             click.echo(f"Wrote {len(evaluation.overlays)} overlay(s) to {overlays_dir}.")

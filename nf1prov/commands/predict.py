@@ -16,6 +16,16 @@ threads_option = click.option(
          "use (docs/training.md, CPU threads on a shared machine).")
 
 
+scheduler_option = click.option(
+    "--scheduler", default=None, metavar="tcp://HOST:PORT",
+    help="Run on this Dask distributed cluster, one task per stack (docs/predict.md, A screen "
+         "on a cluster); paths must be the same on its workers.")
+workers_option = click.option(
+    "--workers", type=click.IntRange(min=1), default=None, metavar="N",
+    help="Run on a local Dask cluster of N worker processes, each with the usable CPUs // N "
+         "torch threads (unless --threads).")
+
+
 def use_threads(threads: int | None) -> None:
     """This process's torch threads and OpenMP waiting, set before torch is first imported
     (`nf1prov.threads`): the first thing a verb that predicts does."""
@@ -101,12 +111,19 @@ def load_for_command(model_ref: str, tracking_uri: str | None, device: str,
               help="Also write <name>_preview.png: the model's cell outlines on the slice "
                    "with the most cells, titled with the model.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--overwrite", is_flag=True,
+              help="Redo every stack. Default: a stack whose <name>_nf1prov.json names the same "
+                   "model, instance parameters, input sha256 and outputs is skipped, its files "
+                   "untouched (a rerun resumes where a stopped one ended).")
+@scheduler_option
+@workers_option
 @threads_option
 @run_id_option
 @tracking_uri_option
 def command(model_ref, inputs, outdir, seed_threshold, foreground_threshold, min_size,
             instances, z_ratio, probabilities_dtype, batch_size, overlap, device, preview,
-            no_progress, threads, run_id, tracking_uri) -> None:
+            no_progress, overwrite, scheduler, workers, threads, run_id,
+            tracking_uri) -> None:
     """Segment z-stacks with a trained model.
 
     MODEL is a codename, a run ID, or a local MLflow model folder (e.g.
@@ -121,29 +138,108 @@ def command(model_ref, inputs, outdir, seed_threshold, foreground_threshold, min
     --instances), each with the input's physical pixel sizes and the model named in its
     OME-XML, then <name>_nf1prov.json (model, input sha256, outputs, which instances): its
     presence means the stack is done. napari opens the outputs with nf1prov's reader.
+    A rerun skips the stacks done the same way (--overwrite redoes them).
+
+    With --scheduler or --workers each stack is one task on a Dask cluster; a stack that fails
+    there is reported by name and the others go on (exit code 1 if any failed).
     """
-    use_threads(threads)
     from nf1prov.errors import UserError
+
+    per_worker = cluster_threads(scheduler, workers, threads)
+    use_threads(threads)
     from nf1prov.segment.files import predict_files
 
-    loaded, _ = load_for_command(model_ref, tracking_uri, device, run_id, read_only=True)
+    # On a cluster the workers load the model on --device themselves: here only its settings.
+    loaded, _ = load_for_command(model_ref, tracking_uri, "cpu" if per_worker is not None
+                                 else device, run_id, read_only=True)
     if overlap is not None and overlap >= loaded.tile_size:
         raise UserError(f"--overlap {overlap} must be smaller than the model's tile size "
                         f"{loaded.tile_size} (its training crop size).")
     overrides = (seed_threshold, foreground_threshold, min_size)
     postprocess = chosen_postprocess(loaded, *overrides)
     cells = chosen_postprocess(loaded, *overrides, dims=3) if instances == "3d" else None
+    where = f"{loaded.device}" if per_worker is None else f"{device} on the workers"
     click.echo(f"Model {loaded.label}: {loaded.input_slices} input slices, tiles of "
                f"{loaded.tile_size} px, {loaded.normalisation} normalisation, device "
-               f"{loaded.device}; instances: {(cells or postprocess).describe()}"
+               f"{where}; instances: {(cells or postprocess).describe()}"
                + ("; 2-D images per slice: " + postprocess.describe() if cells else "") + ".")
-    n = 0
-    for path, files in predict_files(loaded, inputs, outdir, postprocess=postprocess,
-                                     batch_size=batch_size, overlap=overlap,
-                                     probabilities_dtype=probabilities_dtype,
-                                     progress=not no_progress, preview=preview,
-                                     postprocess3d=cells, instances=instances,
-                                     z_ratio=z_ratio):
-        n += 1
-        click.echo(f"{path}: {files.n_cells} cells -> {files.labels}")
-    click.echo(f"Wrote predictions of {n} stack(s) to {outdir}.")
+    options = dict(postprocess=postprocess, postprocess3d=cells, batch_size=batch_size,
+                   overlap=overlap, probabilities_dtype=probabilities_dtype, preview=preview,
+                   z_ratio=z_ratio, overwrite=overwrite)
+    if per_worker is None:
+        from nf1prov.segment.cluster import StackOutcome
+
+        outcomes = (StackOutcome(path, files) for path, files in predict_files(
+            loaded, inputs, outdir, progress=not no_progress, instances=instances, **options))
+    else:
+        from nf1prov.segment.cluster import predict_on_cluster
+        from nf1prov.segment.files import stack_jobs
+
+        reference = model_reference(model_ref, tracking_uri, loaded.run_id, device)
+        outcomes = predict_on_cluster(reference, stack_jobs(inputs, outdir), options,
+                                      scheduler=scheduler, workers=workers,
+                                      threads=per_worker, progress=not no_progress,
+                                      echo=click.echo)
+    report(outcomes, outdir)
+
+
+def cluster_threads(scheduler: str | None, workers: int | None,
+                    threads: int | None) -> int | None:
+    """None without --scheduler or --workers (the serial path), else each Dask worker's torch
+    threads (`worker_threads`); both together are refused."""
+    from nf1prov.errors import UserError
+
+    if scheduler and workers:
+        raise UserError("Pass --scheduler (an existing Dask cluster) or --workers N (a local "
+                        "one), not both.")
+    return worker_threads(threads, workers) if scheduler or workers else None
+
+
+def worker_threads(threads: int | None, workers: int | None) -> int:
+    """Torch threads of each Dask worker: --threads; else, on a local cluster, OMP_NUM_THREADS
+    or the usable CPUs shared out among the workers (at least one each); else (--scheduler) 0:
+    each worker's own OMP_NUM_THREADS (dask's nanny sets 1), else its CPUs."""
+    from nf1prov.threads import choose
+
+    if threads or workers:
+        return choose(threads or 0, processes=workers or 1, setting_name="--threads").threads
+    return 0
+
+
+def model_reference(model_ref: str, tracking_uri: str | None, run_id: str | None, device: str):
+    """What a Dask worker loads the model from (`ModelReference`): a folder's absolute path,
+    or the codename / run ID with the store's resolved URI and the run it resolved to here."""
+    from nf1prov.commands.common import locate_store
+    from nf1prov.provenance.models import ModelReference
+
+    folder = Path(model_ref).expanduser()
+    if folder.exists():
+        return ModelReference(str(folder.resolve()), device=device)
+    return ModelReference(model_ref, locate_store(tracking_uri)[1], run_id, device)
+
+
+def report(outcomes, outdir: Path) -> None:
+    """One line per stack as it finishes, then the summary; CheckFailed (exit 1) listing the
+    stacks that failed, by name and reason."""
+    from nf1prov.errors import CheckFailed
+
+    written, skipped, failed = 0, 0, []
+    for outcome in outcomes:
+        if outcome.error is not None:
+            failed.append(outcome)
+            click.echo(f"{outcome.path}: failed: {outcome.error}", err=True)
+        elif outcome.files.skipped:
+            skipped += 1
+            click.echo(f"{outcome.path}: done before, skipped")
+        else:
+            written += 1
+            click.echo(f"{outcome.path}: {outcome.files.n_cells} cells -> "
+                       f"{outcome.files.labels}")
+    click.echo(f"Wrote predictions of {written} stack(s) to {outdir}"
+               + (f"; skipped {skipped} done before by the same model with the same instance "
+                  "parameters (--overwrite redoes them)" if skipped else "") + ".")
+    if failed:
+        lines = "\n".join(f"  {outcome.path}: {outcome.error}" for outcome in failed)
+        raise CheckFailed(f"{len(failed)} stack(s) failed; the others are done:\n{lines}\n"
+                          "Fix or remove these files and rerun the same command: the stacks "
+                          "done are skipped.")

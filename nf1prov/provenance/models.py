@@ -217,6 +217,27 @@ def load_model(ref: str, *, client=None, tracking_uri: str | None = None,
     return loaded
 
 
+@dataclass(frozen=True)
+class ModelReference:
+    """How another process (a Dask worker, `nf1prov.segment.cluster`) loads the same model
+    itself: a local folder by its absolute path, or a codename / run ID with the store's URI and
+    the run it resolved to here. A task carries this, a few short strings, and never the
+    weights; it is hashable, so a worker keeps one loaded model per reference."""
+
+    ref: str
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    device: str = "auto"
+
+    def load(self) -> LoadedModel:
+        import os
+
+        # MLflow's download progress bars would fill the worker's log.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        return load_model(self.ref, tracking_uri=self.tracking_uri, run_id=self.run_id,
+                          device=self.device)
+
+
 def _store_client(ref: str, tracking_uri: str | None):
     """A read-only client of ``tracking_uri``, else of ``MLFLOW_TRACKING_URI``."""
     import os

@@ -351,10 +351,25 @@ def evaluate(loaded, fields: Sequence, *, baseline: bool = False, postprocess=No
     (default ``loaded.instance_params(3)``), scored as 3-D objects; ``z_ratio``: z step / xy
     pixel size (default each stack's physical sizes, else the model's setting);
     ``baseline_min_size``: the baseline's smallest object (pixels per slice, voxels in 3-D);
-    ``overlays``: a folder to draw each field's outline overlay in (`save_overlay`)."""
-    import pandas as pd
+    ``overlays``: a folder to draw each field's outline overlay in (`save_overlay`).
+    One field at a time here; `nf1prov.segment.cluster.evaluate_on_cluster` runs
+    `evaluate_field` as one Dask task per field and `summarise` adds up either the same way."""
     from tqdm.auto import tqdm
 
+    options = dict(baseline=baseline, postprocess=postprocess,
+                   baseline_min_size=baseline_min_size, batch_size=batch_size,
+                   overlays=overlays, postprocess3d=postprocess3d, z_ratio=z_ratio)
+    scored = (evaluate_field(loaded, fov, **options)
+              for fov in tqdm(fields, desc="evaluate", unit="stack", disable=not progress))
+    return summarise(fields, scored, baseline)
+
+
+def evaluate_field(loaded, fov, *, baseline: bool = False, postprocess=None,
+                   baseline_min_size: int = 10, batch_size: int = 8,
+                   overlays: Path | None = None, postprocess3d=None,
+                   z_ratio: float | None = None) -> tuple[dict[str, _Tally], Path | None]:
+    """One field of view (`evaluate`'s options): its counts per method ('model', and
+    'baseline' with ``baseline``) and its overlay's path when ``overlays`` is given."""
     from nf1prov.segment.baseline import (
         labels_to_probabilities,
         segment_baseline,
@@ -364,31 +379,41 @@ def evaluate(loaded, fields: Sequence, *, baseline: bool = False, postprocess=No
 
     postprocess = postprocess or loaded.postprocess
     postprocess3d = postprocess3d or loaded.instance_params(3)
+    thickness = loaded.boundary_thickness
+    stack, sizes = read_stack_and_sizes(Path(fov.image_path), loaded.normalisation)
+    mask = _read_mask(Path(fov.mask_path), stack.shape)
+    ratio = stack_z_ratio(sizes, z_ratio, loaded.z_ratio)
+    prob = loaded.predict(stack, batch_size=batch_size)
+    flat = postprocess.segment(prob)
+    results = {"model": (prob, flat, postprocess3d.cells(prob, ratio, postprocess, flat))}
+    if baseline:
+        labels = segment_baseline(stack, min_size=baseline_min_size)
+        results["baseline"] = (labels_to_probabilities(labels, thickness), labels,
+                               segment_baseline_3d(stack, z_ratio=ratio,
+                                                   min_size=baseline_min_size))
+    tallies = {method: score_stack(mask, p, labels, thickness, cells)
+               for method, (p, labels, cells) in results.items()}
+    if overlays is None:
+        return tallies, None
+    found = {method: labels for method, (_, labels, _) in results.items()}
+    f1 = {method: tally.scores()["instance_f1"] for method, tally in tallies.items()}
+    return tallies, save_overlay(overlays, fov, stack, mask, found, f1, loaded.label)
+
+
+def summarise(fields: Sequence, scored, baseline: bool) -> Evaluation:
+    """The `Evaluation` of ``fields`` from each one's `evaluate_field` result (``scored``, in
+    the order of ``fields``): counts pooled per (method, patient) and per method overall."""
+    import pandas as pd
+
     methods = ("model", "baseline") if baseline else ("model",)
     tallies: dict[tuple[str, str], _Tally] = {}
     drawn: list[Path] = []
-    thickness = loaded.boundary_thickness
-    for fov in tqdm(fields, desc="evaluate", unit="stack", disable=not progress):
-        stack, sizes = read_stack_and_sizes(Path(fov.image_path), loaded.normalisation)
-        mask = _read_mask(Path(fov.mask_path), stack.shape)
-        ratio = stack_z_ratio(sizes, z_ratio, loaded.z_ratio)
-        prob = loaded.predict(stack, batch_size=batch_size)
-        flat = postprocess.segment(prob)
-        results = {"model": (prob, flat, postprocess3d.cells(prob, ratio, postprocess, flat))}
-        if baseline:
-            labels = segment_baseline(stack, min_size=baseline_min_size)
-            results["baseline"] = (labels_to_probabilities(labels, thickness), labels,
-                                   segment_baseline_3d(stack, z_ratio=ratio,
-                                                       min_size=baseline_min_size))
-        f1 = {}
-        for method, (p, labels, cells) in results.items():
-            tally = score_stack(mask, p, labels, thickness, cells)
+    for fov, (counts, overlay) in zip(fields, scored, strict=True):
+        for method, tally in counts.items():
             for key in ((method, fov.patient), (method, "all")):
                 tallies.setdefault(key, _Tally()).add(tally)
-            f1[method] = tally.scores()["instance_f1"]
-        if overlays is not None:
-            found = {method: labels for method, (_, labels, _) in results.items()}
-            drawn.append(save_overlay(overlays, fov, stack, mask, found, f1, loaded.label))
+        if overlay is not None:
+            drawn.append(overlay)
     rows = {key: tally.scores() for key, tally in tallies.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index = pd.MultiIndex.from_tuples(table.index, names=["method", "patient"])

@@ -5,7 +5,9 @@ and ``postprocess``, e.g. `nf1prov.provenance.models.LoadedModel`) over files, f
 patterns, checking every file's header before predicting any. Every output keeps the input's
 physical pixel sizes and names the model in its OME-XML (`nf1prov.segment.ome`); the
 ``<stem>_nf1prov.json`` sidecar beside them (`write_sidecar`) is written last, so its presence
-means the stack is done.
+means the stack is done; a rerun skips a stack whose sidecar says it was made the same way
+(`done_before`). `stack_jobs` and `predict_file` are what `nf1prov.segment.cluster` runs on a
+Dask cluster, one stack per task.
 """
 
 from __future__ import annotations
@@ -150,11 +152,21 @@ class PredictionFiles:
     classes: Path
     labels: Path
     n_cells: int
+    skipped: bool = False  # made by an earlier run the same way (`done_before`), left untouched
+
+
+def output_paths(outdir: Path, stem: str, probabilities_dtype: str) -> tuple[Path, Path, Path]:
+    """Where `write_outputs` writes one stack's probabilities, classes and labels."""
+    probabilities = "_probabilities.tif" if probabilities_dtype == "float16" else \
+        "_probabilities.ome.tif"
+    return (outdir / f"{stem}{probabilities}", outdir / f"{stem}_classes.ome.tif",
+            outdir / f"{stem}_labels.ome.tif")
 
 
 def write_outputs(outdir: Path, stem: str, prob: np.ndarray, labels: np.ndarray,
                   probabilities_dtype: str = "float32", *, sizes: Sizes | None = None,
-                  model: dict[str, str] | None = None) -> PredictionFiles:
+                  model: dict[str, str] | None = None,
+                  made_from: str | None = None) -> PredictionFiles:
     """Write one stack's predictions under ``outdir``:
 
     - ``<stem>_probabilities.ome.tif``: float32 (C, Z, Y, X) OME-TIFF, channels named by class;
@@ -167,32 +179,46 @@ def write_outputs(outdir: Path, stem: str, prob: np.ndarray, labels: np.ndarray,
 
     Each keeps ``sizes`` (the input's physical pixel sizes: OME PhysicalSize*, and X/Y as
     resolution tags in pixels per centimetre) and names ``model`` in an OME MapAnnotation
-    (`nf1prov.segment.ome`).
+    (`nf1prov.segment.ome`). ``made_from`` (the input's sha256, with the model and parameters
+    as they make the same outputs): each OME file's UUID is derived from it and the file's
+    name (`ome_uuid`), so the same stack made the same way is the same bytes, here or on a
+    cluster; without it the UUIDs are tifffile's (time-based).
     """
     import tifffile
 
     sizes = sizes or {}
     tags = resolution_tags(sizes)
     outdir.mkdir(parents=True, exist_ok=True)
+    prob_path, classes_path, labels_path = output_paths(outdir, stem, probabilities_dtype)
     if probabilities_dtype == "float16":
-        prob_path = outdir / f"{stem}_probabilities.tif"
         # page by page: no float16 copy of the whole stack (the same bytes as writing one)
         pages = (page.astype(np.float16) for page in prob.reshape(-1, *prob.shape[-2:]))
         tifffile.imwrite(prob_path, pages, shape=prob.shape, dtype=np.float16, **tags,
                          metadata={"axes": "CZYX", **sizes, **({"nf1prov": model} if model
                                                                else {})})
     else:
-        prob_path = outdir / f"{stem}_probabilities.ome.tif"
         tifffile.imwrite(prob_path, np.asarray(prob, np.float32), ome=True, **tags,
                          metadata=output_metadata(sizes, model, axes="CZYX",
-                                                  Channel={"Name": list(CLASS_NAMES)}))
-    files = PredictionFiles(prob_path, outdir / f"{stem}_classes.ome.tif",
-                            outdir / f"{stem}_labels.ome.tif", int(labels.max(initial=0)))
+                                                  Channel={"Name": list(CLASS_NAMES)})
+                         | ome_uuid(made_from, prob_path))
+    files = PredictionFiles(prob_path, classes_path, labels_path, int(labels.max(initial=0)))
     tifffile.imwrite(files.classes, class_map(prob), ome=True, compression="zlib", **tags,
-                     metadata=output_metadata(sizes, model, axes="ZYX"))
+                     metadata=output_metadata(sizes, model, axes="ZYX")
+                     | ome_uuid(made_from, files.classes))
     tifffile.imwrite(files.labels, labels, ome=True, compression="zlib", **tags,
-                     metadata=output_metadata(sizes, model, axes="ZYX"))
+                     metadata=output_metadata(sizes, model, axes="ZYX")
+                     | ome_uuid(made_from, files.labels))
     return files
+
+
+def ome_uuid(made_from: str | None, path: Path) -> dict[str, str]:
+    """The ``UUID`` of an OME output (tifffile's metadata key): a name-based UUID (uuid5) of
+    what the file was made from and its name; {} (tifffile's own) without ``made_from``."""
+    import uuid
+
+    if made_from is None:
+        return {}
+    return {"UUID": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{made_from}/{path.name}')}"}
 
 
 def model_record(loaded, postprocess, z_ratio: float | None = None) -> dict[str, str]:
@@ -214,24 +240,32 @@ def sidecar_path(outdir: Path, stem: str) -> Path:
     return Path(outdir) / f"{stem}{SIDECAR_ENDING}"
 
 
+MODEL_KEYS = ("codename", "commit", "run_id", "model")  # the sidecar's keys naming the model
+
+
+def instances_record(postprocess, z_ratio: float | None) -> dict:
+    """The sidecar's ``instances``: the parameters used, with ``dims`` (and the 3-D z ratio)."""
+    return {"dims": postprocess.dims, **postprocess.values()} | (
+        {"z_ratio": z_ratio} if postprocess.dims == 3 else {})
+
+
 def write_sidecar(path: Path, files: PredictionFiles, input_path: Path, sizes: Sizes,
                   model: dict[str, str], postprocess, others: dict[str, Path] | None = None,
-                  z_ratio: float | None = None) -> None:
+                  z_ratio: float | None = None, input_sha256: str | None = None) -> None:
     """Write ``path`` (`sidecar_path`) atomically: the model (codename, commit, run ID, its
     source; null when unknown), the instance parameters (``dims`` 2: per slice; 3: cells through
     the stack, with the ``z_ratio`` used), nf1prov's version, the input's absolute
     path and sha256, the file names of the outputs (and ``others``, e.g. the preview), the
     physical sizes, the number of cells and the time (UTC). Written last: its presence means
-    the stack is done."""
+    the stack is done. ``input_sha256``: the input's, when already known."""
     outputs = {f.name: getattr(files, f.name).name for f in fields(files)
                if isinstance(getattr(files, f.name), Path)}
     outputs |= {kind: Path(other).name for kind, other in (others or {}).items()}
-    record = {key: model.get(key) for key in ("codename", "commit", "run_id", "model")} | {
-        "instances": {"dims": postprocess.dims, **postprocess.values()}
-        | ({"z_ratio": z_ratio} if postprocess.dims == 3 else {}),
+    record = {key: model.get(key) for key in MODEL_KEYS} | {
+        "instances": instances_record(postprocess, z_ratio),
         "nf1prov_version": __version__,
         "input": str(Path(input_path).resolve()),
-        "input_sha256": sha256_file(input_path),
+        "input_sha256": input_sha256 or sha256_file(input_path),
         "outputs": outputs,
         "physical_sizes": sizes,
         "n_cells": files.n_cells,
@@ -244,7 +278,7 @@ def predict_files(loaded, inputs: Iterable[str], outdir: Path, *,
                   postprocess=None, batch_size: int = 8,
                   overlap: int | None = None, probabilities_dtype: str = "float32",
                   progress: bool = True, preview: bool = False, postprocess3d=None,
-                  instances: str = "3d", z_ratio: float | None = None,
+                  instances: str = "3d", z_ratio: float | None = None, overwrite: bool = True,
                   ) -> Iterator[tuple[Path, PredictionFiles]]:
     """Predict every input file and write its outputs; yields (input, PredictionFiles).
 
@@ -255,6 +289,8 @@ def predict_files(loaded, inputs: Iterable[str], outdir: Path, *,
     ``"2d"`` labels each slice on its own. ``z_ratio``: z step / xy pixel size for 3-D cells
     (`stack_z_ratio`; None: each stack's own).
     ``preview``: also write ``<stem>_preview.png`` (`nf1prov.segment.pictures.write_preview`).
+    ``overwrite=False``: a stack made the same way before (`done_before`) is yielded with
+    ``skipped`` set and its files left untouched.
     Outputs mirror each input's location relative to the folder it was found in, so
     same-named stacks of different patients do not overwrite each other.
     """
@@ -266,17 +302,30 @@ def predict_files(loaded, inputs: Iterable[str], outdir: Path, *,
         postprocess3d = postprocess3d or loaded.instance_params(3)
     elif instances != "2d":
         raise UserError(f"--instances must be 2d or 3d, not {instances!r}.")
-    pairs = expand_inputs(inputs)
-    for path, _ in pairs:  # check every header before predicting any: a bad file fails fast
-        check_stack(path, *_open_series(path, read=False)[:3], loaded.normalisation)
-    outdir = Path(outdir)
-    for path, base in pairs:
-        yield path, predict_file(loaded, path, outdir / path.parent.relative_to(base),
+    jobs = stack_jobs(inputs, outdir)
+    for path, _ in jobs:  # check every header before predicting any: a bad file fails fast
+        check_header(path, loaded.normalisation)
+    for path, folder in jobs:
+        yield path, predict_file(loaded, path, folder,
                                  postprocess=postprocess, batch_size=batch_size,
                                  overlap=overlap, probabilities_dtype=probabilities_dtype,
                                  progress=progress, preview=preview,
                                  postprocess3d=postprocess3d if instances == "3d" else None,
-                                 z_ratio=z_ratio)
+                                 z_ratio=z_ratio, overwrite=overwrite)
+
+
+def stack_jobs(inputs: Iterable[str], outdir: Path) -> list[tuple[Path, Path]]:
+    """(input file, its output folder) for every input (`expand_inputs`): the folder mirrors the
+    file's location relative to the folder it was found in."""
+    return [(path, Path(outdir) / path.parent.relative_to(base))
+            for path, base in expand_inputs(inputs)]
+
+
+def check_header(path: Path, normalisation: str) -> tuple[tuple[int, int, int], Sizes]:
+    """The (Z, H, W) shape a file is predicted as and its physical sizes, from its header alone
+    (`check_stack`: UserError naming the file when the model cannot take it)."""
+    shape, dtype, axes, _, sizes = _open_series(path, read=False)
+    return check_stack(path, shape, dtype, axes, normalisation), sizes
 
 
 def stack_z_ratio(sizes: Sizes, given: float | None, default: float) -> float:
@@ -285,16 +334,66 @@ def stack_z_ratio(sizes: Sizes, given: float | None, default: float) -> float:
     return given or sizes_z_ratio(sizes) or default
 
 
+def stack_instances(loaded, depth: int, sizes: Sizes, postprocess, postprocess3d,
+                    z_ratio: float | None):
+    """(instance parameters, z ratio) a stack of ``depth`` slices is labelled with: the 3-D ones
+    with the stack's z ratio (`stack_z_ratio`) when given and the stack has depth, else the
+    per-slice ones (one slice has no depth)."""
+    if postprocess3d is not None and depth > 1:
+        return postprocess3d, stack_z_ratio(sizes, z_ratio, getattr(loaded, "z_ratio", 1.0))
+    return postprocess, z_ratio
+
+
+def done_before(loaded, path: Path, outdir: Path, *, postprocess, postprocess3d=None,
+                z_ratio: float | None = None, probabilities_dtype: str = "float32",
+                preview: bool = False) -> PredictionFiles | None:
+    """The outputs of an earlier run that made this stack the way these arguments would, or
+    None (redo it). Done means: its sidecar exists and names the same model (codename, commit,
+    run ID; a folder of no run by its path), the same instance parameters (with the z ratio
+    this stack gets), the input's current sha256 and the output files these arguments write,
+    which are all there. Tiling (``overlap``, ``batch_size``), the device and the torch threads
+    are not recorded and not compared: after changing them, pass ``--overwrite``."""
+    stem = output_stem(path)
+    try:
+        record = json.loads(sidecar_path(outdir, stem).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    (depth, _, _), sizes = check_header(path, loaded.normalisation)
+    chosen, ratio = stack_instances(loaded, depth, sizes, postprocess, postprocess3d, z_ratio)
+    model = model_record(loaded, chosen, ratio)
+    files = output_paths(outdir, stem, probabilities_dtype)
+    wanted = {"probabilities": files[0].name, "classes": files[1].name, "labels": files[2].name}
+    if preview:
+        wanted["preview"] = f"{stem}_preview.png"
+    named = ("codename", "commit", "run_id") if model.get("run_id") else MODEL_KEYS
+    same = (isinstance(record, dict)
+            and all(record.get(key) == model.get(key) for key in named)
+            and record.get("instances") == instances_record(chosen, ratio)
+            and record.get("outputs") == wanted
+            and all((outdir / name).is_file() for name in wanted.values())
+            and record.get("input_sha256") == sha256_file(path))
+    return PredictionFiles(*files, int(record.get("n_cells", 0)), skipped=True) if same else None
+
+
 def predict_file(loaded, path: Path, outdir: Path, *, postprocess, batch_size: int,
                  overlap: int | None, probabilities_dtype: str,
                  progress: bool, preview: bool = False, postprocess3d=None,
-                 z_ratio: float | None = None) -> PredictionFiles:
+                 z_ratio: float | None = None, overwrite: bool = True) -> PredictionFiles:
     """One stack's prediction, instance labels and output files, then its sidecar. The stack as
     read is dropped once predicted (with ``preview``, once its preview is drawn), and nothing of
-    one file outlives its call (memory: one stack at a time).
+    one file outlives its call (memory: one stack at a time). The serial path and each task on
+    a Dask cluster (`nf1prov.segment.cluster`) run this same function.
 
+    ``overwrite=False``: a stack made the same way before (`done_before`) is returned with
+    ``skipped`` set and its files left untouched.
     The sidecar comes last, so its presence means the stack is done: an earlier run's is
     removed before anything is written, and a failure on the way leaves none."""
+    if not overwrite:
+        earlier = done_before(loaded, path, outdir, postprocess=postprocess,
+                              postprocess3d=postprocess3d, z_ratio=z_ratio,
+                              probabilities_dtype=probabilities_dtype, preview=preview)
+        if earlier is not None:
+            return earlier
     stem = output_stem(path)
     done = sidecar_path(outdir, stem)
     done.unlink(missing_ok=True)
@@ -302,9 +401,8 @@ def predict_file(loaded, path: Path, outdir: Path, *, postprocess, batch_size: i
     prob = loaded.predict(stack, overlap=overlap,
                           batch_size=batch_size, progress=progress, description=path.name)
     image = stack if preview else None
-    if postprocess3d is not None and len(stack) > 1:  # one slice has no depth: per slice
-        postprocess = postprocess3d
-        z_ratio = stack_z_ratio(sizes, z_ratio, getattr(loaded, "z_ratio", 1.0))
+    postprocess, z_ratio = stack_instances(loaded, len(stack), sizes, postprocess,
+                                           postprocess3d, z_ratio)
     del stack
     labels = postprocess.segment(prob, z_ratio or 1.0)
     others = {}
@@ -315,7 +413,10 @@ def predict_file(loaded, path: Path, outdir: Path, *, postprocess, batch_size: i
         write_preview(others["preview"], image, labels, name=path.name, model=loaded.label)
         del image
     model = model_record(loaded, postprocess, z_ratio)
+    input_sha256 = sha256_file(path)
+    made_from = json.dumps([input_sha256, model], sort_keys=True)
     files = write_outputs(outdir, stem, prob, labels, probabilities_dtype, sizes=sizes,
-                          model=model)
-    write_sidecar(done, files, path, sizes, model, postprocess, others=others, z_ratio=z_ratio)
+                          model=model, made_from=made_from)
+    write_sidecar(done, files, path, sizes, model, postprocess, others=others, z_ratio=z_ratio,
+                  input_sha256=input_sha256)
     return files
