@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,20 +49,26 @@ HOLDOUT = "HOLDOUT"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nf1prov-bench"
 
 
-def wheel_arrays(cache: Path, members: dict[str, str]) -> tuple[dict[str, np.ndarray], str]:
+def wheel_arrays(cache: Path, members: dict[str, str],
+                 package: str = PACKAGE) -> tuple[dict[str, np.ndarray], str]:
     """The TIFFs ``members`` names (key: path in the wheel; ``licence`` is read as text) from the
-    stardist wheel on PyPI, downloaded once into ``cache``; and the wheel's file name with its
-    licence's first line."""
+    wheel of ``package`` (``name==version``) on PyPI, downloaded once into ``cache``; and the
+    wheel's file name with its licence: the licence file's ``License:`` line (a METADATA file's),
+    else its first line that is not blank."""
     import tifffile
 
+    name, version = package.split("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"  # wheel names spell - as _
     cache.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache.glob("stardist-0.9.1-*.whl"))
+    wheels = sorted(cache.glob(pattern))
     if not wheels:
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        "--only-binary=:all:", "--dest", str(cache), PACKAGE], check=True)
-        wheels = sorted(cache.glob("stardist-0.9.1-*.whl"))
+                        "--only-binary=:all:", "--dest", str(cache), package], check=True)
+        wheels = sorted(cache.glob(pattern))
     with zipfile.ZipFile(wheels[0]) as wheel:
-        licence = wheel.read(members["licence"]).decode().splitlines()[0]
+        lines = [line for line in wheel.read(members["licence"]).decode().splitlines()
+                 if line.strip()]
+        licence = next((line for line in lines if line.startswith("License:")), lines[0])
         arrays = {key: tifffile.imread(wheel.open(path))
                   for key, path in members.items() if key != "licence"}
     return arrays, f"{wheels[0].name} ({licence})"
@@ -105,9 +112,13 @@ def run(command: list[str], workspace: Path, env: dict) -> str:
     return result.stdout
 
 
-def arguments(description: str) -> argparse.Namespace:
-    """The command line of a quality benchmark (this one's and bench_quality3d.py's)."""
+def arguments(description: str, datasets: Sequence[str] = ()) -> argparse.Namespace:
+    """The command line of a quality benchmark (this one's and bench_quality3d.py's); with
+    ``datasets``, ``--data`` picks one of them (the first by default)."""
     parser = argparse.ArgumentParser(description=description)
+    if datasets:
+        parser.add_argument("--data", choices=list(datasets), default=datasets[0],
+                            help=f"the data set (default {datasets[0]})")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="extra train --set overrides")
     parser.add_argument("--config", default="configs/cpu.toml")
