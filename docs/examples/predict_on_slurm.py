@@ -36,7 +36,7 @@ def slurm_cluster(*, queue: str | None, account: str | None, cores: int, memory:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model")
     parser.add_argument("inputs", nargs="+")
     parser.add_argument("-o", "--output", required=True)

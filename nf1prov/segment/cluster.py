@@ -96,8 +96,16 @@ def open_client(scheduler: str | None, workers: int | None, echo: Callable[[str]
                  "worker(s) now.")
             yield client
         return
-    with LocalCluster(n_workers=workers, processes=True, threads_per_worker=1) as cluster, \
-            Client(cluster) as client:
+    import logging
+    import warnings
+
+    # Dask's own warnings would follow ours: its dashboard moving off a busy port 8787 (the
+    # line below names the port it took), a nanny killing its worker on the way out.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Port .* is already in use")
+        cluster = LocalCluster(n_workers=workers, processes=True, threads_per_worker=1,
+                               silence_logs=logging.ERROR)
+    with cluster, Client(cluster) as client:
         echo(f"Local Dask cluster: {workers} worker process(es); dashboard "
              f"{cluster.dashboard_link}{dashboard_note()}")
         yield client
