@@ -92,8 +92,10 @@ def open_client(scheduler: str | None, workers: int | None, echo: Callable[[str]
                             "(`dask scheduler`) and its workers (`dask worker ADDRESS`), or "
                             "pass --workers N for a cluster on this machine.") from None
         with client:
-            echo(f"Dask scheduler {scheduler}: {len(client.scheduler_info()['workers'])} "
-                 "worker(s) now.")
+            count = len(client.scheduler_info()["workers"])
+            echo(f"Dask scheduler {scheduler}: {count} worker(s) now."
+                 + ("" if count else f" The stacks wait until one connects: `dask worker "
+                                     f"{scheduler}` on a machine that sees these paths."))
             yield client
         return
     import logging
